@@ -1,0 +1,40 @@
+"""eventbus: an asyncio-native event bus on Apache Pulsar.
+
+Register handlers, publish, and run them::
+
+    from eventbus import EventBus, Message, subscribe
+
+    @subscribe("orders", "billing", concurrency=8)
+    async def charge(order: Order, msg: Message, bus: EventBus) -> None:
+        await bus.publish("invoices", Invoice.for_order(order), key=order.id)
+
+    async with EventBus() as bus:        # no URL set: the embedded broker
+        await bus.publish("orders", Order(id="o-1"), key="o-1")
+        await bus.run()                  # until SIGINT/SIGTERM or bus.stop()
+
+or run a module's handlers in a worker: ``python -m eventbus run handlers``.
+"""
+
+from .bus import EventBus
+from .codec import DecodeError
+from .errors import BrokerUnavailable, ConfigError, EventBusError, PublishBatchError, PublishError
+from .message import Message, MessageId
+from .registry import Router, Subscription, default_router, subscribe
+from .settings import Settings
+
+__all__ = [
+    "BrokerUnavailable",
+    "ConfigError",
+    "DecodeError",
+    "EventBus",
+    "EventBusError",
+    "Message",
+    "MessageId",
+    "PublishBatchError",
+    "PublishError",
+    "Router",
+    "Settings",
+    "Subscription",
+    "default_router",
+    "subscribe",
+]

@@ -1,0 +1,306 @@
+"""Running one subscription: receive, dispatch by key, retry, dead-letter, acknowledge."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import itertools
+import logging
+import os
+import random
+import socket
+import threading
+from typing import TYPE_CHECKING, Any
+
+import _pulsar
+import anyio
+import pulsar
+
+from .codec import DecodeError
+from .message import Message, from_millis
+from .registry import Subscription
+
+if TYPE_CHECKING:
+    from .bus import EventBus
+
+log = logging.getLogger("eventbus")
+
+_TYPES = {
+    "key_shared": pulsar.ConsumerType.KeyShared,
+    "shared": pulsar.ConsumerType.Shared,
+    "failover": pulsar.ConsumerType.Failover,
+    "exclusive": pulsar.ConsumerType.Exclusive,
+}
+_POSITIONS = {"latest": pulsar.InitialPosition.Latest, "earliest": pulsar.InitialPosition.Earliest}
+_STOP = object()
+#: How long the receive thread blocks before it looks at the stop flag again.
+_POLL_MS = 100
+#: Messages the receive thread hands the loop per wake-up at most.
+_HANDOFF = 256
+_ERROR_TEXT_MAX = 2000
+
+
+def _ignore(result: _pulsar.Result) -> None:
+    # An acknowledgement that did not reach the broker means a redelivery: at
+    # least once still holds. Never raise here: the client would abort.
+    pass
+
+
+class SubscriptionRunner:
+    """Consumes one (topic, group) for the life of `EventBus.run()`."""
+
+    def __init__(self, bus: EventBus, sub: Subscription, topic: str) -> None:
+        self.bus = bus
+        self.sub = sub
+        self.topic = topic
+        self.dlq_topic = sub.dead_letter_topic(topic)
+        settings = bus.settings
+        self.max_in_flight = settings.consumer_max_in_flight
+        self._stopping = asyncio.Event()
+        self._thread_stop = False
+        self._consumer: _pulsar.Consumer | None = None
+        self._wrapper: pulsar.asyncio.Consumer | None = None
+        # A lane is a key (ordered subscriptions) or a single message (shared);
+        # a lane is in _lanes while it is queued in _ready or being handled.
+        self._lanes: dict[object, collections.deque[_pulsar.Message]] = {}
+        self._ready: asyncio.Queue[object] = asyncio.Queue()
+        self._unique = itertools.count()
+        # Written by one thread each, so their difference is safe to read anywhere.
+        self._received = 0
+        self._finished = 0
+        self._room = threading.Event()
+        self.handled = 0
+
+    @property
+    def in_flight(self) -> int:
+        return self._received - self._finished
+
+    async def subscribe(self) -> None:
+        settings = self.bus.settings
+        self._wrapper = await self.bus._client.subscribe(
+            self.topic,
+            self.sub.group,
+            consumer_type=_TYPES[self.sub.subscription],
+            initial_position=_POSITIONS[self.sub.initial_position],
+            receiver_queue_size=settings.consumer_receiver_queue_size,
+            consumer_name=f"{socket.gethostname()}-{os.getpid()}-{self.sub.group}",
+        )
+        self._consumer = self._wrapper._consumer
+
+    async def run(self) -> None:
+        """Consume until `stop()`; then finish in-flight handlers and close the consumer."""
+        assert self._consumer is not None
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._receive)
+                for _ in range(self.sub.concurrency):
+                    tg.start_soon(self._worker)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._close()
+
+    def stop(self) -> None:
+        """Stop taking messages; handlers already running finish and are acknowledged."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self._thread_stop = True
+        self._room.set()
+        # Queued but not started: left unacknowledged, so the broker redelivers them.
+        while not self._ready.empty():
+            self._ready.get_nowait()
+        for _ in range(self.sub.concurrency):
+            self._ready.put_nowait(_STOP)
+
+    async def _close(self) -> None:
+        if self._wrapper is None:
+            return
+        try:
+            await self._wrapper.close()
+        except Exception as exc:
+            log.warning("closing consumer %s/%s: %s", self.topic, self.sub.group, exc)
+        self._wrapper = None
+
+    # -- receiving (a thread of its own: the client's receive blocks) -----------
+
+    async def _receive(self) -> None:
+        await anyio.to_thread.run_sync(self._receive_thread, limiter=anyio.CapacityLimiter(1))
+
+    def _receive_thread(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        call = self.bus._bridge.call
+        limit = self.max_in_flight
+        room = self._room
+        while not self._thread_stop:
+            if self._received - self._finished >= limit:
+                room.clear()
+                if self._received - self._finished >= limit:
+                    room.wait(_POLL_MS / 1000)
+                continue
+            try:
+                batch = [consumer.receive(_POLL_MS)]
+            except _pulsar.Timeout:
+                continue
+            except _pulsar.AlreadyClosed:
+                return
+            # Hand over whatever else is already here in the same wake-up.
+            take = min(limit - (self._received - self._finished), _HANDOFF) - 1
+            while take > 0:
+                try:
+                    batch.append(consumer.receive(0))
+                except _pulsar.Timeout:
+                    break
+                take -= 1
+            self._received += len(batch)
+            call(self._enqueue, batch)
+
+    def _enqueue(self, batch: list[_pulsar.Message]) -> None:
+        if self._stopping.is_set():
+            return
+        ordered = self.sub.ordered
+        lanes = self._lanes
+        for message in batch:
+            lane: object = message.partition_key() if ordered else next(self._unique)
+            queue = lanes.get(lane)
+            if queue is None:
+                lanes[lane] = collections.deque((message,))
+                self._ready.put_nowait(lane)
+            else:
+                queue.append(message)
+
+    # -- handling ----------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        while True:
+            lane = await self._ready.get()
+            if lane is _STOP:
+                return
+            queue = self._lanes[lane]
+            message = queue.popleft()
+            try:
+                await self._handle(message)
+            finally:
+                self._finished += 1
+                if not self._room.is_set():
+                    self._room.set()
+            if queue and not self._stopping.is_set():
+                self._ready.put_nowait(lane)
+            else:
+                del self._lanes[lane]
+
+    async def _handle(self, message: _pulsar.Message) -> None:
+        sub = self.sub
+        data = message.data()
+        try:
+            payload = sub.decode(data)
+        except DecodeError as exc:
+            await self._give_up(message, "undecodable", exc, attempts=1)
+            return
+        earlier = message.redelivery_count()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await self._call(payload, message, earlier + attempt)
+            except Exception as exc:
+                if attempt > sub.max_retries:
+                    await self._give_up(message, "handler-failed", exc, attempts=attempt)
+                    return
+                delay = min(sub.retry_backoff * 2 ** (attempt - 1), sub.retry_backoff_max)
+                delay *= random.uniform(0.8, 1.2)
+                log.warning(
+                    "%s failed on %s (attempt %d of %d), retrying in %.2fs: %s: %s",
+                    sub.name, _describe(message), attempt, sub.max_retries + 1, delay,
+                    type(exc).__name__, exc,
+                )
+                if await self._sleep_unless_stopped(delay):
+                    return  # unacknowledged: redelivered after shutdown
+                payload = sub.decode(data)  # a fresh copy: the handler may have changed it
+                continue
+            self._ack(message)
+            self.handled += 1
+            return
+
+    async def _call(self, payload: Any, message: _pulsar.Message, attempt: int) -> None:
+        kwargs: dict[str, Any] = {}
+        for name, kind in self.sub.extras:
+            if kind == "payload":
+                kwargs[name] = payload
+            elif kind == "message":
+                kwargs[name] = self._metadata(message, attempt)
+            else:
+                kwargs[name] = self.bus
+        if self.sub.is_async:
+            await self.sub.handler(**kwargs)
+        else:
+            await anyio.to_thread.run_sync(functools.partial(self.sub.handler, **kwargs), abandon_on_cancel=True)
+
+    def _metadata(self, message: _pulsar.Message, attempt: int) -> Message:
+        return Message(
+            topic=message.topic_name(),
+            key=message.partition_key() or None,
+            properties=message.properties(),
+            message_id=message.message_id(),
+            publish_time=from_millis(message.publish_timestamp()),
+            event_time=from_millis(message.event_timestamp()),
+            redelivery_count=message.redelivery_count(),
+            attempt=attempt,
+            data=message.data(),
+        )
+
+    def _ack(self, message: _pulsar.Message) -> None:
+        consumer = self._consumer
+        if consumer is not None:
+            consumer.acknowledge_async(message, _ignore)
+
+    async def _sleep_unless_stopped(self, delay: float) -> bool:
+        with anyio.move_on_after(delay):
+            await self._stopping.wait()
+            return True
+        return False
+
+    async def _give_up(self, message: _pulsar.Message, reason: str, exc: BaseException, attempts: int) -> None:
+        """Dead-letter a message (or drop it when dead-lettering is off), then acknowledge it."""
+        sub = self.sub
+        error = f"{type(exc).__name__}: {exc}"
+        if not sub.dead_letter:
+            log.error("%s dropped %s after %d attempts (%s): %s", sub.name, _describe(message), attempts, reason, error)
+            self._ack(message)
+            return
+        properties = dict(message.properties())
+        properties.update(
+            {
+                "eventbus-dlq-reason": reason,
+                "eventbus-error-type": type(exc).__name__,
+                "eventbus-error": str(exc)[:_ERROR_TEXT_MAX],
+                "eventbus-attempts": str(attempts),
+                "eventbus-original-topic": message.topic_name(),
+                "eventbus-original-message-id": str(message.message_id()),
+                "eventbus-subscription": sub.group,
+            }
+        )
+        delay = sub.retry_backoff or 0.5
+        while True:
+            try:
+                await self.bus._send_raw(
+                    self.dlq_topic, message.data(), key=message.partition_key() or None, properties=properties
+                )
+                break
+            except Exception as dlq_exc:
+                # Not acknowledged until it is safely dead-lettered; the key waits.
+                log.error("cannot dead-letter %s to %s: %s", _describe(message), self.dlq_topic, dlq_exc)
+                if await self._sleep_unless_stopped(delay):
+                    return
+                delay = min(delay * 2, sub.retry_backoff_max)
+        log.error(
+            "%s dead-lettered %s to %s after %d attempt(s): %s", sub.name, _describe(message), self.dlq_topic,
+            attempts, error,
+        )
+        self._ack(message)
+
+
+def _describe(message: _pulsar.Message) -> str:
+    key = message.partition_key()
+    return f"message {message.message_id()}{f' key={key!r}' if key else ''}"

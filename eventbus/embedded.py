@@ -1,0 +1,179 @@
+"""The embedded Pulsar-protocol broker (pulsar-lite), shared between processes.
+
+Every process that uses the same data directory reaches the same broker: the
+first starts it, the others find its address in ``broker.json``, and the last
+to leave stops it. Each user holds a shared lock on ``users.lock`` for as long
+as it uses the broker, so "am I the last?" is a non-blocking exclusive lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BrokerUnavailable
+
+START_TIMEOUT = 20.0
+
+
+def _binary() -> str:
+    from pulsar_lite.binary_finder import find_pulsar_lite_binary
+
+    return find_pulsar_lite_binary()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A child we started and that died stays a zombie until reaped.
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@dataclass
+class EmbeddedBroker:
+    """A lease on the embedded broker under `data_dir`; `release()` when done."""
+
+    data_dir: Path
+    url: str
+    pid: int
+    _users_fd: int
+
+    @classmethod
+    def acquire(cls, data_dir: Path, timeout: float = START_TIMEOUT) -> EmbeddedBroker:
+        data_dir = data_dir.absolute()
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BrokerUnavailable(f"cannot create embedded broker data dir {data_dir}: {exc.strerror}") from None
+        with _locked(data_dir / "broker.lock"):
+            users_fd = os.open(data_dir / "users.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(users_fd, fcntl.LOCK_SH)
+            try:
+                state = _read_state(data_dir)
+                if state and _alive(state["pid"]) and _accepts(state["port"]):
+                    return cls(data_dir, state["url"], state["pid"], users_fd)
+                if state and _alive(state["pid"]):  # alive but deaf: a broker we cannot use
+                    _stop(state["pid"])
+                return cls(data_dir, *_start(data_dir, timeout), users_fd)
+            except BaseException:
+                os.close(users_fd)
+                raise
+
+    def release(self) -> None:
+        """Give up the lease; the last user stops the broker."""
+        if self._users_fd < 0:
+            return
+        with _locked(self.data_dir / "broker.lock"):
+            try:
+                fcntl.flock(self._users_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                last = True
+            except BlockingIOError:
+                last = False
+            if last:
+                _stop(self.pid)
+                (self.data_dir / "broker.json").unlink(missing_ok=True)
+            os.close(self._users_fd)
+            self._users_fd = -1
+
+
+class _locked:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+
+def _read_state(data_dir: Path) -> dict | None:
+    try:
+        state = json.loads((data_dir / "broker.json").read_text())
+        return state if {"pid", "port", "url"} <= state.keys() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _start(data_dir: Path, timeout: float) -> tuple[str, int]:
+    port = _free_port()
+    log_path = data_dir / "broker.log"
+    with open(log_path, "ab") as log_file:
+        # A session of its own: Ctrl-C in the terminal must reach the worker,
+        # which drains, and not the broker it drains to.
+        proc = subprocess.Popen(
+            [_binary(), "--addr", f"127.0.0.1:{port}", "--db-path", str(data_dir / "db"), "--log-level", "warn"],
+            stdout=log_file,
+            stderr=log_file,
+            stdin=subprocess.DEVNULL,
+            cwd=data_dir,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    while not _accepts(port):
+        if proc.poll() is not None:
+            raise BrokerUnavailable(
+                f"embedded broker exited with code {proc.returncode} at start; log {log_path}:\n{_tail(log_path)}"
+            )
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise BrokerUnavailable(f"embedded broker did not listen within {timeout:.0f}s; log {log_path}")
+        time.sleep(0.05)
+    url = f"pulsar://127.0.0.1:{port}"
+    tmp = data_dir / "broker.json.tmp"
+    tmp.write_text(json.dumps({"pid": proc.pid, "port": port, "url": url}))
+    tmp.replace(data_dir / "broker.json")
+    return url, proc.pid
+
+
+def _stop(pid: int, timeout: float = 10.0) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            deadline = float("inf")
+        time.sleep(0.02)

@@ -1,0 +1,170 @@
+"""Configuration, read from the environment and `.env` (prefix ``EVENTBUS_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_DEFAULT_PORTS = {"pulsar": 6650, "pulsar+ssl": 6651}
+
+
+def normalize_service_url(url: str) -> str:
+    """Return the service URL in the form pulsar-client expects.
+
+    The seed deployment writes several brokers as
+    ``pulsar://b1:6650,pulsar://b2:6650``; the client wants one scheme and a
+    comma-separated host list: ``pulsar://b1:6650,b2:6650``.
+    """
+    url = url.strip()
+    if not url:
+        return ""
+    scheme = None
+    hosts: list[str] = []
+    for part in url.split(","):
+        part = part.strip().rstrip("/")
+        if "://" in part:
+            parsed = urlsplit(part)
+            part_scheme = parsed.scheme
+            if scheme is None:
+                scheme = part_scheme
+            elif part_scheme != scheme:
+                raise ValueError(
+                    f"broker URL mixes schemes {scheme!r} and {part_scheme!r}: use one scheme for every broker"
+                )
+            if parsed.path not in ("", "/") or parsed.query or parsed.fragment:
+                raise ValueError(f"broker URL {part!r} has a path or query: write it as pulsar://host:port")
+            netloc = parsed.netloc
+        elif scheme is not None:
+            netloc = part
+        else:
+            raise ValueError(f"broker URL {url!r} has no scheme: write it as pulsar://host:6650")
+        if scheme not in _DEFAULT_PORTS:
+            raise ValueError(
+                f"broker URL scheme {scheme!r} is not supported: use pulsar:// or pulsar+ssl://"
+            )
+        if not netloc or "@" in netloc:
+            raise ValueError(f"broker URL {url!r} has no host: write it as {scheme}://host:port")
+        if netloc.startswith("["):  # IPv6 literal: [::1]:6650
+            host, _, rest = netloc.partition("]")
+            host += "]"
+            port = rest.removeprefix(":")
+        else:
+            host, sep, port = netloc.rpartition(":")
+            if not sep:
+                host, port = netloc, ""
+        if not host:
+            raise ValueError(f"broker URL {url!r} has an empty host: write it as {scheme}://host:port")
+        if port:
+            if not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"broker URL {url!r} has an invalid port {port!r}: use 1-65535")
+        else:
+            port = str(_DEFAULT_PORTS[scheme])
+        hosts.append(f"{host}:{port}")
+    return f"{scheme}://{','.join(hosts)}"
+
+
+def broker_addresses(url: str) -> list[tuple[str, int]]:
+    """The (host, port) pairs of a normalised service URL."""
+    rest = url.split("://", 1)[1]
+    out = []
+    for hostport in rest.split(","):
+        host, _, port = hostport.rpartition(":")
+        out.append((host.strip("[]"), int(port)))
+    return out
+
+
+class Settings(BaseSettings):
+    """Everything the bus needs to know, from `EVENTBUS_*` variables or `.env`.
+
+    >>> Settings(url="pulsar://localhost:6650", namespace="orders").namespace
+    'orders'
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="EVENTBUS_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+        validate_default=True,
+    )
+
+    url: str = Field(
+        default="",
+        validation_alias=AliasChoices("url", "EVENTBUS_URL", "MQ_NAME_SERVER"),
+        description="Broker service URL; empty starts the embedded broker.",
+    )
+    token: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("token", "EVENTBUS_TOKEN", "PULSAR_JWT_TOKEN"),
+        description="JWT for token authentication.",
+    )
+    token_file: Path | None = Field(default=None, description="File holding the JWT (read at start).")
+    tenant: str = Field(default="public", min_length=1, pattern=r"^[A-Za-z0-9_.\-=:]+$")
+    namespace: str = Field(default="default", min_length=1, pattern=r"^[A-Za-z0-9_.\-=:]+$")
+    data_dir: Path = Field(default=Path(".eventbus"), description="Embedded broker data directory.")
+
+    tls_trust_certs_file: Path | None = None
+    tls_validate_hostname: bool = True
+
+    operation_timeout_seconds: int = Field(default=30, ge=1)
+    connection_timeout_ms: int = Field(default=10_000, ge=100)
+
+    producer_batching_max_messages: int = Field(default=1000, ge=1)
+    producer_batching_max_bytes: int = Field(default=1024 * 1024, ge=1024)
+    producer_batching_max_delay_ms: int = Field(default=10, ge=0)
+    producer_compression: Literal["none", "lz4", "zlib", "zstd", "snappy"] = "lz4"
+    producer_send_timeout_ms: int = Field(default=30_000, ge=0)
+    producer_max_pending_messages: int = Field(default=10_000, ge=1)
+
+    consumer_receiver_queue_size: int = Field(default=1000, ge=1)
+    consumer_max_in_flight: int = Field(
+        default=1000, ge=1, description="Messages a subscription holds unacknowledged at most."
+    )
+
+    shutdown_drain_timeout: float = Field(default=30.0, ge=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _normalize_url(cls, value: object) -> object:
+        return normalize_service_url(value) if isinstance(value, str) else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @property
+    def embedded(self) -> bool:
+        """True when no broker URL is set and the embedded broker is used."""
+        return not self.url
+
+    def jwt(self) -> str | None:
+        """The token to authenticate with: `token`, or the contents of `token_file`."""
+        if self.token is not None:
+            return self.token.get_secret_value() or None
+        if self.token_file is not None:
+            try:
+                return self.token_file.read_text().strip() or None
+            except OSError as exc:
+                raise ValueError(
+                    f"cannot read token file {self.token_file}: {exc.strerror}; "
+                    "set EVENTBUS_TOKEN_FILE to a readable file"
+                ) from None
+        return None
+
+    def topic(self, name: str) -> str:
+        """Resolve a short topic name in the configured tenant and namespace."""
+        if "://" in name:
+            return name
+        if not name or "/" in name:
+            raise ValueError(
+                f"topic {name!r} is neither a short name nor a full name: "
+                "write 'orders' or 'persistent://tenant/namespace/orders'"
+            )
+        return f"persistent://{self.tenant}/{self.namespace}/{name}"
