@@ -13,6 +13,7 @@ from types import TracebackType
 from typing import Any
 
 import anyio
+import anyio.abc
 import pulsar
 import pulsar.asyncio
 
@@ -231,8 +232,12 @@ class EventBus:
         """Ask `run()` to stop: no new messages; in-flight handlers finish and are acknowledged."""
         self._stop.set()
 
-    async def run(self, *, handle_signals: bool | None = None) -> None:
+    async def run(
+        self, *, handle_signals: bool | None = None, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         """Run every registered handler until `stop()` or SIGINT/SIGTERM.
+
+        ``await task_group.start(bus.run)`` returns once every subscription exists.
 
         On stop it takes no more messages, lets running handlers finish within
         `shutdown_drain_timeout`, acknowledges them and closes the consumers.
@@ -264,6 +269,7 @@ class EventBus:
                     "subscribed %s group=%s type=%s concurrency=%d -> %s",
                     runner.topic, sub.group, sub.subscription, sub.concurrency, sub.name,
                 )
+            task_status.started()
             async with anyio.create_task_group() as tg:
                 done = [anyio.Event() for _ in runners]
                 for runner, finished in zip(runners, done):

@@ -224,18 +224,21 @@ class SubscriptionRunner:
             return
 
     async def _call(self, payload: Any, message: _pulsar.Message, attempt: int) -> None:
+        args: tuple[Any, ...] = ()
         kwargs: dict[str, Any] = {}
         for name, kind in self.sub.extras:
             if kind == "payload":
                 kwargs[name] = payload
+            elif kind == "payload/":
+                args = (payload,)
             elif kind == "message":
                 kwargs[name] = self._metadata(message, attempt)
             else:
                 kwargs[name] = self.bus
         if self.sub.is_async:
-            await self.sub.handler(**kwargs)
+            await self.sub.handler(*args, **kwargs)
         else:
-            await anyio.to_thread.run_sync(functools.partial(self.sub.handler, **kwargs), abandon_on_cancel=True)
+            await anyio.to_thread.run_sync(functools.partial(self.sub.handler, *args, **kwargs), abandon_on_cancel=True)
 
     def _metadata(self, message: _pulsar.Message, attempt: int) -> Message:
         return Message(

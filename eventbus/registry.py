@@ -79,7 +79,8 @@ def _analyse(handler: Callable[..., Any], where: str) -> tuple[Decoder, tuple[tu
                 payload = decoder_for(annotation)
             except TypeError as exc:
                 raise TypeError(f"{where}: {exc}") from None
-            extras.insert(0, (param.name, "payload"))
+            # Positional-only (builtins such as list.append) cannot take it by name.
+            extras.insert(0, (param.name, "payload/" if param.kind == param.POSITIONAL_ONLY else "payload"))
         elif param.default is param.empty and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             raise TypeError(
                 f"{where}: parameter {param.name!r} has nothing to receive; "

@@ -1,0 +1,302 @@
+"""Delivery against the embedded broker: payloads, validation, order, retries, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import os
+import random
+from typing import Any
+
+import anyio
+import pytest
+from pydantic import BaseModel
+
+from eventbus import EventBus, Message, PublishBatchError, PublishError, Router, Settings
+
+from .conftest import eventually, running
+
+
+class Order(BaseModel):
+    id: str
+    qty: int
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: int
+
+
+def dlq_reader(router: Router, settings: Settings, topic: str, group: str, into: list[Message]) -> None:
+    @router.subscribe(settings.topic(topic) + f"-{group}-DLQ", "dlq-reader", initial_position="earliest")
+    async def read(data: bytes, msg: Message) -> None:
+        into.append(msg)
+
+
+async def _round_trip(settings: Settings, topic: str, handler_type: Any, payload: Any) -> Any:
+    router = Router()
+    got: list[Any] = []
+
+    async def handler(value, msg: Message) -> None:  # type: ignore[no-untyped-def]
+        got.append((value, msg))
+
+    handler.__annotations__["value"] = handler_type
+    router.subscribe(topic, "g", initial_position="earliest")(handler)
+    async with EventBus(settings, routers=[router]) as bus, running(bus):
+        message_id = await bus.publish(topic, payload, key="k1", properties={"origin": "test"})
+        await eventually(lambda: got, what="the message")
+    value, msg = got[0]
+    assert msg.message_id == message_id
+    assert msg.key == "k1" and msg.properties["origin"] == "test" and msg.attempt == 1
+    return value
+
+
+@pytest.mark.parametrize(
+    ("handler_type", "payload", "expected"),
+    [
+        (Order, Order(id="o-1", qty=2), Order(id="o-1", qty=2)),
+        (dict, Point(1, 2), {"x": 1, "y": 2}),
+        (dict, {"a": [1, 2]}, {"a": [1, 2]}),
+        (list, [1, "two", None], [1, "two", None]),
+        (Any, 42, 42),
+        (Any, "hello", "hello"),
+        (bytes, b"\x00\xffraw", b"\x00\xffraw"),
+        (str, "caf\u00e9".encode(), "caf\u00e9"),
+        (Point, {"x": 3, "y": 4}, Point(3, 4)),
+        (list[int], [1, 2, 3], [1, 2, 3]),
+    ],
+    ids=["model", "dataclass", "dict", "list", "int", "str-json", "bytes", "utf8", "to-dataclass", "typed-list"],
+)
+async def test_round_trip_by_payload_kind(settings: Settings, topic: str, handler_type: Any, payload: Any, expected: Any) -> None:
+    assert await _round_trip(settings, topic, handler_type, payload) == expected
+
+
+async def test_json_payloads_say_so_and_bytes_do_not(settings: Settings, topic: str) -> None:
+    router = Router()
+    seen: list[Message] = []
+
+    @router.subscribe(topic, "g", initial_position="earliest")
+    async def h(data: bytes, msg: Message) -> None:
+        seen.append(msg)
+
+    async with EventBus(settings, routers=[router]) as bus, running(bus):
+        await bus.publish(topic, {"a": 1}, key="a")
+        await bus.publish(topic, b"raw", key="a")
+        await eventually(lambda: len(seen) == 2)
+    assert seen[0].properties["content-type"] == "application/json"
+    assert seen[1].properties["content-type"] == "application/octet-stream"
+
+
+async def test_unencodable_payload_raises_type_error_before_sending(settings: Settings, topic: str) -> None:
+    class Opaque:
+        pass
+
+    async with EventBus(settings, routers=[]) as bus:
+        with pytest.raises(TypeError, match="Opaque"):
+            await bus.publish(topic, Opaque())
+        with pytest.raises(TypeError, match=r"payload #1: .*Opaque"):
+            await bus.publish_batch(topic, [{"ok": 1}, Opaque()])
+        assert bus._producers == {}, "nothing may be sent, not even a producer created"
+
+
+async def test_invalid_payload_is_dead_lettered_and_the_worker_goes_on(settings: Settings, topic: str) -> None:
+    router = Router()
+    good: list[Order] = []
+    dead: list[Message] = []
+
+    @router.subscribe(topic, "g", initial_position="earliest")
+    async def h(order: Order) -> None:
+        good.append(order)
+
+    dlq_reader(router, settings, topic, "g", dead)
+    async with EventBus(settings, routers=[router]) as bus, running(bus):
+        await bus.publish(topic, {"id": "o-1", "qty": "many"}, key="k")
+        await bus.publish(topic, b"\xff not json", key="k")
+        await bus.publish(topic, Order(id="o-2", qty=1), key="k")
+        await eventually(lambda: good and len(dead) == 2, what="one handled, two dead-lettered")
+    assert [o.id for o in good] == ["o-2"]
+    reasons = [m.properties for m in dead]
+    assert all(p["eventbus-dlq-reason"] == "undecodable" for p in reasons)
+    assert "qty" in reasons[0]["eventbus-error"] and "Order" in reasons[0]["eventbus-error"]
+    assert "Invalid JSON" in reasons[1]["eventbus-error"]
+    assert dead[1].data == b"\xff not json", "the original payload is kept"
+    assert dead[0].properties["content-type"] == "application/json", "original properties are kept"
+
+
+async def test_retry_then_success(settings: Settings, topic: str) -> None:
+    router = Router()
+    attempts: list[int] = []
+    dead: list[Message] = []
+
+    @router.subscribe(topic, "g", max_retries=3, retry_backoff=0.01, initial_position="earliest")
+    async def flaky(body: dict, msg: Message) -> None:
+        attempts.append(msg.attempt)
+        if msg.attempt < 3:
+            raise ConnectionError("downstream not ready")
+
+    dlq_reader(router, settings, topic, "g", dead)
+    async with EventBus(settings, routers=[router]) as bus, running(bus):
+        await bus.publish(topic, {"n": 1}, key="k")
+        await bus.publish(topic, {"n": 2}, key="k")
+        await eventually(lambda: len(attempts) == 6, what="three attempts for each message")
+    assert attempts == [1, 2, 3, 1, 2, 3]
+    assert dead == []
+
+
+async def test_retries_exhausted_go_to_dead_letter_topic_with_reason(settings: Settings, topic: str) -> None:
+    router = Router()
+    attempts: list[int] = []
+    dead: list[Message] = []
+
+    @router.subscribe(topic, "g", max_retries=2, retry_backoff=0.01, initial_position="earliest")
+    async def broken(body: dict, msg: Message) -> None:
+        attempts.append(msg.attempt)
+        raise RuntimeError(f"cannot handle {body['n']}")
+
+    dlq_reader(router, settings, topic, "g", dead)
+    async with EventBus(settings, routers=[router]) as bus, running(bus):
+        message_id = await bus.publish(topic, {"n": 7}, key="k7", properties={"trace": "abc"})
+        await eventually(lambda: dead, what="the dead letter")
+    assert attempts == [1, 2, 3]
+    msg = dead[0]
+    assert msg.topic == settings.topic(topic) + "-g-DLQ"
+    assert msg.key == "k7"
+    assert msg.properties["trace"] == "abc"
+    assert msg.properties["eventbus-dlq-reason"] == "handler-failed"
+    assert msg.properties["eventbus-error-type"] == "RuntimeError"
+    assert msg.properties["eventbus-error"] == "cannot handle 7"
+    assert msg.properties["eventbus-attempts"] == "3"
+    assert msg.properties["eventbus-original-topic"] == settings.topic(topic)
+    assert msg.properties["eventbus-original-message-id"] == str(message_id)
+
+
+async def test_key_order_holds_under_concurrency_and_retries(settings: Settings, topic: str) -> None:
+    router = Router()
+    seen: dict[str, list[int]] = collections.defaultdict(list)
+    active = 0
+    peak = 0
+    failed_once: set[tuple[str, int]] = set()
+
+    @router.subscribe(topic, "g", concurrency=8, retry_backoff=0.005, initial_position="earliest")
+    async def h(body: dict, msg: Message) -> None:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        try:
+            await anyio.sleep(random.uniform(0, 0.003))
+            ident = (body["key"], body["seq"])
+            if body["seq"] % 7 == 3 and ident not in failed_once:
+                failed_once.add(ident)
+                raise RuntimeError("transient")
+            seen[body["key"]].append(body["seq"])
+        finally:
+            active -= 1
+
+    keys = [f"key-{i}" for i in range(12)]
+    per_key = 40
+    async with EventBus(settings, routers=[router]) as bus, running(bus):
+        for seq in range(per_key):
+            await asyncio.gather(*(bus.publish(topic, {"key": k, "seq": seq}, key=k) for k in keys))
+        await eventually(lambda: sum(map(len, seen.values())) == len(keys) * per_key, what="every message")
+    for k in keys:
+        assert seen[k] == list(range(per_key)), f"order broken for {k}"
+    assert peak > 1, "handlers of different keys should run concurrently"
+    assert peak <= 8
+
+
+@pytest.mark.parametrize("kind", ["key_shared", "shared", "failover", "exclusive"])
+async def test_each_subscription_type_delivers_every_message_once(settings: Settings, topic: str, kind: str) -> None:
+    router = Router()
+    got: list[int] = []
+
+    @router.subscribe(topic, "g", subscription=kind, concurrency=4, initial_position="earliest")
+    async def h(n: int) -> None:
+        got.append(n)
+
+    async with EventBus(settings, routers=[router]) as bus, running(bus):
+        await bus.publish_batch(topic, range(100), key=None)
+        await bus.publish_batch(topic, range(100, 200), key="same")
+        await eventually(lambda: len(got) >= 200)
+        await bus.publish(topic, -1)  # a marker after everything: nothing is handled twice before it
+        await eventually(lambda: -1 in got)
+    assert sorted(got) == [-1, *range(200)]
+    if kind != "shared":
+        keyed = [n for n in got if n >= 100]
+        assert keyed == list(range(100, 200)), "one key is handled in publish order"
+
+
+async def test_two_groups_each_get_every_message(settings: Settings, topic: str) -> None:
+    router = Router()
+    got: dict[str, list[int]] = {"a": [], "b": []}
+    for group in got:
+        router.subscribe(topic, group, initial_position="earliest")(lambda n, group=group: got[group].append(n))
+
+    async with EventBus(settings, routers=[router]) as bus, running(bus):
+        await bus.publish_batch(topic, range(20), key="k")
+        await eventually(lambda: len(got["a"]) == len(got["b"]) == 20)
+    assert got["a"] == got["b"] == list(range(20))
+
+
+async def test_sync_handler_runs_in_a_thread(settings: Settings, topic: str) -> None:
+    import threading
+
+    router = Router()
+    threads: list[int] = []
+
+    @router.subscribe(topic, "g", initial_position="earliest")
+    def blocking(body: dict) -> None:
+        threads.append(threading.get_ident())
+
+    async with EventBus(settings, routers=[router]) as bus, running(bus):
+        await bus.publish(topic, {})
+        await eventually(lambda: threads)
+    assert threads[0] != threading.get_ident()
+
+
+async def test_handler_publishes_follow_up_events(settings: Settings, topic: str) -> None:
+    router = Router()
+    follow: list[dict] = []
+
+    @router.subscribe(topic, "g", initial_position="earliest")
+    async def step(body: dict, bus: EventBus) -> None:
+        await bus.publish(topic + "-next", {"after": body["n"]}, key="k")
+
+    @router.subscribe(topic + "-next", "g", initial_position="earliest")
+    async def next_step(body: dict) -> None:
+        follow.append(body)
+
+    async with EventBus(settings, routers=[router]) as bus, running(bus):
+        await bus.publish(topic, {"n": 1})
+        await eventually(lambda: follow)
+    assert follow == [{"after": 1}]
+
+
+async def test_publish_batch_reports_every_failure(settings: Settings, topic: str) -> None:
+    too_big = os.urandom(6 * 1024 * 1024)  # incompressible: LZ4 would shrink repeated bytes
+    async with EventBus(settings, routers=[]) as bus:
+        with pytest.raises(PublishBatchError) as caught:
+            await bus.publish_batch(topic, [b"a", too_big, b"b", too_big, b"c"])
+    err = caught.value
+    assert sorted(err.failures) == [1, 3]
+    assert all(isinstance(e, PublishError) and "MessageTooBig" in str(e) for e in err.failures.values())
+    assert err.message_ids[1] is None and err.message_ids[3] is None
+    assert all(err.message_ids[i] is not None for i in (0, 2, 4))
+    assert "2 of 5" in str(err)
+
+
+async def test_publish_too_big_fails_clearly(settings: Settings, topic: str) -> None:
+    async with EventBus(settings, routers=[]) as bus:
+        with pytest.raises(PublishError, match="MessageTooBig.*maximum message size"):
+            await bus.publish(topic, os.urandom(6 * 1024 * 1024))
+
+
+async def test_short_and_full_topic_names_meet(settings: Settings, topic: str) -> None:
+    router = Router()
+    got: list[int] = []
+    router.subscribe(f"persistent://public/default/{topic}", "g", initial_position="earliest")(got.append)
+    async with EventBus(settings, routers=[router]) as bus, running(bus):
+        await bus.publish(topic, 5)
+        await eventually(lambda: got)
+    assert got == [5]
