@@ -231,6 +231,9 @@ class EventBus:
     def stop(self) -> None:
         """Ask `run()` to stop: no new messages; in-flight handlers finish and are acknowledged."""
         self._stop.set()
+        # At once, not when run() next wakes: a handler finishing meanwhile must not start another.
+        for runner in self._runners:
+            runner.stop()
 
     async def run(
         self, *, handle_signals: bool | None = None, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -265,9 +268,10 @@ class EventBus:
                 except PULSAR_ERRORS as exc:
                     raise _broker_error(f"cannot subscribe {runner.sub.group!r} to {runner.topic}", exc) from None
                 sub = runner.sub
+                kind = sub.subscription if runner.kind == sub.subscription else f"{runner.kind} (embedded broker)"
                 log.info(
                     "subscribed %s group=%s type=%s concurrency=%d -> %s",
-                    runner.topic, sub.group, sub.subscription, sub.concurrency, sub.name,
+                    runner.topic, sub.group, kind, sub.concurrency, sub.name,
                 )
             task_status.started()
             async with anyio.create_task_group() as tg:

@@ -39,6 +39,8 @@ _POLL_MS = 100
 #: Messages the receive thread hands the loop per wake-up at most.
 _HANDOFF = 256
 _ERROR_TEXT_MAX = 2000
+#: Acknowledged ids remembered to drop redelivered copies (about 100 bytes each).
+_REMEMBER_ACKED = 100_000
 
 
 def _ignore(result: _pulsar.Result) -> None:
@@ -70,21 +72,41 @@ class SubscriptionRunner:
         self._received = 0
         self._finished = 0
         self._room = threading.Event()
+        # Ids being handled, and ids acknowledged lately: a broker may hand a
+        # message over again (after a reconnect, or pulsar-lite's single-active
+        # dispatchers, which replay), and a second copy must not run twice.
+        self._active: set[tuple[int, int, int, int]] = set()
+        self._acked: set[tuple[int, int, int, int]] = set()
+        self._acked_order: collections.deque[tuple[int, int, int, int]] = collections.deque()
         self.handled = 0
+        self.duplicates = 0
 
     @property
     def in_flight(self) -> int:
         return self._received - self._finished
+
+    @property
+    def kind(self) -> str:
+        """The subscription type asked of the broker."""
+        if self.sub.subscription == "key_shared" and self.bus.settings.embedded:
+            # pulsar-lite 0.2 strands a key's messages when a key_shared consumer
+            # leaves (they are never redelivered); failover keeps every
+            # guarantee at the price of one active consumer per subscription.
+            return "failover"
+        return self.sub.subscription
 
     async def subscribe(self) -> None:
         settings = self.bus.settings
         self._wrapper = await self.bus._client.subscribe(
             self.topic,
             self.sub.group,
-            consumer_type=_TYPES[self.sub.subscription],
+            consumer_type=_TYPES[self.kind],
             initial_position=_POSITIONS[self.sub.initial_position],
             receiver_queue_size=settings.consumer_receiver_queue_size,
             consumer_name=f"{socket.gethostname()}-{os.getpid()}-{self.sub.group}",
+            # No batch-index acks: a broker without them (pulsar-lite, and Pulsar
+            # unless acknowledgmentAtBatchIndexLevelEnabled) takes a partial
+            # batch ack for the whole batch, which loses its other messages.
         )
         self._consumer = self._wrapper._consumer
 
@@ -161,7 +183,16 @@ class SubscriptionRunner:
             return
         ordered = self.sub.ordered
         lanes = self._lanes
+        active = self._active
         for message in batch:
+            ident = _ident(message)
+            if ident in active or ident in self._acked:
+                self.duplicates += 1
+                self._finished += 1
+                if ident not in active:
+                    self._ack_again(message)
+                continue
+            active.add(ident)
             lane: object = message.partition_key() if ordered else next(self._unique)
             queue = lanes.get(lane)
             if queue is None:
@@ -182,6 +213,7 @@ class SubscriptionRunner:
             try:
                 await self._handle(message)
             finally:
+                self._active.discard(_ident(message))
                 self._finished += 1
                 if not self._room.is_set():
                     self._room.set()
@@ -254,6 +286,14 @@ class SubscriptionRunner:
         )
 
     def _ack(self, message: _pulsar.Message) -> None:
+        self._ack_again(message)
+        ident = _ident(message)
+        self._acked.add(ident)
+        self._acked_order.append(ident)
+        if len(self._acked_order) > _REMEMBER_ACKED:
+            self._acked.discard(self._acked_order.popleft())
+
+    def _ack_again(self, message: _pulsar.Message) -> None:
         consumer = self._consumer
         if consumer is not None:
             consumer.acknowledge_async(message, _ignore)
@@ -302,6 +342,11 @@ class SubscriptionRunner:
             attempts, error,
         )
         self._ack(message)
+
+
+def _ident(message: _pulsar.Message) -> tuple[int, int, int, int]:
+    mid = message.message_id()
+    return (mid.partition(), mid.ledger_id(), mid.entry_id(), mid.batch_index())
 
 
 def _describe(message: _pulsar.Message) -> str:

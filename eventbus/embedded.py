@@ -135,11 +135,17 @@ def _read_state(data_dir: Path) -> dict | None:
 def _start(data_dir: Path, timeout: float) -> tuple[str, int]:
     port = _free_port()
     log_path = data_dir / "broker.log"
+    config = data_dir / "pulsar-lite.toml"
+    # Its metrics server wants a fixed port; a second broker on the machine would fail to bind it.
+    config.write_text("[metrics]\nenabled = false\n")
     with open(log_path, "ab") as log_file:
         # A session of its own: Ctrl-C in the terminal must reach the worker,
         # which drains, and not the broker it drains to.
         proc = subprocess.Popen(
-            [_binary(), "--addr", f"127.0.0.1:{port}", "--db-path", str(data_dir / "db"), "--log-level", "warn"],
+            [
+                _binary(), "--config", str(config), "--addr", f"127.0.0.1:{port}",
+                "--db-path", str(data_dir / "db"), "--log-level", "warn",
+            ],
             stdout=log_file,
             stderr=log_file,
             stdin=subprocess.DEVNULL,

@@ -64,7 +64,11 @@ def _analyse(handler: Callable[..., Any], where: str) -> tuple[Decoder, tuple[tu
         raise TypeError(f"{where}: cannot read the handler's signature: {exc}") from None
     try:
         hints = typing.get_type_hints(handler)
-    except Exception:
+    except Exception as exc:
+        if any(isinstance(p.annotation, str) for p in signature.parameters.values()):
+            raise TypeError(
+                f"{where}: cannot resolve the handler's annotations ({exc}); define the types at module level"
+            ) from None
         hints = {}
     payload: Decoder | None = None
     extras: list[tuple[str, str]] = []

@@ -25,7 +25,7 @@ def normalize_service_url(url: str) -> str:
     scheme = None
     hosts: list[str] = []
     for part in url.split(","):
-        part = part.strip().rstrip("/")
+        part = part.strip()
         if "://" in part:
             parsed = urlsplit(part)
             part_scheme = parsed.scheme
@@ -39,7 +39,7 @@ def normalize_service_url(url: str) -> str:
                 raise ValueError(f"broker URL {part!r} has a path or query: write it as pulsar://host:port")
             netloc = parsed.netloc
         elif scheme is not None:
-            netloc = part
+            netloc = part.rstrip("/")
         else:
             raise ValueError(f"broker URL {url!r} has no scheme: write it as pulsar://host:6650")
         if scheme not in _DEFAULT_PORTS:

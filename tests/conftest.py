@@ -23,7 +23,8 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
 
 @pytest.fixture
 def settings(broker: EmbeddedBroker) -> Settings:
-    return Settings(_env_file=None, url=broker.url, shutdown_drain_timeout=10)
+    # The embedded mode itself, joining the session's broker through its data dir.
+    return Settings(_env_file=None, data_dir=broker.data_dir, shutdown_drain_timeout=10)
 
 
 @pytest.fixture
@@ -34,7 +35,7 @@ def topic() -> str:
 @pytest.fixture
 def subprocess_env(broker: EmbeddedBroker, tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EVENTBUS_", "MQ_NAME_SERVER", "PULSAR_JWT"))}
-    env["EVENTBUS_URL"] = broker.url
+    env["EVENTBUS_DATA_DIR"] = str(broker.data_dir)
     env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
     return env
 

@@ -300,3 +300,28 @@ async def test_short_and_full_topic_names_meet(settings: Settings, topic: str) -
         await bus.publish(topic, 5)
         await eventually(lambda: got)
     assert got == [5]
+
+
+async def test_a_redelivered_copy_of_a_message_in_flight_or_acked_runs_once(settings: Settings, topic: str) -> None:
+    router = Router()
+    started = anyio.Event()
+    release = anyio.Event()
+    calls: list[int] = []
+
+    @router.subscribe(topic, "g", subscription="shared", concurrency=4, initial_position="earliest")
+    async def h(n: int) -> None:
+        calls.append(n)
+        if n == 1:
+            started.set()
+            await release.wait()
+
+    async with EventBus(settings, routers=[router]) as bus, running(bus):
+        await bus.publish(topic, 1)
+        await started.wait()
+        runner = bus._runners[0]
+        runner._consumer.redeliver_unacknowledged_messages()  # the broker sends message 1 again
+        await eventually(lambda: runner.duplicates >= 1, what="the copy to arrive")
+        release.set()
+        await bus.publish(topic, 2)
+        await eventually(lambda: 2 in calls)
+    assert calls == [1, 2]

@@ -1,0 +1,5 @@
+from eventbus import subscribe
+
+
+@subscribe("orders", "billing", subscription="fanout")
+async def charge(order: dict) -> None: ...

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import BaseModel
+
+from eventbus import EventBus, Message, Router, Settings
+from eventbus.errors import ConfigError
+
+
+class Order(BaseModel):
+    id: str
+
+
+def test_decorator_returns_the_function_and_records_options() -> None:
+    router = Router()
+
+    @router.subscribe("orders", "billing", subscription="shared", concurrency=4, max_retries=5)
+    async def charge(order: Order, msg: Message, bus: EventBus) -> None: ...
+
+    assert callable(charge)
+    (sub,) = router.subscriptions
+    assert (sub.topic, sub.group, sub.subscription, sub.concurrency, sub.max_retries) == (
+        "orders", "billing", "shared", 4, 5,
+    )
+    assert sub.extras == (("order", "payload"), ("msg", "message"), ("bus", "bus"))
+    assert sub.is_async and not sub.ordered
+    assert sub.dead_letter_topic("persistent://public/default/orders") == "persistent://public/default/orders-billing-DLQ"
+
+
+def test_duplicate_topic_and_group_is_rejected_naming_both() -> None:
+    router = Router()
+    router.subscribe("orders", "billing")(lambda o: None)
+    with pytest.raises(ValueError, match=r"on_order.*already has a handler"):
+
+        @router.subscribe("orders", "billing")
+        def on_order(o: dict) -> None: ...
+
+
+def test_duplicates_across_routers_are_rejected_by_the_bus() -> None:
+    a, b = Router(), Router()
+    a.subscribe("orders", "billing")(lambda o: None)
+    b.subscribe("persistent://public/default/orders", "billing")(lambda o: None)
+    with pytest.raises(ConfigError, match="two handlers"):
+        EventBus(Settings(_env_file=None), routers=[a, b]).subscriptions()
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"subscription": "fanout"}, "subscription='fanout' is not one of key_shared, shared, failover, exclusive"),
+        ({"concurrency": 0}, "concurrency=0"),
+        ({"concurrency": 2.5}, "concurrency=2.5"),
+        ({"max_retries": -1}, "max_retries=-1"),
+        ({"retry_backoff": -1}, "retry_backoff=-1"),
+        ({"retry_backoff": 5, "retry_backoff_max": 1}, "retry_backoff_max=1"),
+        ({"dead_letter": "yes"}, "dead_letter='yes'"),
+        ({"initial_position": "middle"}, "initial_position='middle'"),
+    ],
+)
+def test_bad_options_raise_at_import_naming_the_handler(options: dict, words: str) -> None:
+    router = Router()
+    with pytest.raises(ValueError, match="handle_it") as caught:
+
+        @router.subscribe("orders", "g", **options)
+        async def handle_it(o: dict) -> None: ...
+
+    assert words in str(caught.value)
+
+
+def test_handler_must_be_callable() -> None:
+    with pytest.raises(TypeError, match="not callable"):
+        Router().subscribe("orders", "g")("not a function")  # type: ignore[arg-type]
+
+
+def test_extra_parameters_need_a_source() -> None:
+    with pytest.raises(TypeError, match="parameter 'other' has nothing to receive"):
+
+        @Router().subscribe("orders", "g")
+        async def handler(order: dict, other: int) -> None: ...
+
+
+class NotAModel:
+    pass
+
+
+def test_undecodable_annotation_is_rejected_at_import() -> None:
+    with pytest.raises(TypeError, match="handler: cannot decode payloads as"):
+
+        @Router().subscribe("orders", "g")
+        async def handler(order: NotAModel) -> None: ...
+
+
+def test_unresolvable_annotation_is_rejected_at_import() -> None:
+    class Local:
+        pass
+
+    with pytest.raises(TypeError, match="handler: cannot resolve the handler's annotations"):
+
+        @Router().subscribe("orders", "g")
+        async def handler(order: Local) -> None: ...

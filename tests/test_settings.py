@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr, ValidationError
+
+from eventbus import EventBus, Router, Settings
+from eventbus.settings import normalize_service_url
+
+from .conftest import eventually, running
+
+TOKEN = "eyJhbGciOiJIUzI1NiJ9.c2VjcmV0LXRva2VuLWJvZHk.super-secret-signature"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("EVENTBUS_") or name in ("MQ_NAME_SERVER", "PULSAR_JWT_TOKEN"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)  # no stray .env
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("pulsar://b1:6650,pulsar://b2:6650,pulsar://b3:6650", "pulsar://b1:6650,b2:6650,b3:6650"),
+        ("pulsar://b1:6650,b2:6651", "pulsar://b1:6650,b2:6651"),
+        ("pulsar://localhost", "pulsar://localhost:6650"),
+        ("pulsar+ssl://broker.example.com/", "pulsar+ssl://broker.example.com:6651"),
+        (" pulsar://[::1]:6650 ", "pulsar://[::1]:6650"),
+        ("", ""),
+    ],
+)
+def test_url_normalisation(raw: str, expected: str) -> None:
+    assert normalize_service_url(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [
+        ("http://b1:6650", "scheme 'http'"),
+        ("localhost:6650", "no scheme"),
+        ("pulsar://b1:6650,pulsar+ssl://b2:6651", "mixes schemes"),
+        ("pulsar://b1:99999", "invalid port"),
+        ("pulsar://", "no host"),
+        ("pulsar://b1:6650/admin", "path"),
+    ],
+)
+def test_bad_urls_are_rejected_with_the_fix(raw: str, words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        normalize_service_url(raw)
+
+
+def test_seed_deployment_names_are_aliases(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MQ_NAME_SERVER", "pulsar://pulsar-broker-1:6650,pulsar://pulsar-broker-2:6650")
+    monkeypatch.setenv("PULSAR_JWT_TOKEN", TOKEN)
+    settings = Settings()
+    assert settings.url == "pulsar://pulsar-broker-1:6650,pulsar-broker-2:6650"
+    assert settings.jwt() == TOKEN
+
+
+def test_own_names_and_dotenv(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("EVENTBUS_URL=pulsar://from-dotenv:6650\nEVENTBUS_NAMESPACE=orders\n")
+    monkeypatch.setenv("EVENTBUS_TENANT", "acme")
+    settings = Settings()
+    assert (settings.url, settings.tenant, settings.namespace) == ("pulsar://from-dotenv:6650", "acme", "orders")
+    assert settings.topic("invoices") == "persistent://acme/orders/invoices"
+    assert settings.topic("non-persistent://x/y/z") == "non-persistent://x/y/z"
+
+
+def test_seed_defaults() -> None:
+    s = Settings()
+    assert s.embedded
+    assert (s.producer_batching_max_messages, s.producer_batching_max_bytes) == (1000, 1024 * 1024)
+    assert (s.producer_compression, s.producer_send_timeout_ms, s.consumer_receiver_queue_size) == ("lz4", 30_000, 1000)
+
+
+def test_token_never_in_repr_str_or_dump(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PULSAR_JWT_TOKEN", TOKEN)
+    settings = Settings()
+    for text in (repr(settings), str(settings), settings.model_dump_json(), repr(EventBus(settings, routers=[]))):
+        assert TOKEN not in text and "super-secret" not in text
+
+
+def test_unreadable_token_file_is_a_clear_error(tmp_path: Path) -> None:
+    settings = Settings(token_file=tmp_path / "missing.jwt")
+    with pytest.raises(ValueError, match=r"cannot read token file .*missing.jwt"):
+        settings.jwt()
+
+
+def test_bad_numbers_name_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EVENTBUS_CONSUMER_RECEIVER_QUEUE_SIZE", "0")
+    with pytest.raises(ValidationError, match="consumer_receiver_queue_size"):
+        Settings()
+
+
+async def test_token_stays_out_of_logs(
+    settings: Settings, topic: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The embedded broker ignores authentication, but the client still sends the token.
+    caplog.set_level(logging.DEBUG)
+    got: list[int] = []
+    router = Router()
+    router.subscribe(topic, "g", initial_position="earliest")(got.append)
+    with_token = settings.model_copy(update={"token": SecretStr(TOKEN)})
+    async with EventBus(with_token, routers=[router]) as bus, running(bus):
+        await bus.publish(topic, 1)
+        await eventually(lambda: got)
+    assert any(r.name == "eventbus.pulsar" for r in caplog.records), "client logs are captured"
+    assert TOKEN not in caplog.text and "super-secret" not in caplog.text

@@ -1,0 +1,70 @@
+"""Graceful shutdown in-process: in-flight work finishes and is acknowledged, queued work is redelivered."""
+
+from __future__ import annotations
+
+import anyio
+
+from eventbus import EventBus, Router, Settings
+
+from .conftest import eventually, running
+
+
+async def test_in_flight_handler_finishes_is_acked_and_queued_messages_are_redelivered(
+    settings: Settings, topic: str
+) -> None:
+    started = anyio.Event()
+    release = anyio.Event()
+    first: list[int] = []
+
+    router = Router()
+
+    @router.subscribe(topic, "g", subscription="exclusive", initial_position="earliest")
+    async def slow(n: int) -> None:
+        if n == 1:
+            started.set()
+            await release.wait()
+        first.append(n)
+
+    async with EventBus(settings, routers=[router]) as bus:
+        async with anyio.create_task_group() as tg:
+            await tg.start(lambda task_status: bus.run(handle_signals=False, task_status=task_status))
+            for n in (1, 2, 3):  # one at a time, so each is a batch of its own (see README: batches)
+                await bus.publish(topic, n, key="same")
+            await started.wait()
+            bus.stop()  # 1 is in flight; 2 and 3 wait behind it on the same key
+            release.set()
+        assert first == [1], "the in-flight handler finishes; nothing new starts after stop"
+
+        second: list[int] = []
+        again = Router()
+        again.subscribe(topic, "g", subscription="exclusive", initial_position="earliest")(second.append)
+        async with EventBus(settings, routers=[again]) as bus2, running(bus2):
+            await bus2.publish(topic, 99, key="same")
+            await eventually(lambda: 99 in second, what="the marker")
+    assert second == [2, 3, 99], "1 was acknowledged; 2 and 3 were never handled, so they come back first"
+
+
+async def test_drain_timeout_cancels_a_stuck_handler_and_leaves_its_message(settings: Settings, topic: str) -> None:
+    router = Router()
+    started = anyio.Event()
+    handled: list[int] = []
+
+    @router.subscribe(topic, "g", subscription="exclusive", initial_position="earliest")
+    async def stuck(n: int) -> None:
+        if not started.is_set():
+            started.set()
+            await anyio.sleep_forever()
+        handled.append(n)
+
+    quick = settings.model_copy(update={"shutdown_drain_timeout": 0.2})
+    async with EventBus(quick, routers=[router]) as bus:
+        async with anyio.create_task_group() as tg:
+            await tg.start(lambda task_status: bus.run(handle_signals=False, task_status=task_status))
+            await bus.publish(topic, 1, key="k")
+            await started.wait()
+            bus.stop()
+    assert handled == []
+
+    # The same group again: the cancelled message was never acknowledged.
+    async with EventBus(settings, routers=[router]) as bus, running(bus):
+        await eventually(lambda: handled == [1], what="the redelivered message")
