@@ -116,7 +116,7 @@ class Settings(BaseSettings):
 
     producer_batching_max_messages: int = Field(default=1000, ge=1)
     producer_batching_max_bytes: int = Field(default=1024 * 1024, ge=1024)
-    producer_batching_max_delay_ms: int = Field(default=10, ge=0)
+    producer_batching_max_delay_ms: int = Field(default=1, ge=0)
     producer_compression: Literal["none", "lz4", "zlib", "zstd", "snappy"] = "lz4"
     producer_send_timeout_ms: int = Field(default=30_000, ge=0)
     producer_max_pending_messages: int = Field(default=10_000, ge=1)
