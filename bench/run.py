@@ -1,0 +1,285 @@
+"""Throughput and latency of the bus side by side with the raw pulsar-client, in one run.
+
+    python -m bench                      # embedded broker, 100 B and 10 KB payloads
+    python -m bench --url pulsar://...   # a real broker
+    python -m bench --messages 20000 --json bench/results.json
+
+Only ratios between rows of one run mean much: these machines are shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import resource
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import _pulsar
+import anyio
+import pulsar
+import pulsar.asyncio
+from pydantic import BaseModel
+
+from eventbus import EventBus, Router, Settings
+
+Row = dict[str, Any]
+
+
+def payload(size: int) -> dict[str, Any]:
+    body = {"id": "x", "seq": 0, "at": 0.0, "pad": ""}
+    base = len(json.dumps(body, separators=(",", ":")))
+    body["pad"] = "p" * max(0, size - base)
+    return body
+
+
+class Event(BaseModel):
+    id: str
+    seq: int
+    at: float
+    pad: str
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def producer_options(settings: Settings) -> dict[str, Any]:
+    return dict(
+        batching_enabled=True,
+        batching_type=pulsar.BatchingType.KeyBased,
+        batching_max_messages=settings.producer_batching_max_messages,
+        batching_max_allowed_size_in_bytes=settings.producer_batching_max_bytes,
+        batching_max_publish_delay_ms=settings.producer_batching_max_delay_ms,
+        compression_type=pulsar.CompressionType.LZ4,
+        block_if_queue_full=True,
+        max_pending_messages=settings.producer_max_pending_messages,
+    )
+
+
+def topic() -> str:
+    return f"persistent://public/default/bench-{uuid.uuid4().hex[:10]}"
+
+
+async def timed(n: int, fn: Callable[[], Awaitable[None]]) -> float:
+    start = time.perf_counter()
+    await fn()
+    return n / (time.perf_counter() - start)
+
+
+async def publish_rows(url: str, settings: Settings, n: int, size: int) -> list[Row]:
+    data = json.dumps(payload(size)).encode()
+    rows: list[Row] = []
+    client = pulsar.Client(url, logger=pulsar.ConsoleLogger(_pulsar.LoggerLevel.Error))
+
+    def raw() -> None:
+        p = client.create_producer(topic(), **producer_options(settings))
+        for i in range(n):
+            p.send_async(data, None, partition_key=f"k{i % 64}")
+        p.flush()
+        p.close()
+
+    start = time.perf_counter()
+    await anyio.to_thread.run_sync(raw)
+    raw_rate = n / (time.perf_counter() - start)
+    rows.append({"op": "publish", "path": "raw send_async, fire-and-forget (limit)", "msg_s": raw_rate})
+    client.close()
+
+    aclient = pulsar.asyncio.Client(url, logger=pulsar.ConsoleLogger(_pulsar.LoggerLevel.Error))
+    opts = producer_options(settings)
+    opts.pop("block_if_queue_full")
+    ap = await aclient.create_producer(topic(), **opts)
+
+    async def asyncio_send() -> None:
+        window = 500
+        for start in range(0, n, window):
+            await asyncio.gather(*(ap.send(data, partition_key=f"k{i % 64}") for i in range(start, min(n, start + window))))
+
+    rows.append({"op": "publish", "path": "pulsar.asyncio send, 500 concurrent", "msg_s": await timed(n, asyncio_send)})
+    await ap.close()
+    await aclient.close()
+
+    body = payload(size)
+    async with EventBus(settings, routers=[]) as bus:
+        t = topic()
+        await bus.publish(t, body)  # producer created outside the timing
+
+        async def bus_publish() -> None:
+            window = 1000
+            for start in range(0, n, window):
+                await asyncio.gather(*(bus.publish(t, body, key=f"k{i % 64}") for i in range(start, min(n, start + window))))
+
+        rows.append({"op": "publish", "path": "bus.publish, 1000 concurrent, each confirmed", "msg_s": await timed(n, bus_publish)})
+
+        async def bus_batch() -> None:
+            chunk = 1000
+            for start in range(0, n, chunk):
+                await bus.publish_batch(t, [body] * min(chunk, n - start))
+
+        rows.append({"op": "publish", "path": "bus.publish_batch, 1000 a call", "msg_s": await timed(n, bus_batch)})
+    for row in rows:
+        row["size"] = size
+        row["vs_raw"] = row["msg_s"] / raw_rate
+    return rows
+
+
+async def fill(url: str, settings: Settings, t: str, n: int, size: int) -> None:
+    data = json.dumps(payload(size)).encode()
+
+    def run() -> None:
+        client = pulsar.Client(url, logger=pulsar.ConsoleLogger(_pulsar.LoggerLevel.Error))
+        p = client.create_producer(t, **producer_options(settings))
+        for i in range(n):
+            p.send_async(data, None, partition_key=f"k{i % 64}", properties={"content-type": "application/json"})
+        p.flush()
+        client.close()
+
+    await anyio.to_thread.run_sync(run)
+
+
+async def consume_rows(url: str, settings: Settings, n: int, size: int) -> list[Row]:
+    rows: list[Row] = []
+    log = pulsar.ConsoleLogger(_pulsar.LoggerLevel.Error)
+
+    # Raw blocking receive + acknowledge (the limit).
+    t = topic()
+    client = pulsar.Client(url, logger=log)
+    c = client.subscribe(t, "bench", consumer_type=pulsar.ConsumerType.Shared, initial_position=pulsar.InitialPosition.Earliest)
+    await fill(url, settings, t, n, size)
+
+    def raw() -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            m = c.receive(10_000)
+            c.acknowledge(m)
+        return n / (time.perf_counter() - start)
+
+    raw_rate = await anyio.to_thread.run_sync(raw)
+    rows.append({"op": "consume", "path": "raw blocking receive+ack (limit)", "msg_s": raw_rate})
+    client.close()
+
+    t = topic()
+    aclient = pulsar.asyncio.Client(url, logger=log)
+    ac = await aclient.subscribe(t, "bench", consumer_type=pulsar.ConsumerType.Shared, initial_position=pulsar.InitialPosition.Earliest)
+    await fill(url, settings, t, n, size)
+
+    async def asyncio_consume() -> None:
+        for _ in range(n):
+            m = await ac.receive()
+            await ac.acknowledge(m)
+
+    rows.append({"op": "consume", "path": "pulsar.asyncio receive+ack", "msg_s": await timed(n, asyncio_consume)})
+    await aclient.close()
+
+    for kind, annotation in (("dict", dict), ("pydantic model", Event)):
+        for concurrency in (1, 64):
+            t = topic()
+            router = Router()
+            count = 0
+            done = anyio.Event()
+
+            async def handler(body, _n=n) -> None:  # type: ignore[no-untyped-def]
+                nonlocal count
+                count += 1
+                if count == _n:
+                    done.set()
+
+            handler.__annotations__["body"] = annotation
+            router.subscribe(t, "bench", subscription="key_shared", concurrency=concurrency, initial_position="earliest")(handler)
+            async with EventBus(settings, routers=[router]) as bus:
+                await fill(url, settings, t, n, size)
+                async with anyio.create_task_group() as tg:
+                    start = time.perf_counter()
+                    await tg.start(lambda task_status: bus.run(handle_signals=False, task_status=task_status))
+                    await done.wait()
+                    rate = n / (time.perf_counter() - start)
+                    bus.stop()
+            rows.append({
+                "op": "consume", "path": f"bus worker, {kind}, no-op handler, concurrency {concurrency}",
+                "msg_s": rate, "rss_mb": rss_mb(),
+            })
+    for row in rows:
+        row["size"] = size
+        row["vs_raw"] = row["msg_s"] / raw_rate
+    return rows
+
+
+async def latency_rows(settings: Settings, rate: float, seconds: float) -> list[Row]:
+    t = topic()
+    router = Router()
+    lat: list[float] = []
+
+    @router.subscribe(t, "bench", initial_position="earliest", concurrency=8)
+    async def handler(body: dict) -> None:
+        lat.append(time.perf_counter() - body["at"])
+
+    n = int(rate * seconds)
+    async with EventBus(settings, routers=[router]) as bus:
+        await bus.publish(t, payload(100) | {"at": time.perf_counter()})  # warm up the producer
+        async with anyio.create_task_group() as tg:
+            await tg.start(lambda task_status: bus.run(handle_signals=False, task_status=task_status))
+            start = time.perf_counter()
+            async with anyio.create_task_group() as pubs:
+                for i in range(n):
+                    due = start + i / rate
+                    delay = due - time.perf_counter()
+                    if delay > 0:
+                        await anyio.sleep(delay)
+                    pubs.start_soon(lambda i=i: bus.publish(t, {"id": "x", "seq": i, "at": time.perf_counter()}, key=f"k{i % 64}"))
+            deadline = time.perf_counter() + 30
+            while len(lat) < n + 1 and time.perf_counter() < deadline:
+                await anyio.sleep(0.05)
+            bus.stop()
+    q = statistics.quantiles(sorted(lat[1:]), n=1000)
+    return [{
+        "op": "latency", "path": f"publish->handler at {rate:.0f} msg/s", "size": 100,
+        "p50_ms": q[499] * 1000, "p99_ms": q[989] * 1000, "p999_ms": q[998] * 1000, "count": len(lat) - 1,
+    }]
+
+
+def print_table(rows: list[Row], broker: str) -> None:
+    print(f"\nbroker: {broker}")
+    print(f"{'op':8} {'size':>6}  {'path':58} {'msg/s':>10} {'vs raw':>7}  extra")
+    for r in rows:
+        if r["op"] == "latency":
+            extra = f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  p99.9 {r['p999_ms']:.2f} ms  (n={r['count']})"
+            print(f"{r['op']:8} {r['size']:>6}  {r['path']:58} {'':>10} {'':>7}  {extra}")
+        else:
+            extra = f"peak RSS {r['rss_mb']:.0f} MB" if "rss_mb" in r else ""
+            print(f"{r['op']:8} {r['size']:>6}  {r['path']:58} {r['msg_s']:>10,.0f} {r['vs_raw']:>7.2f}  {extra}")
+
+
+async def amain(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(_env_file=None, url=args.url or "", data_dir=Path(tmp))
+        async with EventBus(settings, routers=[]) as holder:  # keeps one broker up for the run
+            url = holder.url
+            broker = "embedded (pulsar-lite)" if settings.embedded else url
+            rows: list[Row] = []
+            for size in args.sizes:
+                rows += await publish_rows(url, settings, args.messages, size)
+                rows += await consume_rows(url, settings, args.messages, size)
+            rows += await latency_rows(settings, 1000, args.latency_seconds)
+            pub = max(r["msg_s"] for r in rows if r["path"].startswith("bus.publish,"))
+            rows += await latency_rows(settings, 0.8 * pub, args.latency_seconds)
+    print_table(rows, broker)
+    if args.json:
+        meta = {"broker": broker, "python": platform.python_version(), "pulsar_client": pulsar.__version__ if hasattr(pulsar, "__version__") else "", "date": time.strftime("%Y-%m-%d")}
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="", help="broker URL (default: the embedded broker)")
+    parser.add_argument("--messages", type=int, default=50_000)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 10_240])
+    parser.add_argument("--latency-seconds", type=float, default=5.0)
+    parser.add_argument("--json", default="bench/results.json")
+    asyncio.run(amain(parser.parse_args()))
