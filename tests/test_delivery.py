@@ -325,3 +325,29 @@ async def test_a_redelivered_copy_of_a_message_in_flight_or_acked_runs_once(sett
         await bus.publish(topic, 2)
         await eventually(lambda: 2 in calls)
     assert calls == [1, 2]
+
+
+async def test_in_flight_work_is_bounded_by_max_in_flight(settings: Settings, topic: str) -> None:
+    router = Router()
+    release = anyio.Event()
+    handled: list[int] = []
+
+    @router.subscribe(topic, "g", subscription="shared", concurrency=4, initial_position="earliest")
+    async def slow(n: int) -> None:
+        await release.wait()
+        handled.append(n)
+
+    bounded = settings.model_copy(update={"consumer_max_in_flight": 20})
+    async with EventBus(bounded, routers=[router]) as bus, running(bus):
+        await bus.publish_batch(topic, range(200))
+        runner = bus._runners[0]
+        await eventually(lambda: runner.in_flight == 20, what="the receiver to fill up to the bound")
+        peak = 0
+        with anyio.move_on_after(0.5):  # a window in which an unbounded receiver would take all 200
+            while True:
+                peak = max(peak, runner.in_flight)
+                await anyio.sleep(0.01)
+        assert peak == 20
+        release.set()
+        await eventually(lambda: len(handled) == 200, what="every message once the handlers are released")
+    assert sorted(handled) == list(range(200))
