@@ -17,12 +17,13 @@ or run a module's handlers in a worker: ``python -m eventbus run handlers``.
 
 from .bus import EventBus
 from .codec import DecodeError
-from .errors import BrokerUnavailable, ConfigError, EventBusError, PublishBatchError, PublishError
+from .errors import AuthenticationFailed, BrokerUnavailable, ConfigError, EventBusError, PublishBatchError, PublishError
 from .message import Message, MessageId
 from .registry import Router, Subscription, default_router, subscribe
 from .settings import Settings
 
 __all__ = [
+    "AuthenticationFailed",
     "BrokerUnavailable",
     "ConfigError",
     "DecodeError",

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
+import ssl
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -20,7 +22,8 @@ import pulsar.asyncio
 from .bridge import LoopBridge
 from .codec import encode
 from .embedded import EmbeddedBroker
-from .errors import PULSAR_ERRORS, BrokerUnavailable, ConfigError, PublishBatchError
+from .errors import PULSAR_ERRORS, AuthenticationFailed, BrokerUnavailable, ConfigError, PublishBatchError
+from .handshake import HandshakeRejected, handshake
 from .message import MessageId
 from .producers import TopicProducer, build_message, create_producer
 from .registry import Router, Subscription, default_router
@@ -76,7 +79,7 @@ class EventBus:
             self.url = self._broker.url
         else:
             self.url = settings.url
-            await _check_reachable(self.url, settings.connection_timeout_ms / 1000)
+            await _check_broker(self.url, token, settings)
         pulsar_log = logging.getLogger("eventbus.pulsar")
         options: dict[str, Any] = dict(
             operation_timeout_seconds=settings.operation_timeout_seconds,
@@ -102,12 +105,15 @@ class EventBus:
                 await producer.close()
             except Exception as exc:
                 log.warning("closing producer: %s", exc)
+        self._runners = []
         if self._client is not None:
             client, self._client = self._client, None
             try:
                 await client.close()
             except Exception as exc:
                 log.warning("closing client: %s", exc)
+            del client
+            gc.collect()  # release the client's objects here, not in interpreter teardown
         if self._broker is not None:
             broker, self._broker = self._broker, None
             await anyio.to_thread.run_sync(broker.release)
@@ -332,14 +338,28 @@ def _broker_error(what: str, exc: BaseException) -> BrokerUnavailable:
     return BrokerUnavailable(f"{what}: {text}")
 
 
-async def _check_reachable(url: str, timeout: float) -> None:
+async def _check_broker(url: str, token: str | None, settings: Settings) -> None:
+    """Reach the broker and shake hands before the client would retry blindly for 30 s."""
+    tls = None
+    if url.startswith("pulsar+ssl://"):
+        cafile = str(settings.tls_trust_certs_file) if settings.tls_trust_certs_file else None
+        tls = ssl.create_default_context(cafile=cafile)
+        tls.check_hostname = settings.tls_validate_hostname
     errors = []
     for host, port in broker_addresses(url):
         try:
-            with anyio.fail_after(timeout):
-                stream = await anyio.connect_tcp(host, port)
-            await stream.aclose()
+            await handshake(host, port, token, tls, settings.connection_timeout_ms / 1000)
             return
-        except (OSError, TimeoutError) as exc:
-            errors.append(f"{host}:{port} ({exc.strerror if isinstance(exc, OSError) and exc.strerror else 'timed out'})")
+        except HandshakeRejected as exc:
+            if exc.error == "AuthenticationError":
+                raise AuthenticationFailed(
+                    f"the broker at {host}:{port} rejected authentication "
+                    + ("(AuthenticationError): check EVENTBUS_TOKEN" if token else "(AuthenticationError): it needs a token, set EVENTBUS_TOKEN")
+                ) from None
+            errors.append(f"{host}:{port} ({exc})")
+        except ssl.SSLError as exc:
+            errors.append(f"{host}:{port} (TLS: {exc.reason or exc}; check EVENTBUS_TLS_TRUST_CERTS_FILE)")
+        except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            errors.append(f"{host}:{port} ({reason})")
     raise BrokerUnavailable(f"cannot reach the broker at {', '.join(errors)}: is it running, and is EVENTBUS_URL right?")

@@ -142,7 +142,10 @@ class SubscriptionRunner:
             await self._wrapper.close()
         except Exception as exc:
             log.warning("closing consumer %s/%s: %s", self.topic, self.sub.group, exc)
-        self._wrapper = None
+        # Drop every client object now: destroyed later, during interpreter
+        # teardown, they can abort the process from the client's C++ side.
+        self._wrapper = self._consumer = None
+        self._lanes.clear()
 
     # -- receiving (a thread of its own: the client's receive blocks) -----------
 

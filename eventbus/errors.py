@@ -23,6 +23,10 @@ class BrokerUnavailable(EventBusError):
     """The broker could not be reached or refused us; the CLI exits 1."""
 
 
+class AuthenticationFailed(ConfigError):
+    """The broker rejected the token (or wants one); the CLI exits 2."""
+
+
 class PublishError(EventBusError):
     """The broker did not confirm a message; it may or may not have been stored."""
 

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -13,6 +16,52 @@ from eventbus import EventBus, Settings
 from eventbus.embedded import EmbeddedBroker
 
 
+ROOT = Path(__file__).resolve().parent.parent
+BROKERS = ("embedded", "pulsar")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--brokers",
+        default=os.environ.get("EVENTBUS_TEST_BROKERS", ",".join(BROKERS)),
+        help="comma-separated brokers to run the integration suite on: embedded, pulsar (default: both)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "pulsar: needs real Apache Pulsar (token auth, admin API)")
+
+
+@pytest.fixture(scope="session")
+def pulsar(request: pytest.FixtureRequest) -> Iterator[dict]:
+    """Real Apache Pulsar standalone, started once per session by scripts/pulsar-standalone."""
+    if "pulsar" not in request.config.getoption("--brokers").split(","):
+        pytest.skip("real Apache Pulsar not selected (--brokers)")
+    script = ROOT / "scripts" / "pulsar-standalone"
+    status = subprocess.run([sys.executable, str(script), "status"], capture_output=True, text=True)
+    started_here = status.returncode != 0
+    if started_here:
+        result = subprocess.run([sys.executable, str(script), "start"], capture_output=True, text=True)
+        if result.returncode != 0:
+            reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            if os.environ.get("CI"):
+                pytest.fail(f"real Apache Pulsar did not start in CI: {result.stderr[-3000:]}", pytrace=False)
+            pytest.skip(f"real Apache Pulsar not available here ({reason}); the embedded broker still ran")
+    state_file = Path(os.environ.get("EVENTBUS_PULSAR_RUN_DIR", "/tmp/eventbus-pulsar")) / "state.json"
+    state = json.loads(state_file.read_text())
+    state["script"] = str(script)
+    yield state
+    if started_here:
+        subprocess.run([sys.executable, str(script), "stop"], capture_output=True)
+
+
+@pytest.fixture(params=BROKERS)
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    if request.param not in request.config.getoption("--brokers").split(","):
+        pytest.skip(f"{request.param} not selected (--brokers)")
+    return str(request.param)
+
+
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
     """The embedded broker, started once for the whole test session."""
@@ -22,8 +71,14 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
 
 
 @pytest.fixture
-def settings(broker: EmbeddedBroker) -> Settings:
+def settings(broker_kind: str, request: pytest.FixtureRequest) -> Settings:
+    if broker_kind == "pulsar":
+        pulsar = request.getfixturevalue("pulsar")
+        return Settings(
+            _env_file=None, url=pulsar["service_url"], token=pulsar["client_token"], shutdown_drain_timeout=10
+        )
     # The embedded mode itself, joining the session's broker through its data dir.
+    broker = request.getfixturevalue("broker")
     return Settings(_env_file=None, data_dir=broker.data_dir, shutdown_drain_timeout=10)
 
 
@@ -33,10 +88,22 @@ def topic() -> str:
 
 
 @pytest.fixture
-def subprocess_env(broker: EmbeddedBroker, tmp_path: Path) -> dict[str, str]:
+def base_env() -> dict[str, str]:
+    """The environment for a child process, without any eventbus settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EVENTBUS_", "MQ_NAME_SERVER", "PULSAR_JWT"))}
-    env["EVENTBUS_DATA_DIR"] = str(broker.data_dir)
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+@pytest.fixture
+def subprocess_env(base_env: dict[str, str], settings: Settings) -> dict[str, str]:
+    """A child process's environment that reaches the same broker as `settings`."""
+    env = dict(base_env)
+    if settings.embedded:
+        env["EVENTBUS_DATA_DIR"] = str(settings.data_dir)
+    else:
+        env["EVENTBUS_URL"] = settings.url
+        env["EVENTBUS_TOKEN"] = settings.jwt() or ""
     return env
 
 

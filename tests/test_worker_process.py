@@ -155,9 +155,9 @@ def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
     ids=["import", "bad-option", "url-scheme", "url-port", "bad-number", "unreachable", "bad-json"],
 )
 def test_cli_errors_are_one_line_with_exit_code(
-    subprocess_env: dict[str, str], extra_env: dict[str, str], args: list[str], code: int, words: str
+    base_env: dict[str, str], tmp_path: Path, extra_env: dict[str, str], args: list[str], code: int, words: str
 ) -> None:
-    result = cli({**subprocess_env, **extra_env}, *args)
+    result = cli({**base_env, "EVENTBUS_DATA_DIR": str(tmp_path / "embedded"), **extra_env}, *args)
     assert result.returncode == code, result.stderr
     assert words in one_line_error(result)
 
@@ -177,12 +177,9 @@ async def test_cli_publish_reaches_a_handler(settings: Settings, topic: str, sub
     assert seen == [{"id": 1}]
 
 
-async def test_a_second_process_joins_the_embedded_broker(
-    subprocess_env: dict[str, str], topic: str, tmp_path: Path
-) -> None:
+async def test_a_second_process_joins_the_embedded_broker(base_env: dict[str, str], topic: str, tmp_path: Path) -> None:
     data_dir = tmp_path / "embedded"
-    env = {k: v for k, v in subprocess_env.items() if k != "EVENTBUS_URL"}
-    env["EVENTBUS_DATA_DIR"] = str(data_dir)
+    env = {**base_env, "EVENTBUS_DATA_DIR": str(data_dir)}
     seen: list[dict] = []
     router = Router()
     router.subscribe(topic, "g", initial_position="earliest")(lambda body, msg=None: seen.append(body))

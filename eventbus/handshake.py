@@ -1,0 +1,104 @@
+"""A Pulsar protocol handshake, to tell "wrong token" from "no broker" at once.
+
+The C++ client treats a rejected CONNECT as a connection error and retries
+until the operation timeout, then reports only "Timeout". One CONNECT of our
+own, before the client starts, turns that into a clear error in milliseconds.
+Only the few fields of PulsarApi.proto that a handshake needs are encoded here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import struct
+
+_CONNECT, _CONNECTED, _ERROR = 2, 3, 14
+_PROTOCOL_VERSION = 19
+_SERVER_ERRORS = {3: "AuthenticationError", 4: "AuthorizationError", 17: "ServiceNotReady", 19: "TooManyRequests"}
+
+
+class HandshakeRejected(Exception):
+    def __init__(self, error: str, message: str) -> None:
+        super().__init__(f"{error}: {message}" if message else error)
+        self.error = error
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _field(number: int, value: int | bytes) -> bytes:
+    if isinstance(value, int):
+        return _varint(number << 3) + _varint(value)
+    return _varint(number << 3 | 2) + _varint(len(value)) + value
+
+
+def _fields(data: bytes) -> dict[int, int | bytes]:
+    out: dict[int, int | bytes] = {}
+    pos = 0
+    while pos < len(data):
+        key, pos = _read_varint(data, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _read_varint(data, pos)
+            out[number] = value
+        elif wire == 2:
+            length, pos = _read_varint(data, pos)
+            out[number] = data[pos : pos + length]
+            pos += length
+        else:  # no other wire types occur in these two commands
+            break
+    return out
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    shift = value = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
+def connect_frame(token: str | None) -> bytes:
+    connect = _field(1, b"eventbus-handshake") + _field(4, _PROTOCOL_VERSION)
+    if token:
+        connect += _field(5, b"token") + _field(3, token.encode())
+    command = _field(1, _CONNECT) + _field(2, connect)
+    return struct.pack(">II", len(command) + 4, len(command)) + command
+
+
+async def handshake(host: str, port: int, token: str | None, tls: ssl.SSLContext | None, timeout: float) -> None:
+    """CONNECT and read the answer; raises HandshakeRejected, OSError or TimeoutError."""
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(host, port, ssl=tls, server_hostname=host if tls else None)
+        try:
+            writer.write(connect_frame(token))
+            await writer.drain()
+            total, size = struct.unpack(">II", await reader.readexactly(8))
+            command = _fields(await reader.readexactly(size))
+            await reader.readexactly(total - 4 - size)
+        finally:
+            writer.close()
+    kind = command.get(1)
+    if kind == _CONNECTED:
+        return
+    if kind == _ERROR and isinstance(command.get(14), bytes):
+        error = _fields(command[14])  # type: ignore[arg-type]
+        code = error.get(2, 0)
+        message = error.get(3, b"")
+        raise HandshakeRejected(
+            _SERVER_ERRORS.get(code, f"ServerError {code}"),  # type: ignore[arg-type]
+            message.decode(errors="replace") if isinstance(message, bytes) else "",
+        )
+    raise HandshakeRejected("UnexpectedResponse", f"command type {kind}")
