@@ -129,17 +129,24 @@ class EventBus:
         properties: Mapping[str, str] | None = None,
         deliver_after: timedelta | float | None = None,
         event_time: datetime | int | None = None,
+        sequence_id: int | None = None,
     ) -> MessageId:
         """Publish one event; returns its id once the broker has stored it.
 
         >>> await bus.publish("orders", {"id": "o-1"}, key="o-1")
+
+        `deliver_after` (seconds or a timedelta) holds the message back on Apache
+        Pulsar's shared and key_shared subscriptions. `sequence_id`, with a stable
+        `EVENTBUS_PRODUCER_NAME` and deduplication on the namespace, makes a resend
+        of the same id a no-op at the broker.
 
         Raises `TypeError` before sending when the payload cannot be encoded,
         and `PublishError` when the broker did not confirm it.
         """
         data, content_type = encode(payload)
         message = build_message(
-            data, content_type, key=key, properties=properties, deliver_after=deliver_after, event_time=event_time
+            data, content_type, key=key, properties=properties, deliver_after=deliver_after, event_time=event_time,
+            sequence_id=sequence_id,
         )
         producer = await self._producer(topic)
         return await producer.send(message)

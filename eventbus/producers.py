@@ -125,6 +125,8 @@ async def create_producer(
         max_pending_messages=settings.producer_max_pending_messages,
         block_if_queue_full=False,
     )
+    if settings.producer_name:
+        options["producer_name"] = settings.producer_name
     options.update(overrides)
     producer = await client.create_producer(topic, **options)
     return TopicProducer(topic, producer, bridge, settings.producer_max_pending_messages)

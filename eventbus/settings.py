@@ -120,6 +120,10 @@ class Settings(BaseSettings):
     producer_compression: Literal["none", "lz4", "zlib", "zstd", "snappy"] = "lz4"
     producer_send_timeout_ms: int = Field(default=30_000, ge=0)
     producer_max_pending_messages: int = Field(default=10_000, ge=1)
+    producer_name: str | None = Field(
+        default=None,
+        description="A stable producer name: with broker deduplication on, a resent sequence id is stored once.",
+    )
 
     consumer_receiver_queue_size: int = Field(default=1000, ge=1)
     consumer_max_in_flight: int = Field(

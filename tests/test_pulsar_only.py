@@ -1,0 +1,159 @@
+"""What only real Apache Pulsar can show: auth, delayed delivery, deduplication, partitions, tenants."""
+
+from __future__ import annotations
+
+import collections
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import anyio
+import pytest
+
+from eventbus import AuthenticationFailed, EventBus, Message, Router, Settings
+
+from .conftest import eventually, running
+from .pulsar_admin import admin
+
+pytestmark = pytest.mark.pulsar
+
+
+@pytest.fixture
+def psettings(pulsar: dict) -> Settings:
+    return Settings(_env_file=None, url=pulsar["service_url"], token=pulsar["client_token"], shutdown_drain_timeout=10)
+
+
+async def test_a_valid_token_publishes_and_consumes(psettings: Settings, topic: str) -> None:
+    got: list[dict] = []
+    router = Router()
+    router.subscribe(topic, "g", initial_position="earliest")(lambda body, msg=None: got.append(body))
+    async with EventBus(psettings, routers=[router]) as bus, running(bus):
+        await bus.publish(topic, {"hello": "pulsar"})
+        await eventually(lambda: got)
+    assert got == [{"hello": "pulsar"}]
+
+
+@pytest.mark.parametrize("token", [None, "wrong"], ids=["no-token", "wrong-token"])
+def test_missing_or_wrong_token_fails_at_once_naming_authentication(
+    pulsar: dict, base_env: dict[str, str], token: str | None
+) -> None:
+    env = {**base_env, "EVENTBUS_URL": pulsar["service_url"]}
+    if token == "wrong":
+        # Signed with another key: well-formed, and still refused.
+        token = pulsar["client_token"][:-6] + "AAAAAA"
+        env["EVENTBUS_TOKEN"] = token
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "eventbus", "publish", "auth-check", "1"], env=env, capture_output=True, text=True, timeout=60
+    )
+    elapsed = time.monotonic() - start
+    assert result.returncode == 2, result.stderr
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "authentication" in err.lower() and "EVENTBUS_TOKEN" in err
+    assert elapsed < 10, f"took {elapsed:.1f}s: it must not wait for the client's 30 s operation timeout"
+    if token:
+        assert token not in err and token.rsplit(".", 1)[-1] not in err
+
+
+async def test_wrong_token_in_process_raises_without_the_token(pulsar: dict) -> None:
+    token = pulsar["client_token"][:-6] + "BBBBBB"
+    settings = Settings(_env_file=None, url=pulsar["service_url"], token=token)
+    with pytest.raises(AuthenticationFailed, match="rejected authentication") as caught:
+        async with EventBus(settings, routers=[]):
+            pass
+    assert token not in str(caught.value) and token not in repr(caught.value)
+
+
+async def test_delayed_delivery_arrives_no_earlier_than_asked(psettings: Settings, topic: str) -> None:
+    arrivals: dict[str, float] = {}
+    router = Router()
+
+    @router.subscribe(topic, "g", subscription="shared", initial_position="earliest")
+    async def h(body: dict) -> None:
+        arrivals[body["name"]] = time.time()
+
+    async with EventBus(psettings, routers=[router]) as bus, running(bus):
+        sent = time.time()
+        await bus.publish(topic, {"name": "delayed"}, deliver_after=2.0)
+        await bus.publish(topic, {"name": "now"})
+        await eventually(lambda: "delayed" in arrivals, timeout=30)
+    assert arrivals["now"] < arrivals["delayed"], "the undelayed message, sent later, comes first"
+    # Pulsar delivers no earlier than asked; its tick (1 s by default) may only make it later.
+    assert arrivals["delayed"] - sent >= 2.0 - 0.05
+
+
+async def test_deduplication_stores_a_resent_sequence_id_once(pulsar: dict, topic: str) -> None:
+    settings = Settings(
+        _env_file=None, url=pulsar["service_url"], token=pulsar["client_token"], namespace="dedup",
+        producer_name=f"dedup-{uuid.uuid4().hex[:8]}",
+    )
+    got: list[int] = []
+    router = Router()
+    router.subscribe(topic, "g", initial_position="earliest")(got.append)
+    async with EventBus(settings, routers=[]) as first:
+        await first.publish(topic, 1, sequence_id=1)
+        await first.publish(topic, 2, sequence_id=2)
+    # A new producer with the same name resends 2 (as after a crash before its receipt), then 3.
+    async with EventBus(settings, routers=[router]) as second, running(second):
+        await second.publish(topic, 2, sequence_id=2)
+        await second.publish(topic, 3, sequence_id=3)
+        await eventually(lambda: 3 in got)
+    assert got == [1, 2, 3]
+
+
+@pytest.mark.parametrize("kind", ["key_shared", "failover"])
+async def test_partitioned_topic_keeps_key_order_and_handles_each_message_once(
+    pulsar: dict, psettings: Settings, topic: str, kind: str
+) -> None:
+    admin(pulsar, "PUT", f"/admin/v2/persistent/public/default/{topic}/partitions", 4)
+    handled: list[tuple[str, int, int]] = []
+
+    def router_for(worker: int) -> Router:
+        router = Router()
+
+        @router.subscribe(topic, "g", subscription=kind, concurrency=4, initial_position="earliest")
+        async def h(body: dict, msg: Message) -> None:
+            await anyio.sleep(0.001 * (body["seq"] % 3))
+            handled.append((body["key"], body["seq"], worker))
+
+        return router
+
+    keys = [f"key-{i}" for i in range(8)]
+    per_key = 30
+    async with EventBus(psettings, routers=[router_for(1)]) as w1, running(w1):
+        async with EventBus(psettings, routers=[router_for(2)]) as w2, running(w2):
+            for seq in range(per_key):
+                for k in keys:
+                    await w1.publish(topic, {"key": k, "seq": seq}, key=k)
+            await eventually(lambda: len(handled) >= len(keys) * per_key, timeout=60)
+    per: dict[str, list[int]] = collections.defaultdict(list)
+    for key, seq, _ in handled:
+        per[key].append(seq)
+    for key in keys:
+        assert per[key] == list(range(per_key)), f"{key}: {per[key]}"
+    assert len(handled) == len(keys) * per_key, "each message handled once in the group"
+    assert {w for *_, w in handled} == {1, 2}, "both consumers took part"
+
+
+async def test_tenant_and_namespace_settings_route_short_topic_names(pulsar: dict) -> None:
+    tenant = f"acme-{uuid.uuid4().hex[:6]}"
+    admin(pulsar, "PUT", f"/admin/v2/tenants/{tenant}", {"adminRoles": ["admin"], "allowedClusters": ["standalone"]})
+    admin(pulsar, "PUT", f"/admin/v2/namespaces/{tenant}/orders")
+    settings = Settings(
+        _env_file=None, url=pulsar["service_url"], token=pulsar["client_token"], tenant=tenant, namespace="orders"
+    )
+    seen: list[Message] = []
+    router = Router()
+
+    @router.subscribe("invoices", "billing", initial_position="earliest")
+    async def h(body: dict, msg: Message) -> None:
+        seen.append(msg)
+
+    async with EventBus(settings, routers=[router]) as bus, running(bus):
+        await bus.publish("invoices", {"n": 1})
+        await eventually(lambda: seen)
+    assert seen[0].topic == f"persistent://{tenant}/orders/invoices"
+    assert f"persistent://{tenant}/orders/invoices" in admin(pulsar, "GET", f"/admin/v2/persistent/{tenant}/orders")
