@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 from pathlib import Path
 
 import yaml
@@ -40,10 +42,20 @@ def test_env_example_values_are_valid_settings(monkeypatch, tmp_path) -> None:
     assert settings.url == "pulsar://localhost:6650"
 
 
-def test_compose_runs_pulsar_3_0_with_health_check_and_volume() -> None:
+def standalone_script():  # type: ignore[no-untyped-def]
+    path = ROOT / "scripts" / "pulsar-standalone"
+    loader = importlib.machinery.SourceFileLoader("pulsar_standalone", str(path))
+    spec = importlib.util.spec_from_loader("pulsar_standalone", loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def test_compose_runs_the_pulsar_the_tests_run_with_health_check_and_volume() -> None:
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     pulsar = compose["services"]["pulsar"]
-    assert pulsar["image"].startswith("apachepulsar/pulsar:3.0.")
+    assert pulsar["image"] == f"apachepulsar/pulsar:{standalone_script().PULSAR_VERSION}"
+    assert "--no-functions-worker" in pulsar["command"] and "--no-stream-storage" in pulsar["command"]
     assert "/admin/v2/clusters" in " ".join(pulsar["healthcheck"]["test"])
     assert any(v.endswith(":/pulsar/data") for v in pulsar["volumes"])
     assert "6650:6650" in pulsar["ports"]
@@ -60,3 +72,16 @@ def test_compose_worker_uses_known_settings_pointing_at_the_pulsar_service() -> 
     assert worker["depends_on"]["pulsar"]["condition"] == "service_healthy"
     # The worker gets longer than its drain timeout to stop before compose kills it.
     assert float(worker["stop_grace_period"].rstrip("s")) > float(env["EVENTBUS_SHUTDOWN_DRAIN_TIMEOUT"])
+
+
+def test_compose_auth_opt_in_sets_what_the_test_broker_sets(tmp_path) -> None:
+    script = standalone_script()
+    st = {"broker_port": 1, "web_port": 2, "admin_token": "x"}
+    script.RUN_DIR = tmp_path
+    conf = dict(line.split("=", 1) for line in script.write_conf(st).read_text().splitlines() if line)
+    tested = {k for k in conf if "uth" in k or k in ("tokenSecretKey", "superUserRoles")}
+    auth = yaml.safe_load((ROOT / "compose.auth.yaml").read_text())["services"]
+    assert set(auth["pulsar"]["environment"]) == tested
+    assert auth["pulsar"]["environment"]["superUserRoles"] == conf["superUserRoles"]
+    assert "Authorization: Bearer" in " ".join(auth["pulsar"]["healthcheck"]["test"])
+    assert set(auth["worker"]["environment"]) <= setting_env_names()
