@@ -52,6 +52,8 @@ class EventBus:
         self._stop = asyncio.Event()
         self._runners: list[Any] = []
         self.url = ""
+        #: What the broker calls itself in the protocol handshake ("Pulsar-Lite-..." for the embedded one).
+        self.server_version = ""
 
     def __repr__(self) -> str:
         where = self.url or ("embedded" if self.settings.embedded else self.settings.url)
@@ -79,7 +81,7 @@ class EventBus:
             self.url = self._broker.url
         else:
             self.url = settings.url
-            await _check_broker(self.url, token, settings)
+        self.server_version = await _check_broker(self.url, token, settings)
         pulsar_log = logging.getLogger("eventbus.pulsar")
         options: dict[str, Any] = dict(
             operation_timeout_seconds=settings.operation_timeout_seconds,
@@ -241,6 +243,11 @@ class EventBus:
                 out.append((full, sub))
         return out
 
+    @property
+    def lite_broker(self) -> bool:
+        """True on pulsar-lite (the embedded broker), whose gaps the bus works around."""
+        return self.server_version.startswith("Pulsar-Lite")
+
     def stop(self) -> None:
         """Ask `run()` to stop: no new messages; in-flight handlers finish and are acknowledged."""
         self._stop.set()
@@ -279,13 +286,14 @@ class EventBus:
                 try:
                     await runner.subscribe()
                 except PULSAR_ERRORS as exc:
-                    raise _broker_error(f"cannot subscribe {runner.sub.group!r} to {runner.topic}", exc) from None
-                sub = runner.sub
-                kind = sub.subscription if runner.kind == sub.subscription else f"{runner.kind} (embedded broker)"
-                log.info(
-                    "subscribed %s group=%s type=%s concurrency=%d -> %s",
-                    runner.topic, sub.group, kind, sub.concurrency, sub.name,
-                )
+                    if not _transient(exc):
+                        raise _broker_error(f"cannot subscribe {runner.sub.group!r} to {runner.topic}", exc) from None
+                    # The broker is there (the handshake said so) but busy, restarting, or
+                    # holding the subscription for another consumer: keep trying in run().
+                    log.warning(
+                        "cannot subscribe %s group=%s yet (%s): retrying until it works or the worker stops",
+                        runner.topic, runner.sub.group, exc,
+                    )
             task_status.started()
             async with anyio.create_task_group() as tg:
                 done = [anyio.Event() for _ in runners]
@@ -336,6 +344,14 @@ async def _run_then_set(runner: Any, finished: anyio.Event) -> None:
         finished.set()
 
 
+_FINAL = ("Authentication", "Authorization", "InvalidTopicName", "InvalidConfiguration", "NotAllowed", "InvalidUrl")
+
+
+def _transient(exc: BaseException) -> bool:
+    """Errors that waiting can cure (timeouts, a busy or restarting broker), not configuration."""
+    return not any(word in str(exc) for word in _FINAL)
+
+
 def _broker_error(what: str, exc: BaseException) -> BrokerUnavailable:
     text = str(exc)
     if "Authentication" in text or "AuthenticationError" in text:
@@ -345,7 +361,7 @@ def _broker_error(what: str, exc: BaseException) -> BrokerUnavailable:
     return BrokerUnavailable(f"{what}: {text}")
 
 
-async def _check_broker(url: str, token: str | None, settings: Settings) -> None:
+async def _check_broker(url: str, token: str | None, settings: Settings) -> str:
     """Reach the broker and shake hands before the client would retry blindly for 30 s."""
     tls = None
     if url.startswith("pulsar+ssl://"):
@@ -355,8 +371,7 @@ async def _check_broker(url: str, token: str | None, settings: Settings) -> None
     errors = []
     for host, port in broker_addresses(url):
         try:
-            await handshake(host, port, token, tls, settings.connection_timeout_ms / 1000)
-            return
+            return await handshake(host, port, token, tls, settings.connection_timeout_ms / 1000)
         except HandshakeRejected as exc:
             if exc.error == "AuthenticationError":
                 raise AuthenticationFailed(

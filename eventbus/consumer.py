@@ -18,6 +18,7 @@ import anyio
 import pulsar
 
 from .codec import DecodeError
+from .errors import PULSAR_ERRORS
 from .message import Message, from_millis
 from .registry import Subscription
 
@@ -88,12 +89,26 @@ class SubscriptionRunner:
     @property
     def kind(self) -> str:
         """The subscription type asked of the broker."""
-        if self.sub.subscription == "key_shared" and self.bus.settings.embedded:
+        if self.sub.subscription == "key_shared" and self.bus.lite_broker:
             # pulsar-lite 0.2 strands a key's messages when a key_shared consumer
-            # leaves (they are never redelivered); failover keeps every
-            # guarantee at the price of one active consumer per subscription.
+            # leaves (they are never redelivered) and rejects a second process's
+            # consumer; failover keeps every guarantee at the price of one
+            # active consumer per subscription.
             return "failover"
         return self.sub.subscription
+
+    async def _subscribe_until_stopped(self) -> bool:
+        delay = 1.0
+        while not self._stopping.is_set():
+            try:
+                await self.subscribe()
+                return True
+            except PULSAR_ERRORS as exc:
+                log.warning("still cannot subscribe %s group=%s (%s); next try in %.0fs", self.topic, self.sub.group, exc, delay)
+            if await self._sleep_unless_stopped(delay):
+                break
+            delay = min(delay * 2, 30.0)
+        return False
 
     async def subscribe(self) -> None:
         settings = self.bus.settings
@@ -109,10 +124,16 @@ class SubscriptionRunner:
             # batch ack for the whole batch, which loses its other messages.
         )
         self._consumer = self._wrapper._consumer
+        sub = self.sub
+        kind = sub.subscription if self.kind == sub.subscription else f"{self.kind} (on {self.bus.server_version})"
+        log.info(
+            "subscribed %s group=%s type=%s concurrency=%d -> %s", self.topic, sub.group, kind, sub.concurrency, sub.name
+        )
 
     async def run(self) -> None:
         """Consume until `stop()`; then finish in-flight handlers and close the consumer."""
-        assert self._consumer is not None
+        if self._consumer is None and not await self._subscribe_until_stopped():
+            return
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._receive)

@@ -132,8 +132,8 @@ def _read_state(data_dir: Path) -> dict | None:
         return None
 
 
-def _start(data_dir: Path, timeout: float) -> tuple[str, int]:
-    port = _free_port()
+def _start(data_dir: Path, timeout: float, port: int | None = None) -> tuple[str, int]:
+    port = port or _free_port()
     log_path = data_dir / "broker.log"
     config = data_dir / "pulsar-lite.toml"
     # Its metrics server wants a fixed port; a second broker on the machine would fail to bind it.

@@ -78,8 +78,8 @@ def connect_frame(token: str | None) -> bytes:
     return struct.pack(">II", len(command) + 4, len(command)) + command
 
 
-async def handshake(host: str, port: int, token: str | None, tls: ssl.SSLContext | None, timeout: float) -> None:
-    """CONNECT and read the answer; raises HandshakeRejected, OSError or TimeoutError."""
+async def handshake(host: str, port: int, token: str | None, tls: ssl.SSLContext | None, timeout: float) -> str:
+    """CONNECT and read the answer: the server's version, or HandshakeRejected, OSError, TimeoutError."""
     async with asyncio.timeout(timeout):
         reader, writer = await asyncio.open_connection(host, port, ssl=tls, server_hostname=host if tls else None)
         try:
@@ -91,8 +91,9 @@ async def handshake(host: str, port: int, token: str | None, tls: ssl.SSLContext
         finally:
             writer.close()
     kind = command.get(1)
-    if kind == _CONNECTED:
-        return
+    if kind == _CONNECTED and isinstance(command.get(3), bytes):
+        version = _fields(command[3]).get(1, b"")  # type: ignore[arg-type]
+        return version.decode(errors="replace") if isinstance(version, bytes) else ""
     if kind == _ERROR and isinstance(command.get(14), bytes):
         error = _fields(command[14])  # type: ignore[arg-type]
         code = error.get(2, 0)

@@ -1,0 +1,359 @@
+"""A chaos run against a real broker: nothing confirmed is lost, per-key order holds.
+
+    python -m tests.chaos --seconds 60 --broker embedded --seed 1
+    python -m tests.chaos --seconds 600 --broker pulsar --seed 7      # a long run
+
+Publisher processes publish numbered messages over many keys and record every
+confirmed publish; worker processes (`python -m eventbus run tests.chaos_app`,
+one group, key_shared) record every handling durably. On a seeded schedule the
+run SIGKILLs and SIGTERMs workers (starting replacements) and restarts the
+broker; some messages fail once (retried), a few always (dead-lettered), and
+poison payloads are published. Then it drains and checks: every confirmed
+publish was handled or dead-lettered, no key's message was first handled
+before an earlier one of that key, every poison payload was dead-lettered, and
+no worker died but by an injected signal. Exit 1 on any of those.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+
+from eventbus import EventBus, Message, PublishError, Router, Settings
+from eventbus.embedded import _start as start_embedded
+from eventbus.embedded import _stop as stop_embedded
+
+ROOT = Path(__file__).resolve().parent.parent
+POISON = {
+    "invalid-json": b'{"pub": 1, "key": ',
+    "wrong-schema": b'{"pub": "one", "colour": "blue"}',
+    "empty": b"",
+    "non-utf8": b"\xff\xfe\xfa not text",
+    "large": None,  # random bytes, made when sent: 4 MB (1 MB on the embedded broker, see README)
+}
+
+
+# -- the publisher process ------------------------------------------------------------
+
+
+async def publisher(pub: int, seconds: float, keys: int, rate: float, seed: int, out: Path) -> None:
+    rng = random.Random(seed * 1000 + pub)
+    topic = os.environ["CHAOS_TOPIC"]
+    confirmed = open(out / f"confirmed-{pub}.log", "a")
+    failed = open(out / f"failed-{pub}.log", "a")
+    deadline = time.monotonic() + seconds
+    async with EventBus(Settings(), routers=[]) as bus:
+
+        async def one_key(k: int) -> None:
+            key = f"p{pub}-k{k}"
+            seq = 0
+            while time.monotonic() < deadline:
+                seq += 1
+                roll = rng.random()
+                kind = "always" if roll < 0.005 else "transient" if roll < 0.10 else "ok"
+                try:
+                    await bus.publish(topic, {"pub": pub, "key": key, "seq": seq, "kind": kind}, key=key)
+                    confirmed.write(f"{pub} {key} {seq} {kind}\n")
+                    confirmed.flush()
+                except PublishError as exc:
+                    failed.write(f"{pub} {key} {seq} {kind} {exc}\n")
+                    failed.flush()
+                await anyio.sleep(keys / rate)
+
+        async def poison() -> None:
+            for name, data in POISON.items():
+                await anyio.sleep(rng.uniform(0, seconds / len(POISON) / 2))
+                big = 4 if os.environ.get("CHAOS_BROKER") == "pulsar" else 1
+                body = os.urandom(big * 1024 * 1024) if data is None else data
+                try:
+                    await bus._send_raw(topic, body, key=f"p{pub}-poison", properties={"poison": f"{pub}-{name}"})
+                    confirmed.write(f"{pub} poison {name} poison\n")
+                    confirmed.flush()
+                except PublishError as exc:
+                    failed.write(f"{pub} poison {name} poison {exc}\n")
+                    failed.flush()
+
+        async with anyio.create_task_group() as tg:
+            for k in range(keys):
+                tg.start_soon(one_key, k)
+            tg.start_soon(poison)
+
+
+# -- the harness ----------------------------------------------------------------------
+
+
+@dataclass
+class Broker:
+    kind: str
+    workdir: Path
+    url: str = ""
+    token: str = ""
+    pid: int = 0
+    port: int = 0
+    script: str = str(ROOT / "scripts" / "pulsar-standalone")
+
+    def start(self) -> None:
+        if self.kind == "embedded":
+            (self.workdir / "broker").mkdir(exist_ok=True)
+            self.url, self.pid = start_embedded(self.workdir / "broker", 30, port=self.port or None)
+            self.port = int(self.url.rsplit(":", 1)[1])
+        else:
+            subprocess.run([sys.executable, self.script, "start"], check=True, capture_output=True)
+            state = json.loads(Path(os.environ.get("EVENTBUS_PULSAR_RUN_DIR", "/tmp/eventbus-pulsar"), "state.json").read_text())
+            self.url, self.token = state["service_url"], state["client_token"]
+
+    def restart(self) -> None:
+        if self.kind == "embedded":
+            stop_embedded(self.pid)
+            self.url, self.pid = start_embedded(self.workdir / "broker", 30, port=self.port)
+        else:
+            subprocess.run([sys.executable, self.script, "restart"], check=True, capture_output=True)
+
+    def stop(self) -> None:
+        if self.kind == "embedded" and self.pid:
+            stop_embedded(self.pid)
+
+
+@dataclass
+class Worker:
+    name: str
+    proc: subprocess.Popen
+    log: Path
+    signalled: int | None = None
+
+
+@dataclass
+class Run:
+    args: argparse.Namespace
+    workdir: Path
+    broker: Broker
+    env: dict[str, str]
+    rng: random.Random
+    workers: list[Worker] = field(default_factory=list)
+    faults: collections.Counter = field(default_factory=collections.Counter)
+    unexpected: list[str] = field(default_factory=list)
+    counter: int = 0
+
+    def spawn_worker(self) -> Worker:
+        self.counter += 1
+        name = f"w{self.counter}"
+        log = self.workdir / f"{name}.log"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "eventbus", "run", "tests.chaos_app"],
+            env={**self.env, "CHAOS_WORKER": name}, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+        )
+        worker = Worker(name, proc, log)
+        self.workers.append(worker)
+        return worker
+
+    def live(self) -> list[Worker]:
+        return [w for w in self.workers if w.proc.poll() is None]
+
+    def check_deaths(self) -> None:
+        for w in self.workers:
+            code = w.proc.poll()
+            if code is not None and w.signalled is None:
+                w.signalled = -1  # report once
+                self.unexpected.append(f"{w.name} exited with {code}: {w.log.read_text(errors='replace')[-500:]}")
+
+    async def wait_subscribed(self, worker: Worker, timeout: float = 60) -> None:
+        with anyio.fail_after(timeout):
+            while "subscribed" not in worker.log.read_text(errors="replace"):
+                if worker.proc.poll() is not None:
+                    return
+                await anyio.sleep(0.1)
+
+    async def fault(self) -> None:
+        kinds = {"sigkill": 4, "sigterm": 3, "broker-restart": 2}
+        kinds = {k: w for k, w in kinds.items() if k in self.args.faults}
+        kind = self.rng.choices(list(kinds), weights=list(kinds.values()))[0]
+        live = self.live()
+        if kind in ("sigkill", "sigterm") and live:
+            victim = self.rng.choice(live)
+            sig = signal.SIGKILL if kind == "sigkill" else signal.SIGTERM
+            victim.signalled = sig
+            victim.proc.send_signal(sig)
+            code = await anyio.to_thread.run_sync(lambda: victim.proc.wait(60))
+            if kind == "sigterm" and code != 0:
+                self.unexpected.append(f"{victim.name} exited {code} after SIGTERM: {victim.log.read_text()[-500:]}")
+            self.faults[kind] += 1
+            replacement = self.spawn_worker()
+            self.faults["replacement"] += 1
+            await self.wait_subscribed(replacement)
+        elif kind == "broker-restart":
+            await anyio.to_thread.run_sync(self.broker.restart)
+            self.faults[kind] += 1
+
+
+def read_lines(pattern: str, workdir: Path) -> list[list[str]]:
+    out = []
+    for path in sorted(workdir.glob(pattern)):
+        out += [line.split() for line in path.read_text().splitlines() if line.strip()]
+    return out
+
+
+async def harness(args: argparse.Namespace) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="chaos-"))
+    broker = Broker(args.broker, workdir)
+    broker.start()
+    topic = f"chaos-{args.seed}-{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EVENTBUS_", "MQ_NAME_SERVER", "PULSAR_JWT"))}
+    env.update(
+        EVENTBUS_URL=broker.url, EVENTBUS_TOKEN=broker.token, CHAOS_DIR=str(workdir), CHAOS_TOPIC=topic,
+        PYTHONPATH=str(ROOT), CHAOS_BROKER=args.broker, EVENTBUS_SHUTDOWN_DRAIN_TIMEOUT="10", EVENTBUS_PRODUCER_SEND_TIMEOUT_MS="10000",
+        EVENTBUS_LOG_LEVEL="INFO",
+    )
+    run = Run(args, workdir, broker, env, random.Random(args.seed))
+    settings = Settings(_env_file=None, url=broker.url, token=broker.token or None)
+    dead: list[Message] = []
+    router = Router()
+
+    @router.subscribe(settings.topic(topic) + "-chaos-DLQ", "chaos-check", initial_position="earliest")
+    async def read_dlq(data: bytes, msg: Message) -> None:
+        dead.append(msg)
+
+    started = time.monotonic()
+    publishers: list[subprocess.Popen] = []
+    try:
+        for _ in range(args.workers):
+            run.spawn_worker()
+        for w in list(run.workers):
+            await run.wait_subscribed(w)
+        for pub in range(1, args.publishers + 1):
+            publishers.append(subprocess.Popen(
+                [sys.executable, "-m", "tests.chaos", "publish", "--id", str(pub), "--seconds", str(args.seconds),
+                 "--keys", str(args.keys), "--rate", str(args.rate), "--seed", str(args.seed)],
+                env=env, stdout=open(workdir / f"publisher-{pub}.log", "ab"), stderr=subprocess.STDOUT,
+            ))
+        while any(p.poll() is None for p in publishers):
+            await anyio.sleep(run.rng.uniform(*args.fault_interval))
+            run.check_deaths()
+            if any(p.poll() is None for p in publishers):
+                await run.fault()
+        for pub, p in enumerate(publishers, 1):
+            if p.returncode != 0:
+                run.unexpected.append(f"publisher {pub} exited {p.returncode}: {(workdir / f'publisher-{pub}.log').read_text()[-800:]}")
+
+        confirmed = read_lines("confirmed-*.log", workdir)
+        must_handle = {(int(p), k, int(s)) for p, k, s, kind in confirmed if kind in ("ok", "transient")}
+        must_die = {(int(p), k, int(s)) for p, k, s, kind in confirmed if kind == "always"}
+        poison = {f"{p}-{s}" for p, k, s, kind in confirmed if kind == "poison"}
+
+        def handled() -> dict[tuple[int, str, int], list[list[str]]]:
+            out: dict[tuple[int, str, int], list[list[str]]] = collections.defaultdict(list)
+            for line in read_lines("handled-*.log", workdir):
+                out[(int(line[1]), line[2], int(line[3]))].append(line)
+            return out
+
+        def dead_ids() -> tuple[set[tuple[int, str, int]], set[str]]:
+            events, poisons = set(), set()
+            for m in dead:
+                if "poison" in m.properties:
+                    poisons.add(m.properties["poison"])
+                else:
+                    body = json.loads(m.data)
+                    events.add((body["pub"], body["key"], body["seq"]))
+            return events, poisons
+
+        async with EventBus(settings, routers=[router]) as bus:
+            async with anyio.create_task_group() as tg:
+                await tg.start(lambda task_status: bus.run(handle_signals=False, task_status=task_status))
+                with anyio.move_on_after(args.drain_timeout):
+                    while True:
+                        h = handled()
+                        events, poisons = dead_ids()
+                        if must_handle <= (h.keys() | events) and must_die <= events and poison <= poisons:
+                            break
+                        run.check_deaths()
+                        await anyio.sleep(0.5)
+                bus.stop()
+        for w in run.live():
+            w.signalled = signal.SIGTERM
+            w.proc.send_signal(signal.SIGTERM)
+        for w in run.workers:
+            code = await anyio.to_thread.run_sync(lambda w=w: w.proc.wait(60))
+            if w.signalled == signal.SIGTERM and code != 0:
+                run.unexpected.append(f"{w.name} exited {code} after the final SIGTERM")
+    finally:
+        for p in publishers:
+            if p.poll() is None:
+                p.kill()
+        for w in run.workers:
+            if w.proc.poll() is None:
+                w.proc.kill()
+        if not args.keep_broker:
+            broker.stop()
+
+    h = handled()
+    events, poisons = dead_ids()
+    lost = sorted((must_handle - h.keys() - events) | (must_die - events))
+    poison_missing = sorted(poison - poisons)
+    first: dict[tuple[int, str], list[tuple[int, int]]] = collections.defaultdict(list)
+    for (pub, key, seq), lines in h.items():
+        first[(pub, key)].append((min(int(line[0]) for line in lines), seq))
+    violations = []
+    for key, seen in first.items():
+        seqs = [seq for _, seq in sorted(seen)]
+        violations += [(key, a, b) for a, b in zip(seqs, seqs[1:]) if b < a]
+    failed = read_lines("failed-*.log", workdir)
+    handlings = sum(len(v) for v in h.values())
+    rows = [
+        ("broker", broker.kind), ("seconds", f"{time.monotonic() - started:.0f}"), ("seed", args.seed),
+        ("published (attempted)", len(confirmed) + len(failed)), ("confirmed", len(confirmed)),
+        ("publish errors (unconfirmed, raised)", len(failed)),
+        ("handled (distinct)", len(h)), ("duplicates (extra handlings)", handlings - len(h)),
+        ("dead-lettered", len(dead)), ("  of which poison", len(poisons)), ("  of which always-failing", len(events & must_die)),
+        ("lost", len(lost)), ("order violations", len(violations)), ("poison not dead-lettered", len(poison_missing)),
+        ("unexpected deaths", len(run.unexpected)),
+    ] + [(f"faults: {k}", v) for k, v in sorted(run.faults.items())]
+    width = max(len(str(k)) for k, _ in rows)
+    print(f"\nchaos run, work dir {workdir}")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+    for item in lost[:10]:
+        print(f"  LOST {item}")
+    for item in violations[:10]:
+        print(f"  ORDER {item}")
+    for item in run.unexpected[:5]:
+        print(f"  DIED {item}")
+    return 1 if lost or violations or poison_missing or run.unexpected else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", nargs="?", default="run", choices=["run", "publish"])
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--broker", choices=["embedded", "pulsar"], default="embedded")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--publishers", type=int, default=1)
+    parser.add_argument("--keys", type=int, default=16)
+    parser.add_argument("--rate", type=float, default=200.0, help="messages per second per publisher")
+    parser.add_argument("--fault-interval", type=float, nargs=2, default=(3.0, 8.0))
+    parser.add_argument("--drain-timeout", type=float, default=120.0)
+    parser.add_argument("--faults", nargs="+", default=["sigkill", "sigterm", "broker-restart"])
+    parser.add_argument("--keep-broker", action="store_true", help="leave the broker running, to inspect it")
+    parser.add_argument("--id", type=int, default=1)
+    args = parser.parse_args()
+    if args.mode == "publish":
+        asyncio.run(publisher(args.id, args.seconds, args.keys, args.rate, args.seed, Path(os.environ["CHAOS_DIR"])))
+        return
+    sys.exit(asyncio.run(harness(args)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""The short chaos run (tests/chaos.py) on each broker; `python -m tests.chaos --seconds 600` runs a long one."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.timeout(400)
+def test_short_chaos_run_loses_nothing_and_keeps_key_order(broker_kind: str, request: pytest.FixtureRequest) -> None:
+    if broker_kind == "pulsar":
+        request.getfixturevalue("pulsar")  # started once per session, or skipped with the reason
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.chaos", "--seconds", "45", "--broker", broker_kind, "--seed", "11",
+         "--drain-timeout", "120"],
+        cwd=ROOT, capture_output=True, text=True, timeout=380,
+    )
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "lost                                  0" in result.stdout
