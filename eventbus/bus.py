@@ -380,7 +380,10 @@ async def _check_broker(url: str, token: str | None, settings: Settings) -> str:
                 ) from None
             errors.append(f"{host}:{port} ({exc})")
         except ssl.SSLError as exc:
-            errors.append(f"{host}:{port} (TLS: {exc.reason or exc}; check EVENTBUS_TLS_TRUST_CERTS_FILE)")
+            raise ConfigError(
+                f"TLS with the broker at {host}:{port} failed ({exc.reason or exc}): set EVENTBUS_TLS_TRUST_CERTS_FILE "
+                "to the CA that signed the broker's certificate"
+            ) from None
         except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
             errors.append(f"{host}:{port} ({reason})")

@@ -157,3 +157,29 @@ async def test_tenant_and_namespace_settings_route_short_topic_names(pulsar: dic
         await eventually(lambda: seen)
     assert seen[0].topic == f"persistent://{tenant}/orders/invoices"
     assert f"persistent://{tenant}/orders/invoices" in admin(pulsar, "GET", f"/admin/v2/persistent/{tenant}/orders")
+
+
+async def test_tls_with_the_ca_and_hostname_verification(pulsar: dict, topic: str) -> None:
+    settings = Settings(
+        _env_file=None, url=pulsar["tls_service_url"], token=pulsar["client_token"],
+        tls_trust_certs_file=pulsar["ca_file"], tls_validate_hostname=True,
+    )
+    got: list[int] = []
+    router = Router()
+    router.subscribe(topic, "g", initial_position="earliest")(got.append)
+    async with EventBus(settings, routers=[router]) as bus, running(bus):
+        await bus.publish(topic, 42)
+        await eventually(lambda: got)
+    assert got == [42]
+
+
+async def test_tls_with_the_wrong_ca_fails_clearly(pulsar: dict) -> None:
+    from eventbus import ConfigError
+
+    settings = Settings(
+        _env_file=None, url=pulsar["tls_service_url"], token=pulsar["client_token"],
+        tls_trust_certs_file=pulsar["other_ca_file"],
+    )
+    with pytest.raises(ConfigError, match=r"TLS with the broker .* failed \(CERTIFICATE_VERIFY_FAILED\).*EVENTBUS_TLS_TRUST_CERTS_FILE"):
+        async with EventBus(settings, routers=[]):
+            pass

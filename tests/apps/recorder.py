@@ -26,7 +26,7 @@ def _record(line: str) -> None:
 
 
 @subscribe(os.environ["EB_TOPIC"], os.environ.get("EB_GROUP", "workers"), initial_position="earliest")
-async def record(n: int) -> None:
+async def record(n: "int | dict") -> None:
     _record(f"start {n}")
     if BLOCK is not None and str(n) == BLOCK:
         await anyio.sleep_forever()
