@@ -1,7 +1,8 @@
 """Throughput and latency of the bus side by side with the raw pulsar-client, in one run.
 
     python -m bench                      # embedded broker, 100 B and 10 KB payloads
-    python -m bench --url pulsar://...   # a real broker
+    python -m bench --pulsar             # the real Pulsar of scripts/pulsar-standalone (start it first)
+    python -m bench --url pulsar://... --token ...
     python -m bench --messages 20000 --json bench/results.json
 
 Only ratios between rows of one run mean much: these machines are shared and noisy.
@@ -31,6 +32,7 @@ from pydantic import BaseModel
 from eventbus import EventBus, Router, Settings
 
 Row = dict[str, Any]
+AUTH: dict[str, Any] = {}  # authentication for the raw clients, when the broker wants a token
 
 
 def payload(size: int) -> dict[str, Any]:
@@ -77,7 +79,7 @@ async def timed(n: int, fn: Callable[[], Awaitable[None]]) -> float:
 async def publish_rows(url: str, settings: Settings, n: int, size: int) -> list[Row]:
     data = json.dumps(payload(size)).encode()
     rows: list[Row] = []
-    client = pulsar.Client(url, logger=pulsar.ConsoleLogger(_pulsar.LoggerLevel.Error))
+    client = pulsar.Client(url, logger=pulsar.ConsoleLogger(_pulsar.LoggerLevel.Error), **AUTH)
 
     def raw() -> None:
         p = client.create_producer(topic(), **producer_options(settings))
@@ -92,7 +94,7 @@ async def publish_rows(url: str, settings: Settings, n: int, size: int) -> list[
     rows.append({"op": "publish", "path": "raw send_async, fire-and-forget (limit)", "msg_s": raw_rate})
     client.close()
 
-    aclient = pulsar.asyncio.Client(url, logger=pulsar.ConsoleLogger(_pulsar.LoggerLevel.Error))
+    aclient = pulsar.asyncio.Client(url, logger=pulsar.ConsoleLogger(_pulsar.LoggerLevel.Error), **AUTH)
     opts = producer_options(settings)
     opts.pop("block_if_queue_full")
     ap = await aclient.create_producer(topic(), **opts)
@@ -134,7 +136,7 @@ async def fill(url: str, settings: Settings, t: str, n: int, size: int) -> None:
     data = json.dumps(payload(size)).encode()
 
     def run() -> None:
-        client = pulsar.Client(url, logger=pulsar.ConsoleLogger(_pulsar.LoggerLevel.Error))
+        client = pulsar.Client(url, logger=pulsar.ConsoleLogger(_pulsar.LoggerLevel.Error), **AUTH)
         p = client.create_producer(t, **producer_options(settings))
         for i in range(n):
             p.send_async(data, None, partition_key=f"k{i % 64}", properties={"content-type": "application/json"})
@@ -150,7 +152,7 @@ async def consume_rows(url: str, settings: Settings, n: int, size: int) -> list[
 
     # Raw blocking receive + acknowledge (the limit).
     t = topic()
-    client = pulsar.Client(url, logger=log)
+    client = pulsar.Client(url, logger=log, **AUTH)
     c = client.subscribe(t, "bench", consumer_type=pulsar.ConsumerType.Shared, initial_position=pulsar.InitialPosition.Earliest)
     await fill(url, settings, t, n, size)
 
@@ -166,7 +168,7 @@ async def consume_rows(url: str, settings: Settings, n: int, size: int) -> list[
     client.close()
 
     t = topic()
-    aclient = pulsar.asyncio.Client(url, logger=log)
+    aclient = pulsar.asyncio.Client(url, logger=log, **AUTH)
     ac = await aclient.subscribe(t, "bench", consumer_type=pulsar.ConsumerType.Shared, initial_position=pulsar.InitialPosition.Earliest)
     await fill(url, settings, t, n, size)
 
@@ -257,11 +259,16 @@ def print_table(rows: list[Row], broker: str) -> None:
 
 
 async def amain(args: argparse.Namespace) -> None:
+    if args.pulsar:
+        state = json.loads(Path("/tmp/eventbus-pulsar/state.json").read_text())
+        args.url, args.token = state["service_url"], state["client_token"]
+    if args.token:
+        AUTH["authentication"] = pulsar.AuthenticationToken(args.token)
     with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(_env_file=None, url=args.url or "", data_dir=Path(tmp))
+        settings = Settings(_env_file=None, url=args.url or "", token=args.token or None, data_dir=Path(tmp))
         async with EventBus(settings, routers=[]) as holder:  # keeps one broker up for the run
             url = holder.url
-            broker = "embedded (pulsar-lite)" if settings.embedded else url
+            broker = f"embedded ({holder.server_version})" if settings.embedded else f"{holder.server_version} at {url}"
             rows: list[Row] = []
             for size in args.sizes:
                 rows += await publish_rows(url, settings, args.messages, size)
@@ -278,8 +285,10 @@ async def amain(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="", help="broker URL (default: the embedded broker)")
+    parser.add_argument("--token", default="", help="JWT for --url")
+    parser.add_argument("--pulsar", action="store_true", help="the broker scripts/pulsar-standalone started")
     parser.add_argument("--messages", type=int, default=50_000)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 10_240])
     parser.add_argument("--latency-seconds", type=float, default=5.0)
-    parser.add_argument("--json", default="bench/results.json")
+    parser.add_argument("--json", default="")
     asyncio.run(amain(parser.parse_args()))

@@ -76,7 +76,7 @@ def test_compose_worker_uses_known_settings_pointing_at_the_pulsar_service() -> 
 
 def test_compose_auth_opt_in_sets_what_the_test_broker_sets(tmp_path) -> None:
     script = standalone_script()
-    st = {"broker_port": 1, "web_port": 2, "admin_token": "x"}
+    st = {"broker_port": 1, "web_port": 2, "tls_port": 3, "admin_token": "x"}
     script.RUN_DIR = tmp_path
     conf = dict(line.split("=", 1) for line in script.write_conf(st).read_text().splitlines() if line)
     tested = {k for k in conf if "uth" in k or k in ("tokenSecretKey", "superUserRoles")}
