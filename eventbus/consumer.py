@@ -66,7 +66,7 @@ class SubscriptionRunner:
         self._wrapper: pulsar.asyncio.Consumer | None = None
         # A lane is a key (ordered subscriptions) or a single message (shared);
         # a lane is in _lanes while it is queued in _ready or being handled.
-        self._lanes: dict[object, collections.deque[_pulsar.Message]] = {}
+        self._lanes: dict[object, collections.deque[tuple[_pulsar.Message, Ident]]] = {}
         self._ready: asyncio.Queue[object] = asyncio.Queue()
         self._unique = itertools.count()
         # Written by one thread each, so their difference is safe to read anywhere.
@@ -220,10 +220,10 @@ class SubscriptionRunner:
             lane: object = message.partition_key() if ordered else next(self._unique)
             queue = lanes.get(lane)
             if queue is None:
-                lanes[lane] = collections.deque((message,))
+                lanes[lane] = collections.deque(((message, ident),))
                 self._ready.put_nowait(lane)
             else:
-                queue.append(message)
+                queue.append((message, ident))
 
     # -- handling ----------------------------------------------------------------
 
@@ -233,11 +233,11 @@ class SubscriptionRunner:
             if lane is _STOP:
                 return
             queue = self._lanes[lane]
-            message = queue.popleft()
+            message, ident = queue.popleft()
             try:
-                await self._handle(message)
+                await self._handle(message, ident)
             finally:
-                self._active.discard(_ident(message))
+                self._active.discard(ident)
                 self._finished += 1
                 if not self._room.is_set():
                     self._room.set()
@@ -246,13 +246,13 @@ class SubscriptionRunner:
             else:
                 del self._lanes[lane]
 
-    async def _handle(self, message: _pulsar.Message) -> None:
+    async def _handle(self, message: _pulsar.Message, ident: Ident) -> None:
         sub = self.sub
         data = message.data()
         try:
             payload = sub.decode(data)
         except DecodeError as exc:
-            await self._give_up(message, "undecodable", exc, attempts=1)
+            await self._give_up(message, ident, "undecodable", exc, attempts=1)
             return
         earlier = message.redelivery_count()
         attempt = 0
@@ -262,7 +262,7 @@ class SubscriptionRunner:
                 await self._call(payload, message, earlier + attempt)
             except Exception as exc:
                 if attempt > sub.max_retries:
-                    await self._give_up(message, "handler-failed", exc, attempts=attempt)
+                    await self._give_up(message, ident, "handler-failed", exc, attempts=attempt)
                     return
                 delay = min(sub.retry_backoff * 2 ** (attempt - 1), sub.retry_backoff_max)
                 delay *= random.uniform(0.8, 1.2)
@@ -275,7 +275,7 @@ class SubscriptionRunner:
                     return  # unacknowledged: redelivered after shutdown
                 payload = sub.decode(data)  # a fresh copy: the handler may have changed it
                 continue
-            self._ack(message)
+            self._ack(message, ident)
             self.handled += 1
             return
 
@@ -309,9 +309,8 @@ class SubscriptionRunner:
             data=message.data(),
         )
 
-    def _ack(self, message: _pulsar.Message) -> None:
+    def _ack(self, message: _pulsar.Message, ident: Ident) -> None:
         self._ack_again(message)
-        ident = _ident(message)
         self._acked.add(ident)
         self._acked_order.append(ident)
         if len(self._acked_order) > _REMEMBER_ACKED:
@@ -328,13 +327,15 @@ class SubscriptionRunner:
             return True
         return False
 
-    async def _give_up(self, message: _pulsar.Message, reason: str, exc: BaseException, attempts: int) -> None:
+    async def _give_up(
+        self, message: _pulsar.Message, ident: Ident, reason: str, exc: BaseException, attempts: int
+    ) -> None:
         """Dead-letter a message (or drop it when dead-lettering is off), then acknowledge it."""
         sub = self.sub
         error = f"{type(exc).__name__}: {exc}"
         if not sub.dead_letter:
             log.error("%s dropped %s after %d attempts (%s): %s", sub.name, _describe(message), attempts, reason, error)
-            self._ack(message)
+            self._ack(message, ident)
             return
         properties = dict(message.properties())
         properties.update(
@@ -365,7 +366,10 @@ class SubscriptionRunner:
             "%s dead-lettered %s to %s after %d attempt(s): %s", sub.name, _describe(message), self.dlq_topic,
             attempts, error,
         )
-        self._ack(message)
+        self._ack(message, ident)
+
+
+Ident = tuple[int, int, int, int]
 
 
 def _ident(message: _pulsar.Message) -> tuple[int, int, int, int]:
