@@ -210,12 +210,14 @@ class EventBus:
 
     async def _producer(self, topic: str) -> TopicProducer:
         task = self._producers.get(topic)
-        if task is None or (task.done() and task.exception() is not None):
+        if task is not None and task.done() and not task.cancelled() and task.exception() is None:
+            return task.result()  # the common case, per publish: no shield, no await
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
             if self._client is None:
                 raise RuntimeError("the bus is not started: use `async with EventBus() as bus:`")
             full = self.settings.topic(topic)
             task = self._producers.get(full)
-            if task is None or (task.done() and task.exception() is not None):
+            if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
                 task = asyncio.ensure_future(create_producer(self._client, full, self.settings, self._bridge))
                 self._producers[full] = task
             self._producers[topic] = task
