@@ -11,7 +11,6 @@ import ssl
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
-from types import TracebackType
 from typing import Any
 
 import anyio
