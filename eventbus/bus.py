@@ -283,6 +283,8 @@ class EventBus:
             self._install_signals(loop)
         try:
             for runner in runners:
+                if not runner.may_consume():
+                    continue  # another process consumes it on the embedded broker; run() stands by
                 try:
                     await runner.subscribe()
                 except PULSAR_ERRORS as exc:

@@ -40,6 +40,8 @@ _POLL_MS = 100
 #: Messages the receive thread hands the loop per wake-up at most.
 _HANDOFF = 256
 _ERROR_TEXT_MAX = 2000
+#: How often a standby process looks whether the subscription's lease is free.
+_LEASE_POLL = 0.25
 #: Acknowledged ids remembered to drop redelivered copies (about 100 bytes each).
 _REMEMBER_ACKED = 100_000
 
@@ -81,6 +83,8 @@ class SubscriptionRunner:
         self._acked_order: collections.deque[tuple[int, int, int, int]] = collections.deque()
         self.handled = 0
         self.duplicates = 0
+        broker = bus._broker
+        self._lease = broker.lease(topic, sub.group) if broker is not None else None
 
     @property
     def in_flight(self) -> int:
@@ -91,11 +95,32 @@ class SubscriptionRunner:
         """The subscription type asked of the broker."""
         if self.sub.subscription == "key_shared" and self.bus.lite_broker:
             # pulsar-lite 0.2 strands a key's messages when a key_shared consumer
-            # leaves (they are never redelivered) and rejects a second process's
-            # consumer; failover keeps every guarantee at the price of one
-            # active consumer per subscription.
+            # leaves (they are never redelivered); with one consumer at a time
+            # (see SubscriptionLease) failover keeps every guarantee.
             return "failover"
         return self.sub.subscription
+
+    @property
+    def standing_by(self) -> bool:
+        """True while another process consumes this subscription of the embedded broker."""
+        return self._lease is not None and not self._lease.held
+
+    def may_consume(self) -> bool:
+        """False while another process consumes this subscription of the embedded broker."""
+        return self._lease is None or self._lease.acquire()
+
+    async def _lease_until_stopped(self) -> bool:
+        if self.may_consume():
+            return True
+        log.info(
+            "standby: another process consumes %s group=%s on the embedded broker; taking over when it leaves",
+            self.topic, self.sub.group,
+        )
+        while not await self._sleep_unless_stopped(_LEASE_POLL):
+            if self.may_consume():
+                log.info("taking over %s group=%s", self.topic, self.sub.group)
+                return True
+        return False
 
     async def _subscribe_until_stopped(self) -> bool:
         delay = 1.0
@@ -132,8 +157,10 @@ class SubscriptionRunner:
 
     async def run(self) -> None:
         """Consume until `stop()`; then finish in-flight handlers and close the consumer."""
-        if self._consumer is None and not await self._subscribe_until_stopped():
-            return
+        if self._consumer is None:
+            if not await self._lease_until_stopped() or not await self._subscribe_until_stopped():
+                self._release()
+                return
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._receive)
@@ -157,16 +184,21 @@ class SubscriptionRunner:
             self._ready.put_nowait(_STOP)
 
     async def _close(self) -> None:
-        if self._wrapper is None:
-            return
-        try:
-            await self._wrapper.close()
-        except Exception as exc:
-            log.warning("closing consumer %s/%s: %s", self.topic, self.sub.group, exc)
-        # Drop every client object now: destroyed later, during interpreter
-        # teardown, they can abort the process from the client's C++ side.
-        self._wrapper = self._consumer = None
-        self._lanes.clear()
+        if self._wrapper is not None:
+            try:
+                await self._wrapper.close()
+            except Exception as exc:
+                log.warning("closing consumer %s/%s: %s", self.topic, self.sub.group, exc)
+            # Drop every client object now: destroyed later, during interpreter
+            # teardown, they can abort the process from the client's C++ side.
+            self._wrapper = self._consumer = None
+            self._lanes.clear()
+        self._release()
+
+    def _release(self) -> None:
+        # Only once the consumer is closed: the next holder must find it gone.
+        if self._lease is not None:
+            self._lease.release()
 
     # -- receiving (a thread of its own: the client's receive blocks) -----------
 

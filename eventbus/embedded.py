@@ -9,6 +9,7 @@ as it uses the broker, so "am I the last?" is a non-blocking exclusive lock.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import signal
@@ -110,6 +111,52 @@ class EmbeddedBroker:
                 (self.data_dir / "broker.json").unlink(missing_ok=True)
             os.close(self._users_fd)
             self._users_fd = -1
+
+    def lease(self, topic: str, group: str) -> SubscriptionLease:
+        """The turn of this process to consume `group` on `topic` (see `SubscriptionLease`)."""
+        return SubscriptionLease(self.data_dir, topic, group)
+
+
+class SubscriptionLease:
+    """One process at a time consumes a subscription of the embedded broker.
+
+    pulsar-lite 0.2 tells a subscription's consumers apart by consumer id alone,
+    and every client numbers its consumers from 0. A second process's consumer
+    is refused until its retries reach another id; then, on a failover
+    subscription, it may take the active role while the old consumer still
+    holds unacknowledged messages, which are not redelivered: the new one
+    handles a key's later messages before the earlier ones. So the processes
+    take turns on an exclusive lock: the holder consumes, the others stand by
+    and take over when it leaves (the kernel frees the lock even on SIGKILL).
+    """
+
+    def __init__(self, data_dir: Path, topic: str, group: str) -> None:
+        digest = hashlib.sha256(f"{topic}\0{group}".encode()).hexdigest()[:32]
+        self.path = data_dir / "leases" / f"{digest}.lock"
+        self._fd = -1
+
+    @property
+    def held(self) -> bool:
+        return self._fd >= 0
+
+    def acquire(self) -> bool:
+        """Take the lease if no other holder has it; True if this one holds it now."""
+        if self._fd >= 0:
+            return True
+        self.path.parent.mkdir(exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class _locked:

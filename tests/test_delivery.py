@@ -351,3 +351,43 @@ async def test_in_flight_work_is_bounded_by_max_in_flight(settings: Settings, to
         release.set()
         await eventually(lambda: len(handled) == 200, what="every message once the handlers are released")
     assert sorted(handled) == list(range(200))
+
+
+async def test_a_member_joining_the_group_never_overtakes_a_key_in_flight(
+    settings: Settings, topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The newcomer's consumer name sorts first: pulsar-lite's failover would make
+    # it the active consumer at once, without handing it the message in flight.
+    from eventbus import consumer
+
+    handled: list[tuple[str, int]] = []
+    first_busy = anyio.Event()
+
+    def member(name: str) -> Router:
+        router = Router()
+
+        @router.subscribe(topic, "g", initial_position="earliest")
+        async def h(n: int) -> None:
+            handled.append((name, n))
+            if name == "first":
+                first_busy.set()
+                await anyio.sleep_forever()  # until its bus stops: left unacknowledged
+
+        return router
+
+    async with EventBus(settings, routers=[member("second")]) as second, anyio.create_task_group() as tg:
+        first_settings = settings.model_copy(update={"shutdown_drain_timeout": 0.5})
+        async with EventBus(first_settings, routers=[member("first")]) as first:
+            monkeypatch.setattr(consumer.socket, "gethostname", lambda: "z-first")
+            async with running(first):
+                await first.publish(topic, 1, key="k")
+                with anyio.fail_after(20):
+                    await first_busy.wait()
+                monkeypatch.setattr(consumer.socket, "gethostname", lambda: "a-second")
+                await tg.start(lambda task_status: second.run(handle_signals=False, task_status=task_status))
+                runner = second._runners[0]
+                await eventually(lambda: runner.standing_by or runner._consumer is not None, timeout=60, what="join")
+                await first.publish(topic, 2, key="k")
+        await eventually(lambda: ("second", 2) in handled, what="the second member to take over")
+        second.stop()
+    assert handled == [("first", 1), ("second", 1), ("second", 2)]
