@@ -61,6 +61,16 @@ def test_compose_runs_the_pulsar_the_tests_run_with_health_check_and_volume() ->
     assert "6650:6650" in pulsar["ports"]
 
 
+def test_compose_counts_permits_by_message_like_the_test_broker(tmp_path) -> None:
+    # The memory bound (test_memory.py) holds only when the broker does.
+    script = standalone_script()
+    script.RUN_DIR = tmp_path
+    conf = script.write_conf({"broker_port": 1, "web_port": 2, "tls_port": 3, "admin_token": "x"}).read_text()
+    assert "preciseDispatcherFlowControl=true" in conf.splitlines()
+    pulsar = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]["pulsar"]
+    assert pulsar["environment"]["preciseDispatcherFlowControl"] == "true"
+
+
 def test_compose_worker_uses_known_settings_pointing_at_the_pulsar_service() -> None:
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     worker = compose["services"]["worker"]
