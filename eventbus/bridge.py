@@ -19,7 +19,7 @@ log = logging.getLogger("eventbus")
 
 class LoopBridge:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self.loop = self._loop = loop
         self._pending: collections.deque[tuple[Callable[..., None], tuple[Any, ...]]] = collections.deque()
         self._scheduled = False
 

@@ -48,6 +48,7 @@ class EventBus:
         self._broker: EmbeddedBroker | None = None
         self._bridge: LoopBridge | None = None
         self._producers: dict[str, asyncio.Task[TopicProducer]] = {}
+        self._ready: dict[str, TopicProducer] = {}  # by the name publish was given
         self._stop = asyncio.Event()
         self._runners: list[Any] = []
         self.url = ""
@@ -99,6 +100,7 @@ class EventBus:
         # Short and full names share a task: close each producer once.
         producers = list({id(t): t for t in self._producers.values()}.values())
         self._producers = {}
+        self._ready = {}
         for task in producers:
             try:
                 producer = await task
@@ -148,8 +150,13 @@ class EventBus:
             data, content_type, key=key, properties=properties, deliver_after=deliver_after, event_time=event_time,
             sequence_id=sequence_id,
         )
-        producer = await self._producer(topic)
-        return await producer.send(message)
+        producer = self._ready.get(topic) or await self._producer(topic)
+        slots = producer._slots
+        if slots.free > 0:  # inline: this path runs once per message
+            slots.free -= 1
+        else:
+            await slots.acquire()
+        return await producer._enqueue(message, key, len(data), deliver_after is None)
 
     async def publish_batch(
         self,
@@ -172,18 +179,16 @@ class EventBus:
                 data, content_type = encode(payload)
             except TypeError as exc:
                 raise TypeError(f"payload #{index}: {exc}") from None
-            messages.append(
-                build_message(
-                    data, content_type, key=key, properties=properties, deliver_after=deliver_after,
-                    event_time=event_time,
-                )
+            message = build_message(
+                data, content_type, key=key, properties=properties, deliver_after=deliver_after, event_time=event_time
             )
+            messages.append((message, len(data)))
         producer = await self._producer(topic)
         futures = []
         failures: dict[int, BaseException] = {}
-        for index, message in enumerate(messages):
+        for index, (message, size) in enumerate(messages):
             try:
-                futures.append(await producer.submit(message))
+                futures.append(await producer.submit(message, key, size, batchable=deliver_after is None))
             except Exception as exc:
                 failures[index] = exc
                 futures.append(None)
@@ -205,12 +210,10 @@ class EventBus:
         self, topic: str, data: bytes, *, key: str | None, properties: Mapping[str, str]
     ) -> MessageId:
         producer = await self._producer(topic)
-        return await producer.send(build_message(data, None, key=key, properties=properties))
+        return await producer.send(build_message(data, None, key=key, properties=properties), key, len(data))
 
     async def _producer(self, topic: str) -> TopicProducer:
         task = self._producers.get(topic)
-        if task is not None and task.done() and not task.cancelled() and task.exception() is None:
-            return task.result()  # the common case, per publish: no shield, no await
         if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
             if self._client is None:
                 raise RuntimeError("the bus is not started: use `async with EventBus() as bus:`")
@@ -221,9 +224,12 @@ class EventBus:
                 self._producers[full] = task
             self._producers[topic] = task
         try:
-            return await asyncio.shield(task)
+            producer = await asyncio.shield(task)
         except PULSAR_ERRORS as exc:
             raise _broker_error(f"cannot create a producer for {topic}", exc) from None
+        if self._producers.get(topic) is task:  # not closed meanwhile
+            self._ready[topic] = producer
+        return producer
 
     # -- consuming ------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 from collections.abc import Mapping
 from datetime import datetime, timedelta
@@ -26,6 +27,8 @@ _COMPRESSION = {
     "snappy": pulsar.CompressionType.SNAPPY,
 }
 _OK = _pulsar.Result.Ok
+_NEVER_MS = 24 * 3600 * 1000
+_GROUP_BYTES_MAX = 1024 * 1024
 
 
 def build_message(
@@ -67,47 +70,202 @@ def build_message(
     return builder.build()
 
 
-class TopicProducer:
-    """A producer with at most `max_pending` unconfirmed messages in flight."""
+class _Slots:
+    """A counting semaphore whose free path is one comparison (asyncio's builds a generator)."""
 
-    def __init__(self, topic: str, producer: pulsar.asyncio.Producer, bridge: LoopBridge, max_pending: int) -> None:
+    def __init__(self, count: int) -> None:
+        self.free = count
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def acquire(self) -> None:
+        while self.free <= 0:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # woken, then cancelled: pass the turn on
+                else:
+                    self._waiters.remove(waiter)
+                raise
+        self.free -= 1
+
+    def release(self, count: int = 1) -> None:
+        self.free += count
+        if self._waiters:
+            self._wake()
+
+    def _wake(self) -> None:
+        for _ in range(min(self.free, len(self._waiters))):
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+class TopicProducer:
+    """A producer with at most `max_pending` unconfirmed messages in flight.
+
+    A Python callback per message is the wall: the client's I/O thread must take
+    the GIL for each one. So on a non-partitioned topic the producer sends what
+    was published in one event-loop turn as a *group*, and asks for a receipt
+    only for the last message of each key in it; that receipt speaks for the
+    key's other messages of the group, because they travel in the same batch:
+
+    - the client batches by key (KeyBased), and a group never fills its batch
+      container (fewer than `batching_max_messages` messages and
+      `batching_max_bytes` bytes) nor waits long enough for its timer, so the
+      only flush is the one after the group: each key's messages of the group
+      become exactly one batch, and the client completes a batch's messages
+      together, with one result (ok, timeout, checksum error, too big, closed);
+    - the failures the client reports at send time (closed, fenced) hold for
+      every later send too, so they reach the key's last message as well.
+
+    Messages the client does not batch (`deliver_after`) and partitioned topics
+    (where the client picks a partition per message) get a receipt each.
+    """
+
+    def __init__(
+        self,
+        topic: str,
+        producer: pulsar.asyncio.Producer,
+        bridge: LoopBridge,
+        max_pending: int,
+        *,
+        group_messages: int = 0,
+        group_bytes: int = 0,
+        group_delay: float = 0.0,
+    ) -> None:
         self.topic = topic
         self.wrapper = producer
         self._producer: _pulsar.Producer = producer._producer
         self._bridge = bridge
         # The client's own queue would reject past its limit; waiting here instead
         # turns a burst into backpressure rather than errors.
-        self._slots = asyncio.Semaphore(max_pending)
+        self._slots = _Slots(max_pending)
+        self._group_messages = group_messages  # 0: a receipt per message
+        self._group_bytes = group_bytes
+        self._group_delay = group_delay
+        self._queue: list[tuple[_pulsar.Message, str, int, asyncio.Future[MessageId]]] = []
+        self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
 
-    async def send(self, message: _pulsar.Message) -> MessageId:
-        """Send and wait until the broker confirmed the message."""
-        return await (await self.submit(message))
+    async def send(
+        self, message: _pulsar.Message, key: str | None = None, size: int = 0, *, batchable: bool = True
+    ) -> MessageId:
+        """Send and wait until the broker confirmed the message.
 
-    async def submit(self, message: _pulsar.Message) -> asyncio.Future[MessageId]:
+        `key` and `size` must be the message's partition key and payload length.
+        """
+        slots = self._slots
+        if slots.free > 0:
+            slots.free -= 1
+        else:
+            await slots.acquire()
+        return await self._enqueue(message, key, size, batchable)
+
+    async def submit(
+        self, message: _pulsar.Message, key: str | None = None, size: int = 0, *, batchable: bool = True
+    ) -> asyncio.Future[MessageId]:
         """Send; the returned future resolves when the broker confirmed the message."""
         await self._slots.acquire()
-        future = asyncio.get_running_loop().create_future()
-        try:
-            self._producer.send_async(message, functools.partial(self._bridge.call, self._done, future))
-        except BaseException:
-            self._slots.release()
-            raise
+        return self._enqueue(message, key, size, batchable)
+
+    def _enqueue(
+        self, message: _pulsar.Message, key: str | None, size: int, batchable: bool
+    ) -> asyncio.Future[MessageId]:
+        loop = self._bridge.loop
+        future = loop.create_future()
+        if not (self._group_messages and batchable):
+            try:
+                self._producer.send_async(message, functools.partial(self._bridge.call, self._done, [future]))
+            except BaseException:
+                self._slots.release()
+                raise
+            return future
+        queue = self._queue
+        queue.append((message, key or "", size, future))
+        if len(queue) >= self._group_messages:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_soon(self._dispatch)
+        elif self._timer is None:
+            self._timer = (
+                loop.call_later(self._group_delay, self._dispatch) if self._group_delay else loop.call_soon(self._dispatch)
+            )
         return future
 
-    def _done(self, future: asyncio.Future[MessageId], result: _pulsar.Result, message_id: MessageId) -> None:
-        self._slots.release()
-        if future.done():
-            return
+    def _dispatch(self) -> None:
+        self._timer = None
+        queue, self._queue = self._queue, []
+        send = self._producer.send_async
+        call = self._bridge.call
+        done = self._done
+        limit, budget = self._group_messages, self._group_bytes
+        start, count = 0, len(queue)
+        while start < count:
+            # The group: what the client's batch container takes without flushing it.
+            end, total = start + 1, queue[start][2]
+            while end < count and end - start < limit and total + queue[end][2] < budget:
+                total += queue[end][2]
+                end += 1
+            last = {entry[1]: i for i, entry in enumerate(queue[start:end], start)}
+            lanes: dict[str, list[asyncio.Future[MessageId]]] = {}
+            i = start
+            try:
+                for i in range(start, end):
+                    message, key, _, future = queue[i]
+                    lane = lanes.get(key)
+                    if lane is None:
+                        lane = lanes[key] = []
+                    lane.append(future)
+                    send(message, functools.partial(call, done, lane) if last[key] == i else None)
+            except Exception as exc:
+                # No receipt will come for the lanes whose last message was not sent.
+                orphans = [f for k, lane in lanes.items() if last[k] >= i for f in lane]
+                self._fail([*orphans, *(entry[3] for entry in queue[i + 1 :])], exc)
+                return
+            finally:
+                self._producer.flush_async(_flushed)
+            start = end
+
+    def _fail(self, futures: list[asyncio.Future[MessageId]], exc: Exception) -> None:
+        for future in futures:
+            self._slots.release()
+            if not future.done():
+                future.set_exception(PublishError(self.topic, type(exc).__name__, str(exc)))
+
+    def _done(self, lane: list[asyncio.Future[MessageId]], result: _pulsar.Result, message_id: MessageId) -> None:
+        """The receipt of a lane's last message, for every message of the lane."""
+        self._slots.release(len(lane))
         if result == _OK:
-            future.set_result(message_id)
+            if len(lane) == 1:
+                if not lane[0].done():
+                    lane[0].set_result(message_id)
+                return
+            # A batch's messages share its entry; each is told apart by its index.
+            partition, ledger, entry = message_id.partition(), message_id.ledger_id(), message_id.entry_id()
+            first = message_id.batch_index() - len(lane) + 1
+            for index, future in enumerate(lane, first):
+                if not future.done():
+                    future.set_result(_pulsar.MessageId(partition, ledger, entry, index))
         else:
-            future.set_exception(PublishError(self.topic, result))
+            for future in lane:
+                if not future.done():
+                    future.set_exception(PublishError(self.topic, result))
 
     async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._dispatch()
         try:
             await self.wrapper.flush()
         finally:
             await self.wrapper.close()
+
+
+def _flushed(result: _pulsar.Result) -> None:
+    # Each message's outcome arrives through its lane's receipt; never raise here.
+    pass
 
 
 async def create_producer(
@@ -128,5 +286,18 @@ async def create_producer(
     if settings.producer_name:
         options["producer_name"] = settings.producer_name
     options.update(overrides)
+    partitions = await client.get_topic_partitions(topic)
+    grouped = len(partitions) == 1 and options["batching_enabled"]
+    if grouped:
+        # The bus flushes every group itself; the client's timer must never cut one.
+        options["batching_max_publish_delay_ms"] = _NEVER_MS
     producer = await client.create_producer(topic, **options)
-    return TopicProducer(topic, producer, bridge, settings.producer_max_pending_messages)
+    if not grouped:
+        return TopicProducer(topic, producer, bridge, settings.producer_max_pending_messages)
+    return TopicProducer(
+        topic, producer, bridge, settings.producer_max_pending_messages,
+        group_messages=min(options["batching_max_messages"], settings.producer_max_pending_messages),
+        # Below the broker's 5 MB message limit too: a batch that big would fail whole.
+        group_bytes=min(options["batching_max_allowed_size_in_bytes"], _GROUP_BYTES_MAX),
+        group_delay=settings.producer_batching_max_delay_ms / 1000,
+    )
