@@ -75,6 +75,7 @@ class SubscriptionRunner:
         self._received = 0
         self._finished = 0
         self._room = threading.Event()
+        self._acks: collections.deque[_pulsar.Message] = collections.deque()
         # Ids being handled, and ids acknowledged lately: a broker may hand a
         # message over again (after a reconnect, or pulsar-lite's single-active
         # dispatchers, which replay), and a second copy must not run twice.
@@ -93,11 +94,14 @@ class SubscriptionRunner:
     @property
     def kind(self) -> str:
         """The subscription type asked of the broker."""
+        if self._lease is not None:
+            # The embedded broker's single-active dispatchers (failover, exclusive)
+            # hand the same messages over again and again, and its key_shared one
+            # strands a key's messages when a consumer leaves. With one consumer
+            # at a time (SubscriptionLease), shared delivers in order, once.
+            return "shared"
         if self.sub.subscription == "key_shared" and self.bus.lite_broker:
-            # pulsar-lite 0.2 strands a key's messages when a key_shared consumer
-            # leaves (they are never redelivered); with one consumer at a time
-            # (see SubscriptionLease) failover keeps every guarantee.
-            return "failover"
+            return "failover"  # pulsar-lite reached by URL: no lease, so one active consumer
         return self.sub.subscription
 
     @property
@@ -184,6 +188,9 @@ class SubscriptionRunner:
             self._ready.put_nowait(_STOP)
 
     async def _close(self) -> None:
+        consumer = self._consumer
+        while consumer is not None and self._acks:  # the receive thread has ended
+            consumer.acknowledge_async(self._acks.popleft(), _ignore)
         if self._wrapper is not None:
             try:
                 await self._wrapper.close()
@@ -211,7 +218,10 @@ class SubscriptionRunner:
         call = self.bus._bridge.call
         limit = self.max_in_flight
         room = self._room
+        acks = self._acks
         while not self._thread_stop:
+            while acks:
+                consumer.acknowledge_async(acks.popleft(), _ignore)
             if self._received - self._finished >= limit:
                 room.clear()
                 if self._received - self._finished >= limit:
@@ -349,9 +359,9 @@ class SubscriptionRunner:
             self._acked.discard(self._acked_order.popleft())
 
     def _ack_again(self, message: _pulsar.Message) -> None:
-        consumer = self._consumer
-        if consumer is not None:
-            consumer.acknowledge_async(message, _ignore)
+        # The receive thread sends it: an acknowledgement costs the caller two
+        # hand-overs of the GIL, which the loop, running every handler, cannot spare.
+        self._acks.append(message)
 
     async def _sleep_unless_stopped(self, delay: float) -> bool:
         with anyio.move_on_after(delay):
