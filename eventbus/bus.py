@@ -151,12 +151,9 @@ class EventBus:
             sequence_id=sequence_id,
         )
         producer = self._ready.get(topic) or await self._producer(topic)
-        slots = producer._slots
-        if slots.free > 0:  # inline: this path runs once per message
-            slots.free -= 1
-        else:
-            await slots.acquire()
-        return await producer._enqueue(message, key, len(data), deliver_after is None)
+        if not producer.reserve_nowait():  # no coroutine of its own: this runs per message
+            await producer.reserve()
+        return await producer.enqueue(message, key, len(data), deliver_after is None)
 
     async def publish_batch(
         self,

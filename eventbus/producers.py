@@ -156,23 +156,33 @@ class TopicProducer:
 
         `key` and `size` must be the message's partition key and payload length.
         """
-        slots = self._slots
-        if slots.free > 0:
-            slots.free -= 1
-        else:
-            await slots.acquire()
-        return await self._enqueue(message, key, size, batchable)
+        if not self.reserve_nowait():
+            await self.reserve()
+        return await self.enqueue(message, key, size, batchable)
 
     async def submit(
         self, message: _pulsar.Message, key: str | None = None, size: int = 0, *, batchable: bool = True
     ) -> asyncio.Future[MessageId]:
         """Send; the returned future resolves when the broker confirmed the message."""
-        await self._slots.acquire()
-        return self._enqueue(message, key, size, batchable)
+        await self.reserve()
+        return self.enqueue(message, key, size, batchable)
 
-    def _enqueue(
+    def reserve_nowait(self) -> bool:
+        """Take a pending slot if one is free; `enqueue` then uses it."""
+        slots = self._slots
+        if slots.free > 0:
+            slots.free -= 1
+            return True
+        return False
+
+    async def reserve(self) -> None:
+        """Wait for a pending slot."""
+        await self._slots.acquire()
+
+    def enqueue(
         self, message: _pulsar.Message, key: str | None, size: int, batchable: bool
     ) -> asyncio.Future[MessageId]:
+        """Send on a reserved slot; the future resolves when the broker confirmed the message."""
         loop = self._bridge.loop
         future = loop.create_future()
         if not (self._group_messages and batchable):
