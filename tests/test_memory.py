@@ -29,13 +29,8 @@ def peak_rss_mb(pid: int) -> float:
 
 @pytest.mark.timeout(300)
 async def test_deep_backlog_and_slow_handler_keep_the_worker_bounded(
-    settings: Settings, subprocess_env: dict[str, str], topic: str, tmp_path: Path, broker_kind: str
+    settings: Settings, subprocess_env: dict[str, str], topic: str, tmp_path: Path
 ) -> None:
-    if broker_kind == "embedded":
-        pytest.skip(
-            "pulsar-lite ignores flow-control permits: it pushes the whole backlog (and replays) into the "
-            "client, whatever the receiver queue, so no client can bound its memory there (see README)"
-        )
     payload = {"pad": "x" * 100}
     async with EventBus(settings, routers=[]) as bus:
         for start in range(0, BACKLOG, 10_000):
