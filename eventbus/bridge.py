@@ -19,7 +19,7 @@ log = logging.getLogger("eventbus")
 
 class LoopBridge:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = self._loop = loop
+        self.loop = loop
         self._pending: collections.deque[tuple[Callable[..., None], tuple[Any, ...]]] = collections.deque()
         self._scheduled = False
 
@@ -29,7 +29,7 @@ class LoopBridge:
             self._pending.append((fn, args))
             if not self._scheduled:
                 self._scheduled = True
-                self._loop.call_soon_threadsafe(self._drain)
+                self.loop.call_soon_threadsafe(self._drain)
         except BaseException:  # loop closed: nobody is waiting any more
             pass
 

@@ -188,9 +188,8 @@ class SubscriptionRunner:
             self._ready.put_nowait(_STOP)
 
     async def _close(self) -> None:
-        consumer = self._consumer
-        while consumer is not None and self._acks:  # the receive thread has ended
-            consumer.acknowledge_async(self._acks.popleft(), _ignore)
+        if self._consumer is not None:
+            self._send_acks(self._consumer)  # what came after the receive thread ended
         if self._wrapper is not None:
             try:
                 await self._wrapper.close()
@@ -218,10 +217,8 @@ class SubscriptionRunner:
         call = self.bus._bridge.call
         limit = self.max_in_flight
         room = self._room
-        acks = self._acks
         while not self._thread_stop:
-            while acks:
-                consumer.acknowledge_async(acks.popleft(), _ignore)
+            self._send_acks(consumer)
             if self._received - self._finished >= limit:
                 room.clear()
                 if self._received - self._finished >= limit:
@@ -357,6 +354,11 @@ class SubscriptionRunner:
         self._acked_order.append(ident)
         if len(self._acked_order) > _REMEMBER_ACKED:
             self._acked.discard(self._acked_order.popleft())
+
+    def _send_acks(self, consumer: _pulsar.Consumer) -> None:
+        acks = self._acks
+        while acks:
+            consumer.acknowledge_async(acks.popleft(), _ignore)
 
     def _ack_again(self, message: _pulsar.Message) -> None:
         # The receive thread sends it: an acknowledgement costs the caller two

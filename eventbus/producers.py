@@ -239,8 +239,8 @@ class TopicProducer:
             start = end
 
     def _fail(self, futures: list[asyncio.Future[MessageId]], exc: Exception) -> None:
+        self._slots.release(len(futures))
         for future in futures:
-            self._slots.release()
             if not future.done():
                 future.set_exception(PublishError(self.topic, type(exc).__name__, str(exc)))
 
