@@ -21,7 +21,7 @@ import pulsar.asyncio
 from .bridge import LoopBridge
 from .codec import encode
 from .embedded import EmbeddedBroker
-from .errors import PULSAR_ERRORS, AuthenticationFailed, BrokerUnavailable, ConfigError, PublishBatchError
+from .errors import PULSAR_ERRORS, AuthenticationFailed, BrokerUnavailable, ConfigError, PublishBatchError, PublishError
 from .handshake import HandshakeRejected, handshake
 from .message import MessageId
 from .producers import TopicProducer, build_message, create_producer
@@ -51,6 +51,7 @@ class EventBus:
         self._ready: dict[str, TopicProducer] = {}  # by the name publish was given
         self._stop = asyncio.Event()
         self._runners: list[Any] = []
+        self._closed = False
         self.url = ""
         #: What the broker calls itself in the protocol handshake ("Pulsar-Lite-..." for the embedded one).
         self.server_version = ""
@@ -76,6 +77,7 @@ class EventBus:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self._bridge = LoopBridge(asyncio.get_running_loop())
+        self._closed = False
         if settings.embedded:
             self._broker = await anyio.to_thread.run_sync(EmbeddedBroker.acquire, settings.data_dir)
             self.url = self._broker.url
@@ -96,17 +98,25 @@ class EventBus:
         self._client = pulsar.asyncio.Client(self.url, **options)
 
     async def close(self) -> None:
-        """Flush and close producers, then the client; release the embedded broker."""
+        """Close the producers, then the client; release the embedded broker.
+
+        A publish made from now on raises `PublishError` (BusClosed, not stored);
+        every publish already accepted finishes with its true outcome first.
+        """
+        self._closed = True
         # Short and full names share a task: close each producer once.
         producers = list({id(t): t for t in self._producers.values()}.values())
         self._producers = {}
         self._ready = {}
-        for task in producers:
+
+        async def close_one(task: asyncio.Task[TopicProducer]) -> None:
             try:
                 producer = await task
                 await producer.close()
             except Exception as exc:
                 log.warning("closing producer: %s", exc)
+
+        await asyncio.gather(*(close_one(task) for task in producers))
         self._runners = []
         if self._client is not None:
             client, self._client = self._client, None
@@ -146,14 +156,14 @@ class EventBus:
         and `PublishError` when the broker did not confirm it.
         """
         data, content_type = encode(payload)
-        message = build_message(
+        message, size = build_message(
             data, content_type, key=key, properties=properties, deliver_after=deliver_after, event_time=event_time,
             sequence_id=sequence_id,
         )
         producer = self._ready.get(topic) or await self._producer(topic)
         if not producer.reserve_nowait():  # no coroutine of its own: this runs per message
             await producer.reserve()
-        return await producer.enqueue(message, key, len(data), deliver_after is None)
+        return await producer.enqueue(message, key, size, deliver_after is None)
 
     async def publish_batch(
         self,
@@ -176,10 +186,11 @@ class EventBus:
                 data, content_type = encode(payload)
             except TypeError as exc:
                 raise TypeError(f"payload #{index}: {exc}") from None
-            message = build_message(
-                data, content_type, key=key, properties=properties, deliver_after=deliver_after, event_time=event_time
+            messages.append(
+                build_message(
+                    data, content_type, key=key, properties=properties, deliver_after=deliver_after, event_time=event_time
+                )
             )
-            messages.append((message, len(data)))
         producer = await self._producer(topic)
         futures = []
         failures: dict[int, BaseException] = {}
@@ -204,14 +215,17 @@ class EventBus:
         return ids
 
     async def _send_raw(
-        self, topic: str, data: bytes, *, key: str | None, properties: Mapping[str, str]
+        self, topic: str, data: bytes, *, key: str | bytes | None, properties: Mapping[str, str]
     ) -> MessageId:
         producer = await self._producer(topic)
-        return await producer.send(build_message(data, None, key=key, properties=properties), key, len(data))
+        message, size = build_message(data, None, key=key, properties=properties)
+        return await producer.send(message, key, size)
 
     async def _producer(self, topic: str) -> TopicProducer:
         task = self._producers.get(topic)
         if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            if self._closed:
+                raise PublishError(topic, "BusClosed", maybe_stored=False)
             if self._client is None:
                 raise RuntimeError("the bus is not started: use `async with EventBus() as bus:`")
             full = self.settings.topic(topic)

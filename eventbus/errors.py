@@ -28,12 +28,20 @@ class AuthenticationFailed(ConfigError):
 
 
 class PublishError(EventBusError):
-    """The broker did not confirm a message; it may or may not have been stored."""
+    """The broker did not confirm a message.
 
-    def __init__(self, topic: str, result: _pulsar.Result | str, detail: str = "") -> None:
+    `maybe_stored` is False when the message was certainly not stored (the bus
+    or the broker refused it before storing: safe to publish again), and True
+    when that cannot be known (a timeout or a lost connection: the broker may
+    have stored it and its receipt got lost; publish again only if a duplicate
+    is acceptable, or use `sequence_id` with deduplication).
+    """
+
+    def __init__(self, topic: str, result: _pulsar.Result | str, detail: str = "", *, maybe_stored: bool | None = None) -> None:
         self.topic = topic
         self.result = result
         name = result.name if isinstance(result, _pulsar.Result) else str(result)
+        self.maybe_stored = name not in NOT_STORED if maybe_stored is None else maybe_stored
         hint = _HINTS.get(name, "")
         super().__init__(f"publish to {topic} failed: {name}{': ' + detail if detail else ''}{hint}")
 
@@ -56,10 +64,27 @@ class PublishBatchError(EventBusError):
         )
 
 
+#: Results that mean the message was not stored: refused by the client before
+#: sending, or by the broker instead of storing it. Any other result (Timeout,
+#: AlreadyClosed, a lost connection) leaves it unknown.
+NOT_STORED = frozenset(
+    {
+        "BusClosed",
+        "MessageTooBig",
+        "InvalidMessage",
+        "ProducerQueueIsFull",
+        "ChecksumError",
+        "TopicTerminated",
+        "ProducerBlockedQuotaExceededError",
+        "ProducerBlockedQuotaExceededException",
+    }
+)
+
 _HINTS = {
     "MessageTooBig": " (the payload is larger than the broker's maximum message size, 5 MB by default)",
     "Timeout": " (no confirmation within the send timeout; is the broker up?)",
     "AuthenticationError": " (authentication failed: check EVENTBUS_TOKEN)",
     "AuthorizationError": " (the token's role may not publish to this topic)",
-    "AlreadyClosed": " (the bus is shutting down)",
+    "AlreadyClosed": " (the producer was closed with this message unconfirmed)",
+    "BusClosed": " (the bus is closed: publish before `close()`, or open a new EventBus)",
 }

@@ -29,34 +29,53 @@ _COMPRESSION = {
 _OK = _pulsar.Result.Ok
 _NEVER_MS = 24 * 3600 * 1000
 _GROUP_BYTES_MAX = 1024 * 1024
+#: Bytes a batch spends per message and per property besides their contents (an upper bound).
+_FRAMING = 32
 
 
 def build_message(
     data: bytes,
     content_type: str | None,
     *,
-    key: str | None = None,
+    key: str | bytes | None = None,
     properties: Mapping[str, str] | None = None,
     deliver_after: timedelta | float | None = None,
     event_time: datetime | int | None = None,
     sequence_id: int | None = None,
-) -> _pulsar.Message:
-    """Build a client message, checking every argument before anything is sent."""
+) -> tuple[_pulsar.Message, int]:
+    """Build a client message, checking every argument before anything is sent.
+
+    Returns the message and about how many bytes it takes in a batch: payload,
+    key, properties and their framing, which is what the broker's size limit counts.
+    """
     builder = _pulsar.MessageBuilder()
     builder.content(data)
+    size = len(data) + _FRAMING
     if content_type is not None:
         builder.property(CONTENT_TYPE, content_type)
+        size += len(CONTENT_TYPE) + len(content_type)
     if properties:
         for name, value in properties.items():
             if not isinstance(name, str) or not isinstance(value, str):
                 raise TypeError(
                     f"message property {name!r}={value!r} is not str=str: convert property values to strings"
                 )
-            builder.property(name, value)
+            try:
+                builder.property(name, value)
+            except TypeError:  # pybind11's words for a str that is not valid UTF-8
+                raise TypeError(
+                    f"message property {name!r}={value!r} is not valid UTF-8 (a lone surrogate?): "
+                    "encode it, e.g. value.encode('utf-8', 'backslashreplace').decode()"
+                ) from None
+            size += len(name) + len(value) + _FRAMING
     if key is not None:
-        if not isinstance(key, str):
+        if not isinstance(key, (str, bytes)):
             raise TypeError(f"message key must be a str, not {type(key).__name__}")
-        builder.partition_key(key)
+        try:
+            builder.partition_key(key)
+        except TypeError:
+            raise TypeError(f"message key {key!r} is not valid UTF-8 (a lone surrogate?): encode it first") from None
+        size += len(key)
     if deliver_after is not None:
         if not isinstance(deliver_after, timedelta):
             deliver_after = timedelta(seconds=deliver_after)
@@ -67,15 +86,16 @@ def build_message(
         builder.event_timestamp(event_time)
     if sequence_id is not None:
         builder.sequence_id(sequence_id)
-    return builder.build()
+    return builder.build(), size
 
 
 class _Slots:
     """A counting semaphore whose free path is one comparison (asyncio's builds a generator)."""
 
     def __init__(self, count: int) -> None:
-        self.free = count
+        self.free = self._count = count
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._idle: asyncio.Future[None] | None = None
 
     async def acquire(self) -> None:
         while self.free <= 0:
@@ -88,6 +108,7 @@ class _Slots:
                     self._wake()  # woken, then cancelled: pass the turn on
                 else:
                     self._waiters.remove(waiter)
+                    self._check_idle()
                 raise
         self.free -= 1
 
@@ -95,6 +116,19 @@ class _Slots:
         self.free += count
         if self._waiters:
             self._wake()
+        elif self._idle is not None:
+            self._check_idle()
+
+    def _check_idle(self) -> None:
+        idle = self._idle
+        if idle is not None and self.free >= self._count and not self._waiters and not idle.done():
+            idle.set_result(None)
+
+    async def drained(self) -> None:
+        """Wait until every slot is free and nobody waits for one."""
+        while self.free < self._count or self._waiters:
+            self._idle = asyncio.get_running_loop().create_future()
+            await self._idle
 
     def _wake(self) -> None:
         for _ in range(min(self.free, len(self._waiters))):
@@ -122,7 +156,9 @@ class TopicProducer:
       every later send too, so they reach the key's last message as well.
 
     Messages the client does not batch (`deliver_after`) and partitioned topics
-    (where the client picks a partition per message) get a receipt each.
+    get a receipt each: the client picks a partition per message, and its
+    partitioned producer ignores a flush asked for while an earlier one waits,
+    which would leave a group in its buffer (even with one partition).
     """
 
     def __init__(
@@ -146,22 +182,23 @@ class TopicProducer:
         self._group_messages = group_messages  # 0: a receipt per message
         self._group_bytes = group_bytes
         self._group_delay = group_delay
-        self._queue: list[tuple[_pulsar.Message, str, int, asyncio.Future[MessageId]]] = []
+        self._queue: list[tuple[_pulsar.Message, str | bytes, int, asyncio.Future[MessageId]]] = []
         self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
+        self.closing = False
 
     async def send(
-        self, message: _pulsar.Message, key: str | None = None, size: int = 0, *, batchable: bool = True
+        self, message: _pulsar.Message, key: str | bytes | None = None, size: int = 0, *, batchable: bool = True
     ) -> MessageId:
         """Send and wait until the broker confirmed the message.
 
-        `key` and `size` must be the message's partition key and payload length.
+        `key` and `size` must be the message's partition key and size (from `build_message`).
         """
         if not self.reserve_nowait():
             await self.reserve()
         return await self.enqueue(message, key, size, batchable)
 
     async def submit(
-        self, message: _pulsar.Message, key: str | None = None, size: int = 0, *, batchable: bool = True
+        self, message: _pulsar.Message, key: str | bytes | None = None, size: int = 0, *, batchable: bool = True
     ) -> asyncio.Future[MessageId]:
         """Send; the returned future resolves when the broker confirmed the message."""
         await self.reserve()
@@ -169,6 +206,8 @@ class TopicProducer:
 
     def reserve_nowait(self) -> bool:
         """Take a pending slot if one is free; `enqueue` then uses it."""
+        if self.closing:
+            raise self.closed_error()
         slots = self._slots
         if slots.free > 0:
             slots.free -= 1
@@ -176,11 +215,16 @@ class TopicProducer:
         return False
 
     async def reserve(self) -> None:
-        """Wait for a pending slot."""
+        """Wait for a pending slot; a publish waiting when `close()` begins is still sent."""
+        if self.closing:
+            raise self.closed_error()
         await self._slots.acquire()
 
+    def closed_error(self) -> PublishError:
+        return PublishError(self.topic, "BusClosed", maybe_stored=False)
+
     def enqueue(
-        self, message: _pulsar.Message, key: str | None, size: int, batchable: bool
+        self, message: _pulsar.Message, key: str | bytes | None, size: int, batchable: bool
     ) -> asyncio.Future[MessageId]:
         """Send on a reserved slot; the future resolves when the broker confirmed the message."""
         loop = self._bridge.loop
@@ -193,6 +237,9 @@ class TopicProducer:
                 raise
             return future
         queue = self._queue
+        # The client batches by the key's bytes: a bytes key and its str spelling are one lane.
+        if key.__class__ is bytes:
+            key = key.decode("utf-8", "surrogateescape")  # type: ignore[union-attr]
         queue.append((message, key or "", size, future))
         if len(queue) >= self._group_messages:
             if self._timer is not None:
@@ -242,7 +289,8 @@ class TopicProducer:
         self._slots.release(len(futures))
         for future in futures:
             if not future.done():
-                future.set_exception(PublishError(self.topic, type(exc).__name__, str(exc)))
+                # Earlier messages of a lane were handed to the client: stored or not, nobody can tell.
+                future.set_exception(PublishError(self.topic, type(exc).__name__, str(exc), maybe_stored=True))
 
     def _done(self, lane: list[asyncio.Future[MessageId]], result: _pulsar.Result, message_id: MessageId) -> None:
         """The receipt of a lane's last message, for every message of the lane."""
@@ -255,7 +303,18 @@ class TopicProducer:
             # A batch's messages share its entry; each is told apart by its index.
             partition, ledger, entry = message_id.partition(), message_id.ledger_id(), message_id.entry_id()
             first = message_id.batch_index() - len(lane) + 1
-            for index, future in enumerate(lane, first):
+            if first != 0:
+                # The lane is not one whole batch (a client that batches otherwise):
+                # the receipt names only its last message; the others' ids are unknown.
+                *rest, last = lane
+                if not last.done():
+                    last.set_result(message_id)
+                error = PublishError(self.topic, "UnknownId", f"receipt {message_id} does not cover {len(lane)} messages")
+                for future in rest:
+                    if not future.done():
+                        future.set_exception(error)
+                return
+            for index, future in enumerate(lane):
                 if not future.done():
                     future.set_result(_pulsar.MessageId(partition, ledger, entry, index))
         else:
@@ -264,10 +323,10 @@ class TopicProducer:
                     future.set_exception(PublishError(self.topic, result))
 
     async def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._dispatch()
+        """Refuse new publishes, settle every accepted one with its true outcome, then close."""
+        self.closing = True
         try:
+            await self._slots.drained()
             await self.wrapper.flush()
         finally:
             await self.wrapper.close()
@@ -296,8 +355,8 @@ async def create_producer(
     if settings.producer_name:
         options["producer_name"] = settings.producer_name
     options.update(overrides)
-    partitions = await client.get_topic_partitions(topic)
-    grouped = len(partitions) == 1 and options["batching_enabled"]
+    # A partitioned topic, even of one partition, names its partitions ("...-partition-0").
+    grouped = await client.get_topic_partitions(topic) == [topic] and options["batching_enabled"]
     if grouped:
         # The bus flushes every group itself; the client's timer must never cut one.
         options["batching_max_publish_delay_ms"] = _NEVER_MS

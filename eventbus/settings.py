@@ -114,7 +114,9 @@ class Settings(BaseSettings):
     operation_timeout_seconds: int = Field(default=30, ge=1)
     connection_timeout_ms: int = Field(default=10_000, ge=100)
 
-    producer_batching_max_messages: int = Field(default=1000, ge=1)
+    producer_batching_max_messages: int = Field(
+        default=1000, ge=2, description="Messages per batch at most; the client refuses fewer than 2."
+    )
     producer_batching_max_bytes: int = Field(default=1024 * 1024, ge=1024)
     producer_batching_max_delay_ms: int = Field(default=1, ge=0)
     producer_compression: Literal["none", "lz4", "zlib", "zstd", "snappy"] = "lz4"

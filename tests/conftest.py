@@ -6,6 +6,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -116,6 +117,42 @@ async def running(bus: EventBus) -> AsyncIterator[EventBus]:
             yield bus
         finally:
             bus.stop()
+
+
+def read_stored(url: str, token: str | None, topic: str, partitions: int = 0) -> dict[bytes, list[tuple[int, ...]]]:
+    """Every payload of a topic, as a raw Reader finds it: payload -> [(partition, ledger, entry, batch index)]."""
+    import pulsar
+
+    options: dict = {"logger": pulsar.FileLogger(pulsar.LoggerLevel.Error, "/dev/null")}
+    if token:
+        options["authentication"] = pulsar.AuthenticationToken(token)
+    client = pulsar.Client(url, **options)
+    names = [topic] if not partitions else [f"{topic}-partition-{i}" for i in range(partitions)]
+    stored: dict[bytes, list[tuple[int, ...]]] = {}
+    try:
+        for partition, name in enumerate(names, 0 if partitions else -1):
+            reader = client.create_reader(name, pulsar.MessageId.earliest)
+            while _has_more(reader):
+                message = reader.read_next(10_000)
+                mid = message.message_id()
+                stored.setdefault(message.data(), []).append((partition, mid.ledger_id(), mid.entry_id(), mid.batch_index()))
+            reader.close()
+    finally:
+        client.close()
+    return stored
+
+
+def _has_more(reader: Any) -> bool:
+    try:
+        return bool(reader.has_message_available())
+    except Exception:  # Apache Pulsar 3.0 answers an empty topic with "Topic has no messages"
+        return False
+
+
+def id_of(message_id: object) -> tuple[int, ...]:
+    """A returned id in `read_stored`'s form."""
+    mid: Any = message_id
+    return (mid.partition(), mid.ledger_id(), mid.entry_id(), mid.batch_index())
 
 
 async def eventually(check: Callable[[], object], timeout: float = 20.0, what: str = "condition") -> None:

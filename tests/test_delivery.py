@@ -288,8 +288,9 @@ async def test_publish_batch_reports_every_failure(settings: Settings, topic: st
 
 async def test_publish_too_big_fails_clearly(settings: Settings, topic: str) -> None:
     async with EventBus(settings, routers=[]) as bus:
-        with pytest.raises(PublishError, match="MessageTooBig.*maximum message size"):
+        with pytest.raises(PublishError, match="MessageTooBig.*maximum message size") as caught:
             await bus.publish(topic, os.urandom(6 * 1024 * 1024))
+    assert caught.value.maybe_stored is False, "refused before storing: safe to publish again"
 
 
 async def test_short_and_full_topic_names_meet(settings: Settings, topic: str) -> None:

@@ -94,6 +94,7 @@ def test_random_payloads_are_handled_or_dead_lettered(settings: Settings, kind: 
         ({"MQ_NAME_SERVER": "b1:6650"}, "no scheme"),
         ({"EVENTBUS_OPERATION_TIMEOUT_SECONDS": "-5"}, "operation_timeout_seconds"),
         ({"EVENTBUS_PRODUCER_COMPRESSION": "gzip"}, "producer_compression"),
+        ({"EVENTBUS_PRODUCER_BATCHING_MAX_MESSAGES": "1"}, "producer_batching_max_messages"),
         ({"EVENTBUS_SHUTDOWN_DRAIN_TIMEOUT": "soon"}, "shutdown_drain_timeout"),
         ({"EVENTBUS_TOKEN_FILE": "/nonexistent/token.jwt"}, "cannot read token file /nonexistent/token.jwt"),
         ({"EVENTBUS_TOKEN_FILE": "/"}, "cannot read token file /"),

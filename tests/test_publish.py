@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -13,7 +14,8 @@ import pytest
 from eventbus import EventBus, Message, PublishError, Router, Settings
 from eventbus.embedded import _start, _stop
 
-from .conftest import eventually, running
+from .conftest import eventually, id_of, read_stored, running
+from .pulsar_admin import admin
 
 
 async def _read_back(settings: Settings, topic: str, want: set[int]) -> dict[int, Message]:
@@ -77,6 +79,7 @@ async def test_a_broker_killed_mid_burst_leaves_no_unconfirmed_publish_reported_
                 await eventually(lambda: len(confirmed) > after, timeout=30, what="publishes after the restart")
         assert len(confirmed) + len(failed) == total, "every publish either returned an id or raised"
         assert failed and all("Timeout" in str(e) or "AlreadyClosed" in str(e) for e in failed.values())
+        assert all(e.maybe_stored for e in failed.values()), "a timeout cannot tell whether the broker stored it"
         seen = await _read_back(settings, topic, set(confirmed))  # fails naming the count if one is missing
     finally:
         _stop(pid)
@@ -98,3 +101,101 @@ async def test_publish_slots_make_the_excess_wait_and_a_cancelled_waiter_passes_
     with anyio.fail_after(5):
         await second
     assert first.cancelled() and slots.free == 0
+
+
+def _mismatches(returned: dict[bytes, object], stored: dict[bytes, list[tuple[int, ...]]]) -> list[str]:
+    """Every publish whose outcome disagrees with what the broker stored."""
+    bad = []
+    for payload, outcome in returned.items():
+        where = stored.get(payload, [])
+        if isinstance(outcome, PublishError):
+            if where and not outcome.maybe_stored:
+                bad.append(f"{payload!r} raised {outcome} (maybe_stored=False) but is stored at {where}")
+        elif isinstance(outcome, BaseException):
+            bad.append(f"{payload!r} raised {outcome!r}")
+        elif id_of(outcome) not in where:
+            bad.append(f"{payload!r} returned {id_of(outcome)} but is stored at {where or 'nowhere'}")
+    return bad
+
+
+async def _outcomes(coros: dict[bytes, Any], timeout: float) -> dict[bytes, object]:
+    """Run publishes to the end; one still pending after `timeout` fails the test."""
+    tasks = {payload: asyncio.ensure_future(coro) for payload, coro in coros.items()}
+    done, pending = await asyncio.wait(tasks.values(), timeout=timeout)
+    for task in pending:
+        task.cancel()
+    assert not pending, f"{len(pending)} of {len(tasks)} publishes still pending after {timeout}s"
+    return {p: (t.exception() or t.result()) for p, t in tasks.items()}
+
+
+@pytest.mark.pulsar
+@pytest.mark.parametrize("partitions", [1, 3])
+async def test_partitioned_topics_return_the_stored_id_and_every_publish_resolves(
+    pulsar: dict, topic: str, partitions: int
+) -> None:
+    # One partition was the trap: the client's partitioned producer ignores a flush
+    # asked for while an earlier one waits, so grouped sends stayed in its buffer.
+    full = f"persistent://public/default/{topic}"
+    admin(pulsar, "PUT", f"/admin/v2/persistent/public/default/{topic}/partitions", partitions)
+    settings = Settings(
+        _env_file=None, url=pulsar["service_url"], token=pulsar["client_token"], producer_send_timeout_ms=2000,
+        producer_batching_max_messages=3,
+    )
+    returned: dict[bytes, object] = {}
+    async with EventBus(settings, routers=[]) as bus:
+        returned[b"warm"] = await bus.publish(topic, b"warm", key="a")
+        # A publish per loop turn, one while the last still waits for its receipt.
+        first = asyncio.ensure_future(bus.publish(topic, b"a1", key="a"))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        second = asyncio.ensure_future(bus.publish(topic, b"b1", key="b"))
+        returned.update(await _outcomes({b"a1": first, b"b1": second}, timeout=10))
+        # Bursts that overfill a 3-message batch, many keys, large payloads.
+        burst = {f"m{n:04d}".encode() + b"." * (n % 3) * 20_000: n for n in range(600)}
+        returned.update(await _outcomes({p: bus.publish(topic, p, key=f"k{n % 20}") for p, n in burst.items()}, 30))
+        batch = [f"b{n:04d}".encode() for n in range(2000)]
+        returned.update(zip(batch, await bus.publish_batch(topic, batch, key="one")))
+    stored = await anyio.to_thread.run_sync(read_stored, settings.url, settings.jwt(), full, partitions)
+    assert _mismatches(returned, stored) == []
+    assert len(returned) == 2603
+
+
+async def test_close_settles_every_accepted_publish_truly_and_refuses_new_ones(settings: Settings, topic: str) -> None:
+    settings = settings.model_copy(update={"producer_max_pending_messages": 100})
+    bus = EventBus(settings, routers=[])
+    await bus.start()
+    url = bus.url
+    try:
+        await bus.publish(topic, b"warm")
+        # Most of these wait for one of the 100 pending slots when close() begins.
+        accepted = {f"m{n:04d}".encode(): bus.publish(topic, f"m{n:04d}".encode(), key=f"k{n % 50}") for n in range(2000)}
+        tasks = {p: asyncio.ensure_future(c) for p, c in accepted.items()}
+        await asyncio.sleep(0)
+        closing = asyncio.ensure_future(bus.close())
+        await asyncio.sleep(0)
+        with pytest.raises(PublishError, match="BusClosed.*the bus is closed") as during:
+            await bus.publish(topic, b"during close")
+        await closing
+    finally:
+        await bus.close()
+    with pytest.raises(PublishError, match="BusClosed") as after:
+        await bus.publish(topic, b"after close")
+    assert during.value.maybe_stored is False and after.value.maybe_stored is False
+    returned = await _outcomes(dict(tasks), timeout=5)
+    stored = await anyio.to_thread.run_sync(read_stored, url, settings.jwt(), settings.topic(topic))
+    assert _mismatches(returned, stored) == []
+    assert all(not isinstance(o, BaseException) for o in returned.values()), "accepted before close: all stored"
+    assert b"during close" not in stored and b"after close" not in stored
+
+
+async def test_properties_count_toward_a_batch_so_small_payloads_with_big_properties_fit(
+    settings: Settings, topic: str
+) -> None:
+    # 1,000 messages of 5 B with a 6,000-character property: 6 MB as one batch, over the broker's 5 MB.
+    settings = settings.model_copy(update={"producer_compression": "none"})
+    async with EventBus(settings, routers=[]) as bus:
+        url = bus.url
+        payloads = {f"P{n:04d}".encode(): bus.publish(topic, f"P{n:04d}".encode(), key="k", properties={"blob": "x" * 6000}) for n in range(1000)}
+        returned = await _outcomes(payloads, timeout=60)
+    stored = await anyio.to_thread.run_sync(read_stored, url, settings.jwt(), settings.topic(topic))
+    assert _mismatches(returned, stored) == []
