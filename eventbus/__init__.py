@@ -17,7 +17,15 @@ or run a module's handlers in a worker: ``python -m eventbus run handlers``.
 
 from .bus import EventBus
 from .codec import DecodeError
-from .errors import AuthenticationFailed, BrokerUnavailable, ConfigError, EventBusError, PublishBatchError, PublishError
+from .errors import (
+    AuthenticationFailed,
+    BrokerUnavailable,
+    ConfigError,
+    EventBusError,
+    PublishBatchError,
+    PublishError,
+    SubscriptionFailed,
+)
 from .message import Message, MessageId
 from .registry import Router, Subscription, default_router, subscribe
 from .settings import Settings
@@ -36,6 +44,7 @@ __all__ = [
     "Router",
     "Settings",
     "Subscription",
+    "SubscriptionFailed",
     "default_router",
     "subscribe",
 ]

@@ -21,7 +21,10 @@ import pulsar.asyncio
 from .bridge import LoopBridge
 from .codec import encode
 from .embedded import EmbeddedBroker
-from .errors import PULSAR_ERRORS, AuthenticationFailed, BrokerUnavailable, ConfigError, PublishBatchError, PublishError
+from .errors import (
+    PULSAR_ERRORS, AuthenticationFailed, BrokerUnavailable, ConfigError, PublishBatchError, PublishError,
+    SubscriptionFailed,
+)
 from .handshake import HandshakeRejected, handshake
 from .message import MessageId
 from .producers import TopicProducer, build_message, create_producer
@@ -282,6 +285,8 @@ class EventBus:
         On stop it takes no more messages, lets running handlers finish within
         `shutdown_drain_timeout`, acknowledges them and closes the consumers.
         Messages received but not handled stay unacknowledged and are redelivered.
+        A subscription that dies of something unexpected is logged with its
+        traceback, the others drain, and `run()` raises `SubscriptionFailed`.
         """
         from .consumer import SubscriptionRunner
 
@@ -295,6 +300,7 @@ class EventBus:
             handle_signals = threading.current_thread() is threading.main_thread()
         runners = [SubscriptionRunner(self, sub, topic) for topic, sub in subs]
         self._runners = runners
+        self._failures: list[BaseException] = []
         loop = asyncio.get_running_loop()
         if handle_signals:
             self._install_signals(loop)
@@ -309,15 +315,16 @@ class EventBus:
                         raise _broker_error(f"cannot subscribe {runner.sub.group!r} to {runner.topic}", exc) from None
                     # The broker is there (the handshake said so) but busy, restarting, or
                     # holding the subscription for another consumer: keep trying in run().
-                    log.warning(
-                        "cannot subscribe %s group=%s yet (%s): retrying until it works or the worker stops",
-                        runner.topic, runner.sub.group, exc,
-                    )
+                    if "ConsumerBusy" not in str(exc):  # a standby member: the runner says so
+                        log.warning(
+                            "cannot subscribe %s group=%s yet (%s): retrying until it works or the worker stops",
+                            runner.topic, runner.sub.group, exc,
+                        )
             task_status.started()
             async with anyio.create_task_group() as tg:
                 done = [anyio.Event() for _ in runners]
                 for runner, finished in zip(runners, done):
-                    tg.start_soon(_run_then_set, runner, finished)
+                    tg.start_soon(self._run_runner, runner, finished)
                 async with anyio.create_task_group() as bg:
                     for func in background:
                         bg.start_soon(func, self)
@@ -342,6 +349,18 @@ class EventBus:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)
             self._stop = asyncio.Event()
+        if self._failures:
+            raise self._failures[0]
+
+    async def _run_runner(self, runner: Any, finished: anyio.Event) -> None:
+        try:
+            await runner.run()
+        except SubscriptionFailed as exc:
+            # The runner logged why; the others drain, then run() raises it.
+            self._failures.append(exc)
+            self.stop()
+        finally:
+            finished.set()
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         def on_signal(sig: signal.Signals) -> None:
@@ -371,11 +390,6 @@ def _client_logger(level: str) -> Any:
     return pulsar.FileLogger(native, "/dev/stderr")
 
 
-async def _run_then_set(runner: Any, finished: anyio.Event) -> None:
-    try:
-        await runner.run()
-    finally:
-        finished.set()
 
 
 _FINAL = ("Authentication", "Authorization", "InvalidTopicName", "InvalidConfiguration", "NotAllowed", "InvalidUrl")

@@ -11,6 +11,7 @@ import os
 import random
 import socket
 import threading
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import _pulsar
@@ -18,7 +19,7 @@ import anyio
 import pulsar
 
 from .codec import DecodeError
-from .errors import PULSAR_ERRORS
+from .errors import PULSAR_ERRORS, SubscriptionFailed
 from .message import Message, from_millis
 from .registry import Subscription
 
@@ -42,6 +43,8 @@ _HANDOFF = 256
 _ERROR_TEXT_MAX = 2000
 #: How often a standby process looks whether the subscription's lease is free.
 _LEASE_POLL = 0.25
+#: How often a standby member asks Apache Pulsar for the exclusive subscription (a subscribe request each).
+_STANDBY_POLL = 0.5
 #: Acknowledged ids remembered to drop redelivered copies (about 100 bytes each).
 _REMEMBER_ACKED = 100_000
 
@@ -84,6 +87,13 @@ class SubscriptionRunner:
         self._acked_order: collections.deque[tuple[int, int, int, int]] = collections.deque()
         self.handled = 0
         self.duplicates = 0
+        #: Dead-letter publishes that failed and are being retried (the message's key waits meanwhile).
+        self.dead_letter_failures = 0
+        #: What killed the runner, if something did.
+        self.failure: BaseException | None = None
+        self._loop = asyncio.get_running_loop()
+        self._deadlines: dict[asyncio.Task[Any], float] = {}
+        self._timed_out: set[asyncio.Task[Any]] = set()
         broker = bus._broker
         self._lease = broker.lease(topic, sub.group) if broker is not None else None
 
@@ -102,6 +112,12 @@ class SubscriptionRunner:
             return "shared"
         if self.sub.subscription == "key_shared" and self.bus.lite_broker:
             return "failover"  # pulsar-lite reached by URL: no lease, so one active consumer
+        if self.sub.subscription == "failover" and not self.bus.lite_broker:
+            # Pulsar's failover moves the active role without telling the consumer
+            # that lost it (pulsar-client 3.13 takes no consumer-event listener), so
+            # both would handle a key at once. Exclusive: one member consumes, the
+            # others stand by and subscribe when it has drained and left.
+            return "exclusive"
         return self.sub.subscription
 
     @property
@@ -128,11 +144,25 @@ class SubscriptionRunner:
 
     async def _subscribe_until_stopped(self) -> bool:
         delay = 1.0
+        standby = False
         while not self._stopping.is_set():
             try:
                 await self.subscribe()
+                if standby:
+                    log.info("taking over %s group=%s", self.topic, self.sub.group)
                 return True
             except PULSAR_ERRORS as exc:
+                if "ConsumerBusy" in str(exc):
+                    # Another member holds the exclusive subscription: take over as soon as it leaves.
+                    if not standby:
+                        log.info(
+                            "standby: another member consumes %s group=%s (%s); taking over when it leaves",
+                            self.topic, self.sub.group, self.kind,
+                        )
+                    standby = True
+                    if await self._sleep_unless_stopped(_STANDBY_POLL):
+                        break
+                    continue
                 log.warning("still cannot subscribe %s group=%s (%s); next try in %.0fs", self.topic, self.sub.group, exc, delay)
             if await self._sleep_unless_stopped(delay):
                 break
@@ -167,12 +197,36 @@ class SubscriptionRunner:
                 return
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._receive)
+                tg.start_soon(self._guard, self._receive)
                 for _ in range(self.sub.concurrency):
-                    tg.start_soon(self._worker)
+                    tg.start_soon(self._guard, self._worker)
+                if self.sub.timeout:
+                    tg.start_soon(self._guard, self._watchdog)
         finally:
             with anyio.CancelScope(shield=True):
                 await self._close()
+        if self.failure is not None:
+            raise SubscriptionFailed(
+                f"subscription {self.sub.group!r} on {self.topic} stopped: {_text(self.failure)}"
+            ) from self.failure
+
+    async def _guard(self, part: Callable[[], Awaitable[None]]) -> None:
+        """Run a part of the runner; one that dies stops the runner, loudly, so the worker exits non-zero."""
+        try:
+            await part()
+        except BaseException as exc:
+            if _cancelled_by_us(exc):
+                raise
+            self._die(exc)
+
+    def _die(self, exc: BaseException) -> None:
+        if self.failure is None:
+            self.failure = exc
+            log.critical(
+                "subscription %s group=%s died; stopping the worker: %s", self.topic, self.sub.group, _text(exc),
+                exc_info=exc,
+            )
+        self.stop()
 
     def stop(self) -> None:
         """Stop taking messages; handlers already running finish and are acknowledged."""
@@ -242,6 +296,12 @@ class SubscriptionRunner:
             call(self._enqueue, batch)
 
     def _enqueue(self, batch: list[_pulsar.Message]) -> None:
+        try:
+            self._dispatch(batch)
+        except BaseException as exc:  # a bug: the batch's count can no longer be trusted
+            self._die(exc)
+
+    def _dispatch(self, batch: list[_pulsar.Message]) -> None:
         if self._stopping.is_set():
             return
         ordered = self.sub.ordered
@@ -256,7 +316,8 @@ class SubscriptionRunner:
                     self._ack_again(message)
                 continue
             active.add(ident)
-            lane: object = message.partition_key() if ordered else next(self._unique)
+            # A key that is not UTF-8 (any producer may send one) is its lane as bytes.
+            lane: object = key_of(message) if ordered else next(self._unique)
             queue = lanes.get(lane)
             if queue is None:
                 lanes[lane] = collections.deque(((message, ident),))
@@ -280,10 +341,10 @@ class SubscriptionRunner:
                 self._finished += 1
                 if not self._room.is_set():
                     self._room.set()
-            if queue and not self._stopping.is_set():
-                self._ready.put_nowait(lane)
-            else:
-                del self._lanes[lane]
+                if queue and not self._stopping.is_set():
+                    self._ready.put_nowait(lane)
+                else:
+                    del self._lanes[lane]
 
     async def _handle(self, message: _pulsar.Message, ident: Ident) -> None:
         sub = self.sub
@@ -299,16 +360,22 @@ class SubscriptionRunner:
             attempt += 1
             try:
                 await self._call(payload, message, earlier + attempt)
-            except Exception as exc:
+            except UnreadableMessage as exc:
+                await self._give_up(message, ident, "unreadable", exc, attempts=attempt)
+                return
+            except BaseException as exc:
+                # Whatever a handler raises fails its message, CancelledError and
+                # SystemExit included; only the bus's own cancellation goes through.
+                if _cancelled_by_us(exc):
+                    raise
                 if attempt > sub.max_retries:
                     await self._give_up(message, ident, "handler-failed", exc, attempts=attempt)
                     return
                 delay = min(sub.retry_backoff * 2 ** (attempt - 1), sub.retry_backoff_max)
                 delay *= random.uniform(0.8, 1.2)
                 log.warning(
-                    "%s failed on %s (attempt %d of %d), retrying in %.2fs: %s: %s",
-                    sub.name, _describe(message), attempt, sub.max_retries + 1, delay,
-                    type(exc).__name__, exc,
+                    "%s failed on %s (attempt %d of %d), retrying in %.2fs: %s",
+                    sub.name, _describe(message), attempt, sub.max_retries + 1, delay, _text(exc),
                 )
                 if await self._sleep_unless_stopped(delay):
                     return  # unacknowledged: redelivered after shutdown
@@ -330,16 +397,54 @@ class SubscriptionRunner:
                 kwargs[name] = self._metadata(message, attempt)
             else:
                 kwargs[name] = self.bus
+        if not self.sub.timeout:
+            await self._invoke(args, kwargs)
+            return
+        # A deadline per call, enforced by _watchdog: a cancel scope per message
+        # costs 5-7 us, more than the rest of the dispatch.
+        task = asyncio.current_task()
+        assert task is not None
+        self._deadlines[task] = self._loop.time() + self.sub.timeout
+        try:
+            await self._invoke(args, kwargs)
+        except asyncio.CancelledError:
+            if task not in self._timed_out:
+                raise
+        finally:
+            del self._deadlines[task]
+        if task in self._timed_out:
+            self._timed_out.discard(task)
+            task.uncancel()
+            # A thread cannot be stopped: a sync handler goes on running, abandoned.
+            raise HandlerTimeout(f"the handler did not finish within {self.sub.timeout:g}s (subscribe(timeout=...))")
+
+    async def _invoke(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self.sub.is_async:
             await self.sub.handler(*args, **kwargs)
         else:
             await anyio.to_thread.run_sync(functools.partial(self.sub.handler, *args, **kwargs), abandon_on_cancel=True)
 
+    async def _watchdog(self) -> None:
+        """Cancel each handler call that runs past the subscription's timeout."""
+        timeout = self.sub.timeout
+        assert timeout
+        while not await self._sleep_unless_stopped(min(timeout / 4, 1.0)):
+            now = self._loop.time()
+            for task, deadline in list(self._deadlines.items()):
+                if deadline <= now and task not in self._timed_out:
+                    self._timed_out.add(task)
+                    task.cancel()
+
     def _metadata(self, message: _pulsar.Message, attempt: int) -> Message:
+        try:
+            properties = message.properties()
+        except UnicodeDecodeError as exc:
+            raise UnreadableMessage(f"a property is not UTF-8 ({exc.object!r}): Message.properties cannot hold it") from None
+        key = key_of(message)
         return Message(
             topic=message.topic_name(),
-            key=message.partition_key() or None,
-            properties=message.properties(),
+            key=(key.decode("utf-8", "backslashreplace") if isinstance(key, bytes) else key) or None,
+            properties=properties,
             message_id=message.message_id(),
             publish_time=from_millis(message.publish_timestamp()),
             event_time=from_millis(message.event_timestamp()),
@@ -376,17 +481,20 @@ class SubscriptionRunner:
     ) -> None:
         """Dead-letter a message (or drop it when dead-lettering is off), then acknowledge it."""
         sub = self.sub
-        error = f"{type(exc).__name__}: {exc}"
+        error = _text(exc)
         if not sub.dead_letter:
             log.error("%s dropped %s after %d attempts (%s): %s", sub.name, _describe(message), attempts, reason, error)
             self._ack(message, ident)
             return
-        properties = dict(message.properties())
+        try:
+            properties = dict(message.properties())
+        except UnicodeDecodeError:
+            properties = {"eventbus-properties-lost": "a property was not UTF-8; the original ones are not copied"}
         properties.update(
             {
                 "eventbus-dlq-reason": reason,
-                "eventbus-error-type": type(exc).__name__,
-                "eventbus-error": str(exc)[:_ERROR_TEXT_MAX],
+                "eventbus-error-type": _encodable(type(exc).__name__),
+                "eventbus-error": _encodable(_detail(exc)),
                 "eventbus-attempts": str(attempts),
                 "eventbus-original-topic": message.topic_name(),
                 "eventbus-original-message-id": str(message.message_id()),
@@ -396,13 +504,15 @@ class SubscriptionRunner:
         delay = sub.retry_backoff or 0.5
         while True:
             try:
-                await self.bus._send_raw(
-                    self.dlq_topic, message.data(), key=message.partition_key() or None, properties=properties
-                )
+                await self.bus._send_raw(self.dlq_topic, message.data(), key=key_of(message) or None, properties=properties)
                 break
             except Exception as dlq_exc:
                 # Not acknowledged until it is safely dead-lettered; the key waits.
-                log.error("cannot dead-letter %s to %s: %s", _describe(message), self.dlq_topic, dlq_exc)
+                self.dead_letter_failures += 1
+                log.error(
+                    "cannot dead-letter %s to %s (retrying in %.1fs): %s", _describe(message), self.dlq_topic, delay,
+                    _text(dlq_exc),
+                )
                 if await self._sleep_unless_stopped(delay):
                     return
                 delay = min(delay * 2, sub.retry_backoff_max)
@@ -416,11 +526,54 @@ class SubscriptionRunner:
 Ident = tuple[int, int, int, int]
 
 
+class HandlerTimeout(Exception):
+    """A handler ran past its subscription's `timeout`."""
+
+
+class UnreadableMessage(Exception):
+    """The client cannot hand over part of a message (a property that is not UTF-8)."""
+
+
 def _ident(message: _pulsar.Message) -> tuple[int, int, int, int]:
     mid = message.message_id()
     return (mid.partition(), mid.ledger_id(), mid.entry_id(), mid.batch_index())
 
 
+def key_of(message: _pulsar.Message) -> str | bytes:
+    """The message's partition key: a str, or its bytes when they are not UTF-8 ("" for none)."""
+    try:
+        return message.partition_key()
+    except UnicodeDecodeError as exc:  # the client decodes the whole key; the error holds its bytes
+        return bytes(exc.object)
+
+
+def _cancelled_by_us(exc: BaseException) -> bool:
+    """True for the cancellation the bus itself asked for (drain timeout, stop), not one a handler raised."""
+    if not isinstance(exc, asyncio.CancelledError):
+        return False
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _detail(exc: BaseException) -> str:
+    """``str(exc)``, even for an exception whose ``__str__`` raises."""
+    try:
+        return str(exc)
+    except BaseException:
+        return "<str() of the exception raised>"
+
+
+def _text(exc: BaseException) -> str:
+    """``Type: message`` for any exception."""
+    detail = _detail(exc)
+    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+
+
+def _encodable(text: str, limit: int = _ERROR_TEXT_MAX) -> str:
+    """Text the client can write into a property: valid UTF-8 (lone surrogates escaped), bounded."""
+    return text[:limit].encode("utf-8", "backslashreplace").decode("utf-8")[:limit]
+
+
 def _describe(message: _pulsar.Message) -> str:
-    key = message.partition_key()
+    key = key_of(message)
     return f"message {message.message_id()}{f' key={key!r}' if key else ''}"

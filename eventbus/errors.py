@@ -27,6 +27,10 @@ class AuthenticationFailed(ConfigError):
     """The broker rejected the token (or wants one); the CLI exits 2."""
 
 
+class SubscriptionFailed(EventBusError):
+    """A subscription died of something the bus did not expect; `run()` raises it after draining the rest."""
+
+
 class PublishError(EventBusError):
     """The broker did not confirm a message.
 

@@ -15,6 +15,8 @@ SubscriptionType = Literal["key_shared", "shared", "failover", "exclusive"]
 InitialPosition = Literal["latest", "earliest"]
 SUBSCRIPTION_TYPES: tuple[str, ...] = typing.get_args(SubscriptionType)
 ORDERED_TYPES = frozenset({"key_shared", "failover", "exclusive"})
+#: Seconds a handler call may run before it counts as failed (twice the default drain timeout).
+DEFAULT_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class Subscription:
     retry_backoff_max: float = 30.0
     dead_letter: bool = True
     initial_position: InitialPosition = "latest"
+    timeout: float | None = DEFAULT_TIMEOUT
     # Derived from the handler's signature at registration.
     decode: Decoder = field(default=bytes, repr=False, compare=False)
     extras: tuple[tuple[str, str], ...] = field(default=(), repr=False, compare=False)
@@ -125,13 +128,16 @@ class Router:
         retry_backoff_max: float = 30.0,
         dead_letter: bool = True,
         initial_position: InitialPosition = "latest",
+        timeout: float | None = DEFAULT_TIMEOUT,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register the decorated function as the handler of `group` on `topic`.
 
-        Messages are acknowledged after the handler returns; when it raises they
-        are retried `max_retries` times with exponential backoff starting at
-        `retry_backoff` seconds (capped at `retry_backoff_max`), then sent to the
-        dead-letter topic ``{topic}-{group}-DLQ`` unless `dead_letter` is False.
+        Messages are acknowledged after the handler returns; when it raises
+        (anything, `CancelledError` and `SystemExit` included) or runs longer than
+        `timeout` seconds (None: no limit), they are retried `max_retries` times
+        with exponential backoff starting at `retry_backoff` seconds (capped at
+        `retry_backoff_max`), then sent to the dead-letter topic
+        ``{topic}-{group}-DLQ`` unless `dead_letter` is False.
         """
 
         def register(handler: Callable[..., Any]) -> Callable[..., Any]:
@@ -159,6 +165,11 @@ class Router:
                 initial_position in ("latest", "earliest"),
                 f"initial_position={initial_position!r} must be 'latest' or 'earliest'",
             )
+            _check(
+                where,
+                timeout is None or (_is_num(timeout) and timeout > 0),
+                f"timeout={timeout!r} must be seconds > 0, or None for no limit",
+            )
             for existing in self.subscriptions:
                 if (existing.topic, existing.group) == (topic, group):
                     raise ValueError(
@@ -179,6 +190,7 @@ class Router:
                     retry_backoff_max=float(retry_backoff_max),
                     dead_letter=dead_letter,
                     initial_position=initial_position,
+                    timeout=None if timeout is None else float(timeout),
                     decode=decode,
                     extras=extras,
                     is_async=inspect.iscoroutinefunction(target)
