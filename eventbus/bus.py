@@ -54,6 +54,7 @@ class EventBus:
         self._ready: dict[str, TopicProducer] = {}  # by the name publish was given
         self._stop = asyncio.Event()
         self._runners: list[Any] = []
+        self._run_done: asyncio.Event | None = None
         self._closed = False
         self.url = ""
         #: What the broker calls itself in the protocol handshake ("Pulsar-Lite-..." for the embedded one).
@@ -107,6 +108,10 @@ class EventBus:
         every publish already accepted finishes with its true outcome first.
         """
         self._closed = True
+        if self._run_done is not None:
+            # run() still going (another task): its consumers drain before the client goes.
+            self.stop()
+            await self._run_done.wait()
         # Short and full names share a task: close each producer once.
         producers = list({id(t): t for t in self._producers.values()}.values())
         self._producers = {}
@@ -301,6 +306,7 @@ class EventBus:
         runners = [SubscriptionRunner(self, sub, topic) for topic, sub in subs]
         self._runners = runners
         self._failures: list[BaseException] = []
+        self._run_done = asyncio.Event()
         loop = asyncio.get_running_loop()
         if handle_signals:
             self._install_signals(loop)
@@ -349,6 +355,8 @@ class EventBus:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)
             self._stop = asyncio.Event()
+            self._run_done.set()
+            self._run_done = None
         if self._failures:
             raise self._failures[0]
 

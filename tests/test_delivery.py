@@ -392,3 +392,83 @@ async def test_a_member_joining_the_group_never_overtakes_a_key_in_flight(
         await eventually(lambda: ("second", 2) in handled, what="the second member to take over")
         second.stop()
     assert handled == [("first", 1), ("second", 1), ("second", 2)]
+
+
+class _Ledger:
+    """Every handler start and end across the members of a group, in the one event loop's order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, str, int]] = []  # (member, "start"|"end", key, n)
+        self.running: collections.Counter[str] = collections.Counter()
+        self.overlaps = 0
+
+    def router(self, member: str, topic: str, kind: str) -> Router:
+        router = Router()
+
+        @router.subscribe(topic, "g", subscription=kind, concurrency=4, initial_position="earliest")
+        async def handle(n: int, msg: Message) -> None:
+            key = msg.key or ""
+            self.overlaps += self.running[key] > 0  # the same key running anywhere else
+            self.running[key] += 1
+            self.events.append((member, "start", key, n))
+            try:
+                await anyio.sleep(0.2)  # past Pulsar's one-second failover delay, with A still busy
+            finally:
+                self.running[key] -= 1
+            self.events.append((member, "end", key, n))
+
+        return router
+
+    def reorders(self, published: list[tuple[str, int]]) -> int:
+        first: dict[int, int] = {}
+        for i, (_, what, _, n) in enumerate(self.events):
+            if what == "start":
+                first.setdefault(n, i)
+        out = 0
+        for key in {k for k, _ in published}:
+            seen = [first[n] for k, n in published if k == key and n in first]
+            out += sum(b < a for a, b in zip(seen, seen[1:]))
+        return out
+
+
+@pytest.mark.parametrize("partitions", [0, 2], ids=["topic", "2-partitions"])
+@pytest.mark.parametrize("kind", ["failover", "key_shared", "exclusive"])
+async def test_members_joining_and_leaving_never_run_a_key_twice_at_once_nor_out_of_order(
+    settings: Settings, topic: str, kind: str, partitions: int, request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from eventbus import consumer
+
+    if partitions:
+        if settings.embedded:
+            pytest.skip("the embedded broker has no partitioned topics")
+        from .pulsar_admin import admin
+
+        admin(request.getfixturevalue("pulsar"), "PUT", f"/admin/v2/persistent/public/default/{topic}/partitions", partitions)
+    ledger = _Ledger()
+    published = [(f"k{n % 4}", n) for n in range(48)]
+    async with EventBus(settings, routers=[]) as publisher:
+        for key, n in published:
+            await publisher.publish(topic, n, key=key)
+    leaving = settings.model_copy(update={"shutdown_drain_timeout": 10})
+    async with anyio.create_task_group() as tg:
+        async with EventBus(leaving, routers=[ledger.router("A", topic, kind)]) as a:
+            # Pulsar's failover makes the member whose name sorts first active: the newcomer.
+            monkeypatch.setattr(consumer.socket, "gethostname", lambda: "z-first")
+            await tg.start(lambda task_status: a.run(handle_signals=False, task_status=task_status))
+            await eventually(lambda: ledger.events, what="A to start handling")
+            monkeypatch.setattr(consumer.socket, "gethostname", lambda: "a-second")
+            b = EventBus(settings, routers=[ledger.router("B", topic, kind)])
+            await b.start()
+            await tg.start(lambda task_status: b.run(handle_signals=False, task_status=task_status))  # joins mid-flight
+            await eventually(lambda: len(ledger.events) >= 40, what="a part of the messages")
+            a.stop()  # leaves mid-flight: drains, and its unstarted messages go to B
+        await eventually(lambda: {n for _, w, _, n in ledger.events if w == "end"} >= {n for _, n in published},
+                         timeout=60, what="every message handled")
+        b.stop()
+    await b.close()
+    starts = collections.Counter(n for _, w, _, n in ledger.events if w == "start")
+    print(f"{kind}/{partitions}: {sum(starts.values())} starts for {len(published)} messages, "
+          f"{sum(c > 1 for c in starts.values())} handled twice")
+    assert ledger.overlaps == 0, "a key ran in two places at once"
+    assert ledger.reorders(published) == 0, "a key's message started before an earlier one"
