@@ -43,8 +43,8 @@ _HANDOFF = 256
 _ERROR_TEXT_MAX = 2000
 #: How often a standby process looks whether the subscription's lease is free.
 _LEASE_POLL = 0.25
-#: How often a standby member asks Apache Pulsar for the exclusive subscription (a subscribe request each).
-_STANDBY_POLL = 0.5
+#: How often a standby member asks Apache Pulsar for the exclusive subscription: first, and at most.
+_STANDBY_POLL = (0.5, 5.0)
 #: Acknowledged ids remembered to drop redelivered copies (about 100 bytes each).
 _REMEMBER_ACKED = 100_000
 
@@ -145,6 +145,7 @@ class SubscriptionRunner:
     async def _subscribe_until_stopped(self) -> bool:
         delay = 1.0
         standby = False
+        poll = _STANDBY_POLL[0]
         while not self._stopping.is_set():
             try:
                 await self.subscribe()
@@ -159,9 +160,12 @@ class SubscriptionRunner:
                             "standby: another member consumes %s group=%s (%s); taking over when it leaves",
                             self.topic, self.sub.group, self.kind,
                         )
+                        poll = _STANDBY_POLL[0]
                     standby = True
-                    if await self._sleep_unless_stopped(_STANDBY_POLL):
+                    if await self._sleep_unless_stopped(poll):
                         break
+                    # Each refused subscribe is a ConsumerBusy line in the client's log: ask less often.
+                    poll = min(poll * 1.5, _STANDBY_POLL[1])
                     continue
                 log.warning("still cannot subscribe %s group=%s (%s); next try in %.0fs", self.topic, self.sub.group, exc, delay)
             if await self._sleep_unless_stopped(delay):

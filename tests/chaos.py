@@ -12,6 +12,11 @@ poison payloads are published. Then it drains and checks: every confirmed
 publish was handled or dead-lettered, no key's message was first handled
 before an earlier one of that key, every poison payload was dead-lettered, and
 no worker died but by an injected signal. Exit 1 on any of those.
+
+`--odd` adds what once stalled a subscription: handlers raising CancelledError and a
+BaseException once (retried), an error text with a lone surrogate (dead-lettered),
+a poison key that is not UTF-8; `--subscription failover` runs the group as failover
+(members standing by, taking over when one is killed or stopped).
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ async def publisher(pub: int, seconds: float, keys: int, rate: float, seed: int,
     confirmed = open(out / f"confirmed-{pub}.log", "a")
     failed = open(out / f"failed-{pub}.log", "a")
     deadline = time.monotonic() + seconds
+    odd = bool(os.environ.get("CHAOS_ODD"))
     async with EventBus(Settings(), routers=[]) as bus:
 
         async def one_key(k: int) -> None:
@@ -65,6 +71,8 @@ async def publisher(pub: int, seconds: float, keys: int, rate: float, seed: int,
                 seq += 1
                 roll = rng.random()
                 kind = "always" if roll < 0.005 else "transient" if roll < 0.10 else "ok"
+                if odd and kind == "ok" and roll < 0.16:
+                    kind = ("cancelled", "base", "surrogate")[int(roll * 1000) % 3]
                 try:
                     await bus.publish(topic, {"pub": pub, "key": key, "seq": seq, "kind": kind}, key=key)
                     confirmed.write(f"{pub} {key} {seq} {kind}\n")
@@ -79,8 +87,11 @@ async def publisher(pub: int, seconds: float, keys: int, rate: float, seed: int,
                 await anyio.sleep(rng.uniform(0, seconds / len(POISON) / 2))
                 big = 4 if os.environ.get("CHAOS_BROKER") == "pulsar" else 1
                 body = os.urandom(big * 1024 * 1024) if data is None else data
+                key: str | bytes = f"p{pub}-poison"
+                if odd and name == "non-utf8":
+                    key = b"\xff\xfe" + key.encode()  # a key only a Go or C++ producer would send
                 try:
-                    await bus._send_raw(topic, body, key=f"p{pub}-poison", properties={"poison": f"{pub}-{name}"})
+                    await bus._send_raw(topic, body, key=key, properties={"poison": f"{pub}-{name}"})
                     confirmed.write(f"{pub} poison {name} poison\n")
                     confirmed.flush()
                 except PublishError as exc:
@@ -215,8 +226,10 @@ async def harness(args: argparse.Namespace) -> int:
     env.update(
         EVENTBUS_URL=broker.url, EVENTBUS_TOKEN=broker.token, CHAOS_DIR=str(workdir), CHAOS_TOPIC=topic,
         PYTHONPATH=str(ROOT), CHAOS_BROKER=args.broker, EVENTBUS_SHUTDOWN_DRAIN_TIMEOUT="10", EVENTBUS_PRODUCER_SEND_TIMEOUT_MS="10000",
-        EVENTBUS_LOG_LEVEL="INFO",
+        EVENTBUS_LOG_LEVEL="INFO", CHAOS_SUBSCRIPTION=args.subscription,
     )
+    if args.odd:
+        env["CHAOS_ODD"] = "1"
     run = Run(args, workdir, broker, env, random.Random(args.seed))
     settings = Settings(_env_file=None, url=broker.url, token=broker.token or None)
     dead: list[Message] = []
@@ -249,8 +262,8 @@ async def harness(args: argparse.Namespace) -> int:
                 run.unexpected.append(f"publisher {pub} exited {p.returncode}: {(workdir / f'publisher-{pub}.log').read_text()[-800:]}")
 
         confirmed = read_lines("confirmed-*.log", workdir)
-        must_handle = {(int(p), k, int(s)) for p, k, s, kind in confirmed if kind in ("ok", "transient")}
-        must_die = {(int(p), k, int(s)) for p, k, s, kind in confirmed if kind == "always"}
+        must_handle = {(int(p), k, int(s)) for p, k, s, kind in confirmed if kind in ("ok", "transient", "cancelled", "base")}
+        must_die = {(int(p), k, int(s)) for p, k, s, kind in confirmed if kind in ("always", "surrogate")}
         poison = {f"{p}-{s}" for p, k, s, kind in confirmed if kind == "poison"}
 
         def handled() -> dict[tuple[int, str, int], list[list[str]]]:
@@ -348,6 +361,8 @@ def main() -> None:
     parser.add_argument("--faults", nargs="+", default=["sigkill", "sigterm", "broker-restart"])
     parser.add_argument("--keep-broker", action="store_true", help="leave the broker running, to inspect it")
     parser.add_argument("--id", type=int, default=1)
+    parser.add_argument("--odd", action="store_true", help="odd exceptions, error texts and keys (see above)")
+    parser.add_argument("--subscription", choices=["key_shared", "failover"], default="key_shared")
     args = parser.parse_args()
     if args.mode == "publish":
         asyncio.run(publisher(args.id, args.seconds, args.keys, args.rate, args.seed, Path(os.environ["CHAOS_DIR"])))
