@@ -215,7 +215,7 @@ async def consume_rows(url: str, settings: Settings, n: int, size: int) -> list[
                     done.set()
 
             handler.__annotations__["body"] = annotation
-            router.subscribe(t, "bench", subscription="key_shared", concurrency=concurrency, initial_position="earliest")(handler)
+            router.subscribe(t, "bench", subscription_type="key_shared", concurrency=concurrency, initial_position="earliest")(handler)
             async with EventBus(settings, routers=[router]) as bus:
                 await fill(url, settings, t, n, size)
                 async with anyio.create_task_group() as tg:

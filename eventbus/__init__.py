@@ -26,8 +26,10 @@ from .errors import (
     PublishError,
     SubscriptionFailed,
 )
+from .consumer import RunningSubscription
+from .handler import Publisher
 from .message import Message, MessageId
-from .registry import Router, Subscription, default_router, subscribe
+from .registry import Router, Subscription, SubscriptionType, default_router, subscribe
 from .settings import Settings
 
 __all__ = [
@@ -41,10 +43,13 @@ __all__ = [
     "MessageId",
     "PublishBatchError",
     "PublishError",
+    "Publisher",
     "Router",
+    "RunningSubscription",
     "Settings",
     "Subscription",
     "SubscriptionFailed",
+    "SubscriptionType",
     "default_router",
     "subscribe",
 ]

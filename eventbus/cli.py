@@ -6,21 +6,23 @@ import argparse
 import asyncio
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 import orjson
 from pydantic import ValidationError
 
 from .bus import EventBus
-from .errors import BrokerUnavailable, ConfigError, EventBusError
+from .errors import ConfigError, EventBusError
 from .registry import default_router
 from .settings import Settings
 
 log = logging.getLogger("eventbus")
 
-EXIT_RUNTIME = 1
-EXIT_USAGE = 2
+EXIT_RUNTIME = EventBusError.exit_code
+EXIT_USAGE = ConfigError.exit_code
 
 
 class _Fail(Exception):
@@ -109,15 +111,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _Fail as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.code
-    except ConfigError as exc:
+    except EventBusError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return exc.exit_code
     except ValueError as exc:  # a topic name the settings cannot resolve
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (BrokerUnavailable, EventBusError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_RUNTIME
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
@@ -125,3 +124,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
     return 0
+
+
+def entry() -> NoReturn:
+    """The `eventbus` command and `python -m eventbus`: `main()`, then exit without interpreter teardown."""
+    code = main()
+    # Everything is closed by now; skipping interpreter teardown keeps the C++
+    # client's static destructors from racing Python's finalisation.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -80,6 +80,7 @@ def _typed_json(kind: type) -> Decoder:
 
 
 def _validator(annotation: Any) -> Decoder:
+    validate: Callable[[bytes], Any]
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         validate = annotation.model_validate_json
     else:

@@ -18,6 +18,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import BrokerUnavailable
 
@@ -27,7 +28,7 @@ START_TIMEOUT = 20.0
 def _binary() -> str:
     from pulsar_lite.binary_finder import find_pulsar_lite_binary
 
-    return find_pulsar_lite_binary()
+    return str(find_pulsar_lite_binary())
 
 
 def _free_port() -> int:
@@ -90,8 +91,8 @@ class EmbeddedBroker:
                 if state and _alive(state["pid"]) and _accepts(state["port"]):
                     return cls(data_dir, state["url"], state["pid"], users_fd)
                 if state and _alive(state["pid"]):  # alive but deaf: a broker we cannot use
-                    _stop(state["pid"])
-                return cls(data_dir, *_start(data_dir, timeout), users_fd)
+                    stop_broker(state["pid"])
+                return cls(data_dir, *start_broker(data_dir, timeout), users_fd)
             except BaseException:
                 os.close(users_fd)
                 raise
@@ -107,7 +108,7 @@ class EmbeddedBroker:
             except BlockingIOError:
                 last = False
             if last:
-                _stop(self.pid)
+                stop_broker(self.pid)
                 (self.data_dir / "broker.json").unlink(missing_ok=True)
             os.close(self._users_fd)
             self._users_fd = -1
@@ -171,7 +172,7 @@ class _locked:
         os.close(self.fd)
 
 
-def _read_state(data_dir: Path) -> dict | None:
+def _read_state(data_dir: Path) -> dict[str, Any] | None:
     try:
         state = json.loads((data_dir / "broker.json").read_text())
         return state if {"pid", "port", "url"} <= state.keys() else None
@@ -179,7 +180,8 @@ def _read_state(data_dir: Path) -> dict | None:
         return None
 
 
-def _start(data_dir: Path, timeout: float, port: int | None = None) -> tuple[str, int]:
+def start_broker(data_dir: Path, timeout: float = START_TIMEOUT, port: int | None = None) -> tuple[str, int]:
+    """Start a pulsar-lite process on `port` (a free one if None); its URL and pid. `acquire()` shares one."""
     port = port or _free_port()
     log_path = data_dir / "broker.log"
     config = data_dir / "pulsar-lite.toml"
@@ -216,7 +218,8 @@ def _start(data_dir: Path, timeout: float, port: int | None = None) -> tuple[str
     return url, proc.pid
 
 
-def _stop(pid: int, timeout: float = 10.0) -> None:
+def stop_broker(pid: int, timeout: float = 10.0) -> None:
+    """Stop a broker process: SIGTERM, then SIGKILL after `timeout` seconds."""
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:

@@ -1,30 +1,32 @@
-"""Exceptions the bus raises to its users."""
+"""Exceptions the bus raises to its users, with one classification of the client's failures."""
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
-
-import _pulsar
-import pulsar.asyncio
-
-#: What the client raises: its sync API and its asyncio API use different classes.
-PULSAR_ERRORS = (_pulsar.PulsarException, pulsar.asyncio.PulsarException)
+from typing import ClassVar
 
 
 class EventBusError(Exception):
-    """Base of the errors this package raises."""
+    """Base of the errors this package raises; `exit_code` is what the CLI exits with."""
+
+    exit_code: ClassVar[int] = 1
+    #: The client's result name when the broker or the client refused ("ConsumerBusy", "Timeout", ...).
+    result: str | None = None
 
 
 class ConfigError(EventBusError):
-    """Settings, handler modules or options that cannot work; the CLI exits 2."""
+    """Settings, handler modules or options that cannot work; waiting will not help."""
+
+    exit_code = 2
 
 
 class BrokerUnavailable(EventBusError):
-    """The broker could not be reached or refused us; the CLI exits 1."""
+    """The broker could not be reached, or cannot do it now; waiting may help."""
 
 
 class AuthenticationFailed(ConfigError):
-    """The broker rejected the token (or wants one); the CLI exits 2."""
+    """The broker rejected the token (or wants one)."""
 
 
 class SubscriptionFailed(EventBusError):
@@ -34,6 +36,7 @@ class SubscriptionFailed(EventBusError):
 class PublishError(EventBusError):
     """The broker did not confirm a message.
 
+    `result` names the client's outcome ("Timeout", "MessageTooBig", "BusClosed", ...).
     `maybe_stored` is False when the message was certainly not stored (the bus
     or the broker refused it before storing: safe to publish again), and True
     when that cannot be known (a timeout or a lost connection: the broker may
@@ -41,13 +44,12 @@ class PublishError(EventBusError):
     is acceptable, or use `sequence_id` with deduplication).
     """
 
-    def __init__(self, topic: str, result: _pulsar.Result | str, detail: str = "", *, maybe_stored: bool | None = None) -> None:
+    def __init__(self, topic: str, result: str, detail: str = "", *, maybe_stored: bool | None = None) -> None:
         self.topic = topic
         self.result = result
-        name = result.name if isinstance(result, _pulsar.Result) else str(result)
-        self.maybe_stored = name not in NOT_STORED if maybe_stored is None else maybe_stored
-        hint = _HINTS.get(name, "")
-        super().__init__(f"publish to {topic} failed: {name}{': ' + detail if detail else ''}{hint}")
+        self.maybe_stored = result not in NOT_STORED if maybe_stored is None else maybe_stored
+        hint = _HINTS.get(result, "")
+        super().__init__(f"publish to {topic} failed: {result}{': ' + detail if detail else ''}{hint}")
 
 
 class PublishBatchError(EventBusError):
@@ -68,9 +70,55 @@ class PublishBatchError(EventBusError):
         )
 
 
+class Failure(enum.Enum):
+    """What a failed client call means for whoever retries it."""
+
+    TRANSIENT = "transient"  # waiting can cure it: a timeout, a busy or restarting broker
+    FINAL = "final"  # this message or call can never succeed; others may
+    AUTHENTICATION = "authentication"  # the token is wrong or missing
+    CONFIGURATION = "configuration"  # the settings or names ask for something the broker refuses
+
+
+_CLASSES = {
+    Failure.AUTHENTICATION: frozenset({"AuthenticationError"}),
+    Failure.CONFIGURATION: frozenset(
+        {"AuthorizationError", "InvalidTopicName", "InvalidConfiguration", "NotAllowedError", "InvalidUrl",
+         "TopicNotFound", "SubscriptionNotFound", "IncompatibleSchema", "UnsupportedVersionError"}
+    ),
+    Failure.FINAL: frozenset(
+        {"BusClosed", "MessageTooBig", "InvalidMessage", "ChecksumError", "TopicTerminated",
+         "ProducerBlockedQuotaExceededError", "ProducerBlockedQuotaExceededException", "UnknownId"}
+    ),
+}
+
+
+def classify(result: str) -> Failure:
+    """The failure class of a client result name (anything unknown counts as transient)."""
+    for failure, names in _CLASSES.items():
+        if result in names:
+            return failure
+    return Failure.TRANSIENT
+
+
+def broker_error(what: str, result: str, detail: str) -> EventBusError:
+    """The error to raise when the broker refused `what`, by the class of its result."""
+    failure = classify(result)
+    text = f"{what}: {detail or result}"
+    error: EventBusError
+    if failure is Failure.AUTHENTICATION:
+        error = AuthenticationFailed(text + " (authentication failed: check the token, EVENTBUS_TOKEN)")
+    elif failure is Failure.CONFIGURATION:
+        hint = " (the token's role is not allowed to do this)" if result == "AuthorizationError" else ""
+        error = ConfigError(text + hint)
+    else:
+        error = BrokerUnavailable(text)
+    error.result = result
+    return error
+
+
 #: Results that mean the message was not stored: refused by the client before
 #: sending, or by the broker instead of storing it. Any other result (Timeout,
-#: AlreadyClosed, a lost connection) leaves it unknown.
+#: AlreadyClosed, a lost connection, UnknownId) leaves it unknown.
 NOT_STORED = frozenset(
     {
         "BusClosed",

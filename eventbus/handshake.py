@@ -91,15 +91,13 @@ async def handshake(host: str, port: int, token: str | None, tls: ssl.SSLContext
         finally:
             writer.close()
     kind = command.get(1)
-    if kind == _CONNECTED and isinstance(command.get(3), bytes):
-        version = _fields(command[3]).get(1, b"")  # type: ignore[arg-type]
+    connected, error = command.get(3), command.get(14)
+    if kind == _CONNECTED and isinstance(connected, bytes):
+        version = _fields(connected).get(1, b"")
         return version.decode(errors="replace") if isinstance(version, bytes) else ""
-    if kind == _ERROR and isinstance(command.get(14), bytes):
-        error = _fields(command[14])  # type: ignore[arg-type]
-        code = error.get(2, 0)
-        message = error.get(3, b"")
-        raise HandshakeRejected(
-            _SERVER_ERRORS.get(code, f"ServerError {code}"),  # type: ignore[arg-type]
-            message.decode(errors="replace") if isinstance(message, bytes) else "",
-        )
-    raise HandshakeRejected("UnexpectedResponse", f"command type {kind}")
+    if kind == _ERROR and isinstance(error, bytes):
+        fields = _fields(error)
+        code, message = fields.get(2, 0), fields.get(3, b"")
+        name = _SERVER_ERRORS.get(code, f"ServerError {code!r}") if isinstance(code, int) else "ServerError"
+        raise HandshakeRejected(name, message.decode(errors="replace") if isinstance(message, bytes) else "")
+    raise HandshakeRejected("UnexpectedResponse", f"command type {kind!r}")

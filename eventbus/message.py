@@ -5,13 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-import _pulsar
+from .client import MessageId, RawMessage, key_of
 
-#: The id the broker gave a message: ``str(id)`` is readable, ``id.serialize()`` is stable bytes.
-MessageId = _pulsar.MessageId
+__all__ = ["Message", "MessageId", "UnreadableMessage"]
 
 
-def from_millis(ms: int) -> datetime | None:
+class UnreadableMessage(Exception):
+    """The client cannot hand over part of a message (a property that is not UTF-8)."""
+
+
+def _from_millis(ms: int) -> datetime | None:
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc) if ms > 0 else None
 
 
@@ -34,3 +37,25 @@ class Message:
     #: 1 on the first try; counts retries in this worker on top of the broker's redeliveries.
     attempt: int
     data: bytes
+
+    @classmethod
+    def of(cls, raw: RawMessage, attempt: int) -> Message:
+        """Read a received message; a key that is not UTF-8 is shown with backslash escapes."""
+        try:
+            properties = dict(raw.properties())
+        except UnicodeDecodeError as exc:
+            raise UnreadableMessage(
+                f"a property is not UTF-8 ({exc.object!r}): Message.properties cannot hold it"
+            ) from None
+        key = key_of(raw)
+        return cls(
+            topic=raw.topic_name(),
+            key=(key.decode("utf-8", "backslashreplace") if isinstance(key, bytes) else key) or None,
+            properties=properties,
+            message_id=raw.message_id(),
+            publish_time=_from_millis(raw.publish_timestamp()),
+            event_time=_from_millis(raw.event_timestamp()),
+            redelivery_count=raw.redelivery_count(),
+            attempt=attempt,
+            data=raw.data(),
+        )

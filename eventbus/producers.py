@@ -5,91 +5,21 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import logging
 from collections.abc import Mapping
-from datetime import datetime, timedelta
-from typing import Any
-
-import _pulsar
-import pulsar
-import pulsar.asyncio
 
 from .bridge import LoopBridge
-from .codec import CONTENT_TYPE
+from .client import OK, Client, MessageId, Producer, RawMessage, Result, build_message, sibling_id
 from .errors import PublishError
-from .message import MessageId
 from .settings import Settings
 
-_COMPRESSION = {
-    "none": pulsar.CompressionType.NONE,
-    "lz4": pulsar.CompressionType.LZ4,
-    "zlib": pulsar.CompressionType.ZLib,
-    "zstd": pulsar.CompressionType.ZSTD,
-    "snappy": pulsar.CompressionType.SNAPPY,
-}
-_OK = _pulsar.Result.Ok
+log = logging.getLogger("eventbus")
+
 _NEVER_MS = 24 * 3600 * 1000
 _GROUP_BYTES_MAX = 1024 * 1024
-#: Bytes a batch spends per message and per property besides their contents (an upper bound).
-_FRAMING = 32
 
 
-def build_message(
-    data: bytes,
-    content_type: str | None,
-    *,
-    key: str | bytes | None = None,
-    properties: Mapping[str, str] | None = None,
-    deliver_after: timedelta | float | None = None,
-    event_time: datetime | int | None = None,
-    sequence_id: int | None = None,
-) -> tuple[_pulsar.Message, int]:
-    """Build a client message, checking every argument before anything is sent.
-
-    Returns the message and about how many bytes it takes in a batch: payload,
-    key, properties and their framing, which is what the broker's size limit counts.
-    """
-    builder = _pulsar.MessageBuilder()
-    builder.content(data)
-    size = len(data) + _FRAMING
-    if content_type is not None:
-        builder.property(CONTENT_TYPE, content_type)
-        size += len(CONTENT_TYPE) + len(content_type)
-    if properties:
-        for name, value in properties.items():
-            if not isinstance(name, str) or not isinstance(value, str):
-                raise TypeError(
-                    f"message property {name!r}={value!r} is not str=str: convert property values to strings"
-                )
-            try:
-                builder.property(name, value)
-            except TypeError:  # pybind11's words for a str that is not valid UTF-8
-                raise TypeError(
-                    f"message property {name!r}={value!r} is not valid UTF-8 (a lone surrogate?): "
-                    "encode it, e.g. value.encode('utf-8', 'backslashreplace').decode()"
-                ) from None
-            size += len(name) + len(value) + _FRAMING
-    if key is not None:
-        if not isinstance(key, (str, bytes)):
-            raise TypeError(f"message key must be a str, not {type(key).__name__}")
-        try:
-            builder.partition_key(key)
-        except TypeError:
-            raise TypeError(f"message key {key!r} is not valid UTF-8 (a lone surrogate?): encode it first") from None
-        size += len(key)
-    if deliver_after is not None:
-        if not isinstance(deliver_after, timedelta):
-            deliver_after = timedelta(seconds=deliver_after)
-        builder.deliver_after(deliver_after)
-    if event_time is not None:
-        if isinstance(event_time, datetime):
-            event_time = int(event_time.timestamp() * 1000)
-        builder.event_timestamp(event_time)
-    if sequence_id is not None:
-        builder.sequence_id(sequence_id)
-    return builder.build(), size
-
-
-class _Slots:
+class Slots:
     """A counting semaphore whose free path is one comparison (asyncio's builds a generator)."""
 
     def __init__(self, count: int) -> None:
@@ -164,7 +94,7 @@ class TopicProducer:
     def __init__(
         self,
         topic: str,
-        producer: pulsar.asyncio.Producer,
+        producer: Producer,
         bridge: LoopBridge,
         max_pending: int,
         *,
@@ -173,21 +103,20 @@ class TopicProducer:
         group_delay: float = 0.0,
     ) -> None:
         self.topic = topic
-        self.wrapper = producer
-        self._producer: _pulsar.Producer = producer._producer
+        self._producer = producer
         self._bridge = bridge
         # The client's own queue would reject past its limit; waiting here instead
         # turns a burst into backpressure rather than errors.
-        self._slots = _Slots(max_pending)
+        self._slots = Slots(max_pending)
         self._group_messages = group_messages  # 0: a receipt per message
         self._group_bytes = group_bytes
         self._group_delay = group_delay
-        self._queue: list[tuple[_pulsar.Message, str | bytes, int, asyncio.Future[MessageId]]] = []
+        self._queue: list[tuple[RawMessage, str, int, asyncio.Future[MessageId]]] = []
         self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
         self.closing = False
 
     async def send(
-        self, message: _pulsar.Message, key: str | bytes | None = None, size: int = 0, *, batchable: bool = True
+        self, message: RawMessage, key: str | bytes | None = None, size: int = 0, *, batchable: bool = True
     ) -> MessageId:
         """Send and wait until the broker confirmed the message.
 
@@ -198,7 +127,7 @@ class TopicProducer:
         return await self.enqueue(message, key, size, batchable)
 
     async def submit(
-        self, message: _pulsar.Message, key: str | bytes | None = None, size: int = 0, *, batchable: bool = True
+        self, message: RawMessage, key: str | bytes | None = None, size: int = 0, *, batchable: bool = True
     ) -> asyncio.Future[MessageId]:
         """Send; the returned future resolves when the broker confirmed the message."""
         await self.reserve()
@@ -224,22 +153,22 @@ class TopicProducer:
         return PublishError(self.topic, "BusClosed", maybe_stored=False)
 
     def enqueue(
-        self, message: _pulsar.Message, key: str | bytes | None, size: int, batchable: bool
+        self, message: RawMessage, key: str | bytes | None, size: int, batchable: bool
     ) -> asyncio.Future[MessageId]:
         """Send on a reserved slot; the future resolves when the broker confirmed the message."""
         loop = self._bridge.loop
-        future = loop.create_future()
+        future: asyncio.Future[MessageId] = loop.create_future()
         if not (self._group_messages and batchable):
             try:
-                self._producer.send_async(message, functools.partial(self._bridge.call, self._done, [future]))
+                self._producer.send(message, functools.partial(self._bridge.call, self._done, [future]))
             except BaseException:
                 self._slots.release()
                 raise
             return future
         queue = self._queue
-        # The client batches by the key's bytes: a bytes key and its str spelling are one lane.
-        if key.__class__ is bytes:
-            key = key.decode("utf-8", "surrogateescape")  # type: ignore[union-attr]
+        # The client batches by the key's bytes: a bytes key and its str spelling share a batch.
+        if isinstance(key, bytes):
+            key = key.decode("utf-8", "surrogateescape")
         queue.append((message, key or "", size, future))
         if len(queue) >= self._group_messages:
             if self._timer is not None:
@@ -254,7 +183,7 @@ class TopicProducer:
     def _dispatch(self) -> None:
         self._timer = None
         queue, self._queue = self._queue, []
-        send = self._producer.send_async
+        send = self._producer.send
         call = self._bridge.call
         done = self._done
         limit, budget = self._group_messages, self._group_bytes
@@ -266,107 +195,155 @@ class TopicProducer:
                 total += queue[end][2]
                 end += 1
             last = {entry[1]: i for i, entry in enumerate(queue[start:end], start)}
-            lanes: dict[str, list[asyncio.Future[MessageId]]] = {}
+            # A key's messages of the group: one batch, settled by the receipt of its last message.
+            covered: dict[str, list[asyncio.Future[MessageId]]] = {}
             i = start
             try:
                 for i in range(start, end):
                     message, key, _, future = queue[i]
-                    lane = lanes.get(key)
-                    if lane is None:
-                        lane = lanes[key] = []
-                    lane.append(future)
-                    send(message, functools.partial(call, done, lane) if last[key] == i else None)
+                    futures = covered.get(key)
+                    if futures is None:
+                        futures = covered[key] = []
+                    futures.append(future)
+                    send(message, functools.partial(call, done, futures) if last[key] == i else None)
             except Exception as exc:
-                # No receipt will come for the lanes whose last message was not sent.
-                orphans = [f for k, lane in lanes.items() if last[k] >= i for f in lane]
+                # No receipt will come for the keys whose last message was not sent.
+                orphans = [f for k, futures in covered.items() if last[k] >= i for f in futures]
                 self._fail([*orphans, *(entry[3] for entry in queue[i + 1 :])], exc)
                 return
             finally:
-                self._producer.flush_async(_flushed)
+                self._producer.flush_soon()
             start = end
 
     def _fail(self, futures: list[asyncio.Future[MessageId]], exc: Exception) -> None:
         self._slots.release(len(futures))
         for future in futures:
             if not future.done():
-                # Earlier messages of a lane were handed to the client: stored or not, nobody can tell.
+                # Earlier messages of its key were handed to the client: stored or not, nobody can tell.
                 future.set_exception(PublishError(self.topic, type(exc).__name__, str(exc), maybe_stored=True))
 
-    def _done(self, lane: list[asyncio.Future[MessageId]], result: _pulsar.Result, message_id: MessageId) -> None:
-        """The receipt of a lane's last message, for every message of the lane."""
-        self._slots.release(len(lane))
-        if result == _OK:
-            if len(lane) == 1:
-                if not lane[0].done():
-                    lane[0].set_result(message_id)
+    def _done(self, futures: list[asyncio.Future[MessageId]], result: Result, message_id: MessageId) -> None:
+        """The receipt of a batch's last message, for every message of the batch this producer sent."""
+        self._slots.release(len(futures))
+        if result == OK:
+            if len(futures) == 1:
+                if not futures[0].done():
+                    futures[0].set_result(message_id)
                 return
             # A batch's messages share its entry; each is told apart by its index.
-            partition, ledger, entry = message_id.partition(), message_id.ledger_id(), message_id.entry_id()
-            first = message_id.batch_index() - len(lane) + 1
-            if first != 0:
-                # The lane is not one whole batch (a client that batches otherwise):
-                # the receipt names only its last message; the others' ids are unknown.
-                *rest, last = lane
+            if message_id.batch_index() != len(futures) - 1:
+                # Not one whole batch (a client that batches otherwise): the
+                # receipt names only the last message; the others' ids are unknown.
+                *rest, last = futures
                 if not last.done():
                     last.set_result(message_id)
-                error = PublishError(self.topic, "UnknownId", f"receipt {message_id} does not cover {len(lane)} messages")
+                error = PublishError(self.topic, "UnknownId", f"receipt {message_id} does not cover {len(futures)} messages")
                 for future in rest:
                     if not future.done():
                         future.set_exception(error)
                 return
-            for index, future in enumerate(lane):
+            for index, future in enumerate(futures):
                 if not future.done():
-                    future.set_result(_pulsar.MessageId(partition, ledger, entry, index))
+                    future.set_result(sibling_id(message_id, index))
         else:
-            for future in lane:
+            for future in futures:
                 if not future.done():
-                    future.set_exception(PublishError(self.topic, result))
+                    future.set_exception(PublishError(self.topic, result.name))
 
     async def close(self) -> None:
         """Refuse new publishes, settle every accepted one with its true outcome, then close."""
         self.closing = True
         try:
             await self._slots.drained()
-            await self.wrapper.flush()
+            await self._producer.flush()
         finally:
-            await self.wrapper.close()
+            await self._producer.close()
 
 
-def _flushed(result: _pulsar.Result) -> None:
-    # Each message's outcome arrives through its lane's receipt; never raise here.
-    pass
-
-
-async def create_producer(
-    client: pulsar.asyncio.Client, topic: str, settings: Settings, bridge: LoopBridge, **overrides: Any
-) -> TopicProducer:
-    options: dict[str, Any] = dict(
-        batching_enabled=True,
-        # Key-based batches keep one key per batch, which key_shared consumers need.
-        batching_type=pulsar.BatchingType.KeyBased,
-        batching_max_messages=settings.producer_batching_max_messages,
-        batching_max_allowed_size_in_bytes=settings.producer_batching_max_bytes,
-        batching_max_publish_delay_ms=settings.producer_batching_max_delay_ms,
-        compression_type=_COMPRESSION[settings.producer_compression],
-        send_timeout_millis=settings.producer_send_timeout_ms,
-        max_pending_messages=settings.producer_max_pending_messages,
-        block_if_queue_full=False,
-    )
-    if settings.producer_name:
-        options["producer_name"] = settings.producer_name
-    options.update(overrides)
+async def create_producer(client: Client, topic: str, settings: Settings, bridge: LoopBridge) -> TopicProducer:
     # A partitioned topic, even of one partition, names its partitions ("...-partition-0").
-    grouped = await client.get_topic_partitions(topic) == [topic] and options["batching_enabled"]
-    if grouped:
-        # The bus flushes every group itself; the client's timer must never cut one.
-        options["batching_max_publish_delay_ms"] = _NEVER_MS
-    producer = await client.create_producer(topic, **options)
+    grouped = await client.partitions(topic) == [topic]
+    producer = await client.create_producer(
+        topic,
+        batching=True,
+        batching_max_messages=settings.producer_batching_max_messages,
+        batching_max_bytes=settings.producer_batching_max_bytes,
+        # When grouped the bus flushes every group itself; the client's timer must never cut one.
+        batching_max_delay_ms=_NEVER_MS if grouped else settings.producer_batching_max_delay_ms,
+        compression=settings.producer_compression,
+        send_timeout_ms=settings.producer_send_timeout_ms,
+        max_pending_messages=settings.producer_max_pending_messages,
+        producer_name=settings.producer_name,
+    )
     if not grouped:
         return TopicProducer(topic, producer, bridge, settings.producer_max_pending_messages)
     return TopicProducer(
         topic, producer, bridge, settings.producer_max_pending_messages,
-        group_messages=min(options["batching_max_messages"], settings.producer_max_pending_messages),
+        group_messages=min(settings.producer_batching_max_messages, settings.producer_max_pending_messages),
         # Below the broker's 5 MB message limit too: a batch that big would fail whole.
-        group_bytes=min(options["batching_max_allowed_size_in_bytes"], _GROUP_BYTES_MAX),
+        group_bytes=min(settings.producer_batching_max_bytes, _GROUP_BYTES_MAX),
         group_delay=settings.producer_batching_max_delay_ms / 1000,
     )
+
+
+class Producers:
+    """The bus's producers: one per topic, created on first use, shared by short and full names."""
+
+    def __init__(self, client: Client, settings: Settings, bridge: LoopBridge) -> None:
+        self._client = client
+        self._settings = settings
+        self._bridge = bridge
+        self._tasks: dict[str, asyncio.Task[TopicProducer]] = {}
+        #: Producers ready to use, by the name publish was given (its fast path).
+        self.ready: dict[str, TopicProducer] = {}
+        self.closed = False
+
+    @property
+    def topics(self) -> list[str]:
+        """The full names of the topics a producer exists or is being created for."""
+        return sorted({producer.topic for producer in self.ready.values()} | {t for t in self._tasks if "://" in t})
+
+    async def get(self, topic: str) -> TopicProducer:
+        """The producer of `topic` (short or full name), created on first use."""
+        task = self._tasks.get(topic)
+        if task is None or _failed(task):
+            if self.closed:
+                raise PublishError(topic, "BusClosed", maybe_stored=False)
+            full = self._settings.topic(topic)
+            task = self._tasks.get(full)
+            if task is None or _failed(task):
+                task = asyncio.ensure_future(create_producer(self._client, full, self._settings, self._bridge))
+                self._tasks[full] = task
+            self._tasks[topic] = task
+        producer = await asyncio.shield(task)
+        if self._tasks.get(topic) is task:  # not closed meanwhile
+            self.ready[topic] = producer
+        return producer
+
+    async def send(
+        self, topic: str, data: bytes, *, key: str | bytes | None, properties: Mapping[str, str]
+    ) -> MessageId:
+        """Publish bytes as they are (no content type added): dead letters keep the original's."""
+        producer = await self.get(topic)
+        message, size = build_message(data, None, key=key, properties=properties)
+        return await producer.send(message, key, size)
+
+    async def close(self) -> None:
+        """Refuse new publishes; settle every accepted one; close each producer once."""
+        self.closed = True
+        tasks = list({id(t): t for t in self._tasks.values()}.values())
+        self._tasks = {}
+        self.ready = {}
+
+        async def close_one(task: asyncio.Task[TopicProducer]) -> None:
+            try:
+                producer = await task
+                await producer.close()
+            except Exception as exc:
+                log.warning("closing producer: %s", exc)
+
+        await asyncio.gather(*(close_one(task) for task in tasks))
+
+
+def _failed(task: asyncio.Task[TopicProducer]) -> bool:
+    return task.done() and (task.cancelled() or task.exception() is not None)

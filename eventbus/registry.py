@@ -1,15 +1,14 @@
-"""Handler registration: `@subscribe(topic, group)` and `Router`."""
+"""Handler registration: `@subscribe(topic, group)` and `Router` record what to run and how."""
 
 from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
 
-from .codec import Decoder, decoder_for
-from .message import Message
+from .handler import Handler, Publisher, handler_name
 
 SubscriptionType = Literal["key_shared", "shared", "failover", "exclusive"]
 InitialPosition = Literal["latest", "earliest"]
@@ -18,6 +17,10 @@ ORDERED_TYPES = frozenset({"key_shared", "failover", "exclusive"})
 #: Seconds a handler call may run before it counts as failed (twice the default drain timeout).
 DEFAULT_TIMEOUT = 60.0
 
+F = TypeVar("F", bound=Callable[..., Any])
+Background = Callable[[Publisher], Coroutine[Any, Any, None]]
+B = TypeVar("B", bound=Background)
+
 
 @dataclass(frozen=True)
 class Subscription:
@@ -25,8 +28,8 @@ class Subscription:
 
     topic: str
     group: str
-    handler: Callable[..., Any]
-    subscription: SubscriptionType = "key_shared"
+    handler: Handler
+    subscription_type: SubscriptionType = "key_shared"
     concurrency: int = 1
     max_retries: int = 3
     retry_backoff: float = 0.5
@@ -34,68 +37,18 @@ class Subscription:
     dead_letter: bool = True
     initial_position: InitialPosition = "latest"
     timeout: float | None = DEFAULT_TIMEOUT
-    # Derived from the handler's signature at registration.
-    decode: Decoder = field(default=bytes, repr=False, compare=False)
-    extras: tuple[tuple[str, str], ...] = field(default=(), repr=False, compare=False)
-    is_async: bool = field(default=True, repr=False, compare=False)
 
     @property
     def name(self) -> str:
-        return describe(self.handler)
+        return self.handler.name
 
     @property
     def ordered(self) -> bool:
-        return self.subscription in ORDERED_TYPES
+        """Whether messages of one key are handled one at a time, in order."""
+        return self.subscription_type in ORDERED_TYPES
 
     def dead_letter_topic(self, full_topic: str) -> str:
         return f"{full_topic}-{self.group}-DLQ"
-
-
-def describe(handler: object) -> str:
-    module = getattr(handler, "__module__", None) or "?"
-    name = getattr(handler, "__qualname__", None) or repr(handler)
-    return f"{module}.{name}"
-
-
-def _analyse(handler: Callable[..., Any], where: str) -> tuple[Decoder, tuple[tuple[str, str], ...]]:
-    """Work out how to call a handler: the payload decoder and the injected extras."""
-    from .bus import EventBus  # the bus imports this module
-
-    try:
-        signature = inspect.signature(handler)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{where}: cannot read the handler's signature: {exc}") from None
-    try:
-        hints = typing.get_type_hints(handler)
-    except Exception as exc:
-        if any(isinstance(p.annotation, str) for p in signature.parameters.values()):
-            raise TypeError(
-                f"{where}: cannot resolve the handler's annotations ({exc}); define the types at module level"
-            ) from None
-        hints = {}
-    payload: Decoder | None = None
-    extras: list[tuple[str, str]] = []
-    for param in signature.parameters.values():
-        annotation = hints.get(param.name, param.annotation)
-        if annotation is Message:
-            extras.append((param.name, "message"))
-        elif isinstance(annotation, type) and issubclass(annotation, EventBus):
-            extras.append((param.name, "bus"))
-        elif payload is None and param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
-            try:
-                payload = decoder_for(annotation)
-            except TypeError as exc:
-                raise TypeError(f"{where}: {exc}") from None
-            # Positional-only (builtins such as list.append) cannot take it by name.
-            extras.insert(0, (param.name, "payload/" if param.kind == param.POSITIONAL_ONLY else "payload"))
-        elif param.default is param.empty and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            raise TypeError(
-                f"{where}: parameter {param.name!r} has nothing to receive; "
-                "annotate it with Message or EventBus, or give it a default"
-            )
-    if payload is None:
-        payload = decoder_for(inspect.Parameter.empty)
-    return payload, tuple(extras)
 
 
 def _check(where: str, ok: bool, problem: str) -> None:
@@ -114,14 +67,14 @@ class Router:
 
     def __init__(self) -> None:
         self.subscriptions: list[Subscription] = []
-        self.background: list[Callable[..., Awaitable[None]]] = []
+        self.background: list[Background] = []
 
     def subscribe(
         self,
         topic: str,
         group: str,
         *,
-        subscription: SubscriptionType = "key_shared",
+        subscription_type: SubscriptionType = "key_shared",
         concurrency: int = 1,
         max_retries: int = 3,
         retry_backoff: float = 0.5,
@@ -129,7 +82,7 @@ class Router:
         dead_letter: bool = True,
         initial_position: InitialPosition = "latest",
         timeout: float | None = DEFAULT_TIMEOUT,
-    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    ) -> Callable[[F], F]:
         """Register the decorated function as the handler of `group` on `topic`.
 
         Messages are acknowledged after the handler returns; when it raises
@@ -140,16 +93,16 @@ class Router:
         ``{topic}-{group}-DLQ`` unless `dead_letter` is False.
         """
 
-        def register(handler: Callable[..., Any]) -> Callable[..., Any]:
-            where = f"@subscribe({topic!r}, {group!r}) on {describe(handler)}"
+        def register(handler: F) -> F:
+            where = f"@subscribe({topic!r}, {group!r}) on {handler_name(handler)}"
             if not callable(handler):
                 raise TypeError(f"{where}: the handler is not callable ({type(handler).__name__})")
             _check(where, isinstance(topic, str) and bool(topic.strip()), "topic must be a non-empty string")
             _check(where, isinstance(group, str) and bool(group.strip()), "group must be a non-empty string")
             _check(
                 where,
-                subscription in SUBSCRIPTION_TYPES,
-                f"subscription={subscription!r} is not one of {', '.join(SUBSCRIPTION_TYPES)}",
+                subscription_type in SUBSCRIPTION_TYPES,
+                f"subscription_type={subscription_type!r} is not one of {', '.join(SUBSCRIPTION_TYPES)}",
             )
             _check(where, _is_int(concurrency) and concurrency >= 1, f"concurrency={concurrency!r} must be an int >= 1")
             _check(where, _is_int(max_retries) and max_retries >= 0, f"max_retries={max_retries!r} must be an int >= 0")
@@ -176,14 +129,13 @@ class Router:
                         f"{where}: group {group!r} on {topic!r} already has a handler ({existing.name}); "
                         "use another group name, or one handler per group"
                     )
-            decode, extras = _analyse(handler, where)
-            target = inspect.unwrap(handler)
+            wrapped = Handler(handler, where)
             self.subscriptions.append(
                 Subscription(
                     topic=topic,
                     group=group,
-                    handler=handler,
-                    subscription=subscription,
+                    handler=wrapped,
+                    subscription_type=subscription_type,
                     concurrency=concurrency,
                     max_retries=max_retries,
                     retry_backoff=float(retry_backoff),
@@ -191,23 +143,19 @@ class Router:
                     dead_letter=dead_letter,
                     initial_position=initial_position,
                     timeout=None if timeout is None else float(timeout),
-                    decode=decode,
-                    extras=extras,
-                    is_async=inspect.iscoroutinefunction(target)
-                    or inspect.iscoroutinefunction(getattr(target, "__call__", None)),
                 )
             )
             return handler
 
         return register
 
-    def run_in_background(self, func: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    def run_in_background(self, func: B) -> B:
         """Run ``async def func(bus)`` beside the handlers while `EventBus.run()` runs.
 
         It is cancelled first at shutdown, before in-flight handlers drain.
         """
         if not inspect.iscoroutinefunction(func):
-            raise TypeError(f"{describe(func)}: run_in_background takes an async function of one argument (the bus)")
+            raise TypeError(f"{handler_name(func)}: run_in_background takes an async function of one argument (the bus)")
         self.background.append(func)
         return func
 
@@ -224,10 +172,8 @@ def _is_num(value: object) -> bool:
 default_router = Router()
 
 
-def subscribe(topic: str, group: str, **options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a handler in the default registry.
-
-    >>> @subscribe("orders", "billing")
-    ... async def charge(order: Order) -> None: ...
-    """
-    return default_router.subscribe(topic, group, **options)
+#: Register a handler in the default registry (`Router.subscribe` of `default_router`).
+#:
+#: >>> @subscribe("orders", "billing")
+#: ... async def charge(order: Order) -> None: ...
+subscribe = default_router.subscribe

@@ -39,8 +39,8 @@ from pathlib import Path
 import anyio
 
 from eventbus import EventBus, Message, PublishError, Router, Settings
-from eventbus.embedded import _start as start_embedded
-from eventbus.embedded import _stop as stop_embedded
+from eventbus.embedded import start_broker as start_embedded
+from eventbus.embedded import stop_broker as stop_embedded
 
 ROOT = Path(__file__).resolve().parent.parent
 POISON = {
@@ -91,7 +91,7 @@ async def publisher(pub: int, seconds: float, keys: int, rate: float, seed: int,
                 if odd and name == "non-utf8":
                     key = b"\xff\xfe" + key.encode()  # a key only a Go or C++ producer would send
                 try:
-                    await bus._send_raw(topic, body, key=key, properties={"poison": f"{pub}-{name}"})
+                    await bus.publish(topic, body, key=key, properties={"poison": f"{pub}-{name}"})
                     confirmed.write(f"{pub} poison {name} poison\n")
                     confirmed.flush()
                 except PublishError as exc:

@@ -36,7 +36,7 @@ async def _cancelled() -> None:
 
 @subscribe(
     os.environ["CHAOS_TOPIC"], "chaos", concurrency=8, max_retries=3, retry_backoff=0.05, retry_backoff_max=0.5,
-    initial_position="earliest", subscription=os.environ.get("CHAOS_SUBSCRIPTION", "key_shared"),  # type: ignore[arg-type]
+    initial_position="earliest", subscription_type=os.environ.get("CHAOS_SUBSCRIPTION", "key_shared"),  # type: ignore[arg-type]
 )
 async def handle(event: ChaosEvent, msg: Message) -> None:
     if event.kind == "always":

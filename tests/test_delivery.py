@@ -98,7 +98,7 @@ async def test_unencodable_payload_raises_type_error_before_sending(settings: Se
             await bus.publish(topic, Opaque())
         with pytest.raises(TypeError, match=r"payload #1: .*Opaque"):
             await bus.publish_batch(topic, [{"ok": 1}, Opaque()])
-        assert bus._producers == {}, "nothing may be sent, not even a producer created"
+        assert bus.producer_topics == [], "nothing may be sent, not even a producer created"
 
 
 async def test_invalid_payload_is_dead_lettered_and_the_worker_goes_on(settings: Settings, topic: str) -> None:
@@ -211,7 +211,7 @@ async def test_each_subscription_type_delivers_every_message_once(settings: Sett
     router = Router()
     got: list[int] = []
 
-    @router.subscribe(topic, "g", subscription=kind, concurrency=4, initial_position="earliest")
+    @router.subscribe(topic, "g", subscription_type=kind, concurrency=4, initial_position="earliest")
     async def h(n: int) -> None:
         got.append(n)
 
@@ -309,7 +309,7 @@ async def test_a_redelivered_copy_of_a_message_in_flight_or_acked_runs_once(sett
     release = anyio.Event()
     calls: list[int] = []
 
-    @router.subscribe(topic, "g", subscription="shared", concurrency=4, initial_position="earliest")
+    @router.subscribe(topic, "g", subscription_type="shared", concurrency=4, initial_position="earliest")
     async def h(n: int) -> None:
         calls.append(n)
         if n == 1:
@@ -319,8 +319,8 @@ async def test_a_redelivered_copy_of_a_message_in_flight_or_acked_runs_once(sett
     async with EventBus(settings, routers=[router]) as bus, running(bus):
         await bus.publish(topic, 1)
         await started.wait()
-        runner = bus._runners[0]
-        runner._consumer.redeliver_unacknowledged_messages()  # the broker sends message 1 again
+        runner = bus.running[0]
+        runner.redeliver_unacknowledged()  # the broker sends message 1 again
         await eventually(lambda: runner.duplicates >= 1, what="the copy to arrive")
         release.set()
         await bus.publish(topic, 2)
@@ -333,7 +333,7 @@ async def test_in_flight_work_is_bounded_by_max_in_flight(settings: Settings, to
     release = anyio.Event()
     handled: list[int] = []
 
-    @router.subscribe(topic, "g", subscription="shared", concurrency=4, initial_position="earliest")
+    @router.subscribe(topic, "g", subscription_type="shared", concurrency=4, initial_position="earliest")
     async def slow(n: int) -> None:
         await release.wait()
         handled.append(n)
@@ -341,7 +341,7 @@ async def test_in_flight_work_is_bounded_by_max_in_flight(settings: Settings, to
     bounded = settings.model_copy(update={"consumer_max_in_flight": 20})
     async with EventBus(bounded, routers=[router]) as bus, running(bus):
         await bus.publish_batch(topic, range(200))
-        runner = bus._runners[0]
+        runner = bus.running[0]
         await eventually(lambda: runner.in_flight == 20, what="the receiver to fill up to the bound")
         peak = 0
         with anyio.move_on_after(0.5):  # a window in which an unbounded receiver would take all 200
@@ -386,8 +386,8 @@ async def test_a_member_joining_the_group_never_overtakes_a_key_in_flight(
                     await first_busy.wait()
                 monkeypatch.setattr(consumer.socket, "gethostname", lambda: "a-second")
                 await tg.start(lambda task_status: second.run(handle_signals=False, task_status=task_status))
-                runner = second._runners[0]
-                await eventually(lambda: runner.standing_by or runner._consumer is not None, timeout=60, what="join")
+                runner = second.running[0]
+                await eventually(lambda: runner.state in ("standby", "consuming"), timeout=60, what="join")
                 await first.publish(topic, 2, key="k")
         await eventually(lambda: ("second", 2) in handled, what="the second member to take over")
         second.stop()
@@ -405,7 +405,7 @@ class _Ledger:
     def router(self, member: str, topic: str, kind: str) -> Router:
         router = Router()
 
-        @router.subscribe(topic, "g", subscription=kind, concurrency=4, initial_position="earliest")
+        @router.subscribe(topic, "g", subscription_type=kind, concurrency=4, initial_position="earliest")
         async def handle(n: int, msg: Message) -> None:
             key = msg.key or ""
             self.overlaps += self.running[key] > 0  # the same key running anywhere else

@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 from eventbus import EventBus, Message, PublishError, Router, Settings
-from eventbus.embedded import _start, _stop
+from eventbus.embedded import start_broker as _start, stop_broker as _stop
 
 from .conftest import eventually, id_of, read_stored, running
 from .pulsar_admin import admin
@@ -22,7 +22,7 @@ async def _read_back(settings: Settings, topic: str, want: set[int]) -> dict[int
     seen: dict[int, Message] = {}
     router = Router()
 
-    @router.subscribe(topic, "check", subscription="exclusive", initial_position="earliest")
+    @router.subscribe(topic, "check", subscription_type="exclusive", initial_position="earliest")
     async def h(n: int, msg: Message) -> None:
         seen[n] = msg
 
@@ -88,9 +88,9 @@ async def test_a_broker_killed_mid_burst_leaves_no_unconfirmed_publish_reported_
 
 
 async def test_publish_slots_make_the_excess_wait_and_a_cancelled_waiter_passes_its_turn_on() -> None:
-    from eventbus.producers import _Slots
+    from eventbus.producers import Slots
 
-    slots = _Slots(1)
+    slots = Slots(1)
     await slots.acquire()
     first = asyncio.ensure_future(slots.acquire())
     second = asyncio.ensure_future(slots.acquire())

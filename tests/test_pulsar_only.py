@@ -70,7 +70,7 @@ async def test_delayed_delivery_arrives_no_earlier_than_asked(psettings: Setting
     arrivals: dict[str, float] = {}
     router = Router()
 
-    @router.subscribe(topic, "g", subscription="shared", initial_position="earliest")
+    @router.subscribe(topic, "g", subscription_type="shared", initial_position="earliest")
     async def h(body: dict) -> None:
         arrivals[body["name"]] = time.time()
 
@@ -113,7 +113,7 @@ async def test_partitioned_topic_keeps_key_order_and_handles_each_message_once(
     def router_for(worker: int) -> Router:
         router = Router()
 
-        @router.subscribe(topic, "g", subscription=kind, concurrency=4, initial_position="earliest")
+        @router.subscribe(topic, "g", subscription_type=kind, concurrency=4, initial_position="earliest")
         async def h(body: dict, msg: Message) -> None:
             await anyio.sleep(0.001 * (body["seq"] % 3))
             handled.append((body["key"], body["seq"], worker))

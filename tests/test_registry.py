@@ -14,16 +14,16 @@ class Order(BaseModel):
 def test_decorator_returns_the_function_and_records_options() -> None:
     router = Router()
 
-    @router.subscribe("orders", "billing", subscription="shared", concurrency=4, max_retries=5)
+    @router.subscribe("orders", "billing", subscription_type="shared", concurrency=4, max_retries=5)
     async def charge(order: Order, msg: Message, bus: EventBus) -> None: ...
 
     assert callable(charge)
     (sub,) = router.subscriptions
-    assert (sub.topic, sub.group, sub.subscription, sub.concurrency, sub.max_retries) == (
+    assert (sub.topic, sub.group, sub.subscription_type, sub.concurrency, sub.max_retries) == (
         "orders", "billing", "shared", 4, 5,
     )
-    assert sub.extras == (("order", "payload"), ("msg", "message"), ("bus", "bus"))
-    assert sub.is_async and not sub.ordered
+    assert sub.handler.parameters == (("order", "payload"), ("msg", "message"), ("bus", "bus"))
+    assert sub.handler.is_async and not sub.ordered
     assert sub.dead_letter_topic("persistent://public/default/orders") == "persistent://public/default/orders-billing-DLQ"
 
 
@@ -47,7 +47,7 @@ def test_duplicates_across_routers_are_rejected_by_the_bus() -> None:
 @pytest.mark.parametrize(
     ("options", "words"),
     [
-        ({"subscription": "fanout"}, "subscription='fanout' is not one of key_shared, shared, failover, exclusive"),
+        ({"subscription_type": "fanout"}, "subscription_type='fanout' is not one of key_shared, shared, failover, exclusive"),
         ({"concurrency": 0}, "concurrency=0"),
         ({"concurrency": 2.5}, "concurrency=2.5"),
         ({"max_retries": -1}, "max_retries=-1"),

@@ -18,7 +18,7 @@ async def test_in_flight_handler_finishes_is_acked_and_queued_messages_are_redel
 
     router = Router()
 
-    @router.subscribe(topic, "g", subscription="exclusive", initial_position="earliest")
+    @router.subscribe(topic, "g", subscription_type="exclusive", initial_position="earliest")
     async def slow(n: int) -> None:
         if n == 1:
             started.set()
@@ -37,7 +37,7 @@ async def test_in_flight_handler_finishes_is_acked_and_queued_messages_are_redel
 
         second: list[int] = []
         again = Router()
-        again.subscribe(topic, "g", subscription="exclusive", initial_position="earliest")(second.append)
+        again.subscribe(topic, "g", subscription_type="exclusive", initial_position="earliest")(second.append)
         async with EventBus(settings, routers=[again]) as bus2, running(bus2):
             await bus2.publish(topic, 99, key="same")
             await eventually(lambda: 99 in second, what="the marker")
@@ -49,7 +49,7 @@ async def test_drain_timeout_cancels_a_stuck_handler_and_leaves_its_message(sett
     started = anyio.Event()
     handled: list[int] = []
 
-    @router.subscribe(topic, "g", subscription="exclusive", initial_position="earliest")
+    @router.subscribe(topic, "g", subscription_type="exclusive", initial_position="earliest")
     async def stuck(n: int) -> None:
         if not started.is_set():
             started.set()
@@ -68,3 +68,28 @@ async def test_drain_timeout_cancels_a_stuck_handler_and_leaves_its_message(sett
     # The same group again: the cancelled message was never acknowledged.
     async with EventBus(settings, routers=[router]) as bus, running(bus):
         await eventually(lambda: handled == [1], what="the redelivered message")
+
+
+async def test_a_sync_handler_may_stop_the_bus_from_its_thread(settings: Settings, topic: str) -> None:
+    router = Router()
+    handled: list[int] = []
+    bus = EventBus(settings, routers=[router])
+
+    @router.subscribe(topic, "g", subscription_type="exclusive", initial_position="earliest")
+    def last_one(n: int) -> None:  # runs in a worker thread
+        handled.append(n)
+        bus.stop()
+
+    async with bus:
+        await bus.publish(topic, 1, key="k")
+        with anyio.fail_after(30):
+            await bus.run(handle_signals=False)  # returns: the stop reached the loop from the thread
+        assert handled == [1]
+
+        again = Router()
+        second: list[int] = []
+        again.subscribe(topic, "g", subscription_type="exclusive", initial_position="earliest")(second.append)
+        async with EventBus(settings, routers=[again]) as bus2, running(bus2):
+            await bus2.publish(topic, 99, key="k")
+            await eventually(lambda: 99 in second, what="the marker")
+    assert second == [99], "the message whose handler stopped the bus was acknowledged"

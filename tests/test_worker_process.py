@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -145,7 +146,7 @@ def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
     ("extra_env", "args", "code", "words"),
     [
         ({}, ["run", "no_such_module"], 2, "cannot import handler module 'no_such_module'"),
-        ({}, ["run", "tests.apps.bad_options"], 2, "tests.apps.bad_options.charge: subscription='fanout'"),
+        ({}, ["run", "tests.apps.bad_options"], 2, "tests.apps.bad_options.charge: subscription_type='fanout'"),
         ({"EVENTBUS_URL": "http://localhost:6650"}, ["run", "tests.apps.bad_options"], 2, "scheme 'http'"),
         ({"EVENTBUS_URL": "pulsar://localhost:notaport"}, ["publish", "t", "1"], 2, "invalid port"),
         ({"EVENTBUS_CONSUMER_RECEIVER_QUEUE_SIZE": "lots"}, ["publish", "t", "1"], 2, "consumer_receiver_queue_size"),
@@ -185,8 +186,7 @@ async def test_a_second_process_joins_the_embedded_broker(base_env: dict[str, st
     router.subscribe(topic, "g", initial_position="earliest")(lambda body, msg=None: seen.append(body))
 
     async with EventBus(Settings(_env_file=None, data_dir=data_dir), routers=[router]) as bus, running(bus):
-        assert bus._broker is not None
-        pid = bus._broker.pid
+        pid = json.loads((data_dir / "broker.json").read_text())["pid"]  # where joiners find the broker
         result = await anyio.to_thread.run_sync(lambda: cli(env, "publish", topic, '{"from": "another process"}'))
         assert result.returncode == 0, result.stderr
         await eventually(lambda: seen, what="the other process's message")

@@ -1,5 +1,5 @@
 from eventbus import subscribe
 
 
-@subscribe("orders", "billing", subscription="fanout")
+@subscribe("orders", "billing", subscription_type="fanout")
 async def charge(order: dict) -> None: ...

@@ -1,0 +1,330 @@
+"""The one adapter to pulsar-client: its client, producers, consumers, messages and errors in our terms."""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable, Mapping
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import _pulsar
+import pulsar
+import pulsar.asyncio
+
+from .codec import CONTENT_TYPE
+from .errors import EventBusError, broker_error
+
+#: The id the broker gave a message: ``str(id)`` is readable, ``id.serialize()`` is stable bytes.
+MessageId: TypeAlias = _pulsar.MessageId
+#: A message as the client hands it over (read it through the functions below).
+RawMessage: TypeAlias = _pulsar.Message
+Result: TypeAlias = _pulsar.Result
+#: A message's place in its topic: (partition, ledger, entry, batch index).
+Ident = tuple[int, int, int, int]
+OK = _pulsar.Result.Ok
+CLIENT_ERRORS: tuple[type[Exception], ...] = (_pulsar.PulsarException, pulsar.asyncio.PulsarException)
+
+#: Bytes a batch spends per message and per property besides their contents (an upper bound).
+FRAMING = 32
+_COMPRESSION = {
+    "none": pulsar.CompressionType.NONE,
+    "lz4": pulsar.CompressionType.LZ4,
+    "zlib": pulsar.CompressionType.ZLib,
+    "zstd": pulsar.CompressionType.ZSTD,
+    "snappy": pulsar.CompressionType.SNAPPY,
+}
+_TYPES = {
+    "key_shared": pulsar.ConsumerType.KeyShared,
+    "shared": pulsar.ConsumerType.Shared,
+    "failover": pulsar.ConsumerType.Failover,
+    "exclusive": pulsar.ConsumerType.Exclusive,
+}
+_POSITIONS = {"latest": pulsar.InitialPosition.Latest, "earliest": pulsar.InitialPosition.Earliest}
+
+
+def result_of(exc: BaseException) -> str:
+    """The client's result name for one of its exceptions ("Timeout", "ConsumerBusy", ...)."""
+    if isinstance(exc, pulsar.asyncio.PulsarException):
+        return str(exc.error().name)
+    if isinstance(exc, _pulsar.PulsarException) and type(exc) is not _pulsar.PulsarException:
+        return type(exc).__name__
+    return "UnknownError"
+
+
+def error_for(what: str, exc: BaseException) -> EventBusError:
+    """The project's error for a client failure while doing `what`."""
+    return broker_error(what, result_of(exc), str(exc))
+
+
+# -- messages ---------------------------------------------------------------------
+
+
+def build_message(
+    data: bytes,
+    content_type: str | None,
+    *,
+    key: str | bytes | None = None,
+    properties: Mapping[str, str] | None = None,
+    deliver_after: timedelta | float | None = None,
+    event_time: datetime | int | None = None,
+    sequence_id: int | None = None,
+) -> tuple[RawMessage, int]:
+    """Build a client message, checking every argument before anything is sent.
+
+    Returns the message and about how many bytes it takes in a batch: payload,
+    key, properties and their framing, which is what the broker's size limit counts.
+    """
+    builder = _pulsar.MessageBuilder()
+    builder.content(data)
+    size = len(data) + FRAMING
+    if content_type is not None:
+        builder.property(CONTENT_TYPE, content_type)
+        size += len(CONTENT_TYPE) + len(content_type)
+    if properties:
+        for name, value in properties.items():
+            if not isinstance(name, str) or not isinstance(value, str):
+                raise TypeError(
+                    f"message property {name!r}={value!r} is not str=str: convert property values to strings"
+                )
+            try:
+                builder.property(name, value)
+            except TypeError:  # pybind11's words for a str that is not valid UTF-8
+                raise TypeError(
+                    f"message property {name!r}={value!r} is not valid UTF-8 (a lone surrogate?): "
+                    "encode it, e.g. value.encode('utf-8', 'backslashreplace').decode()"
+                ) from None
+            size += len(name) + len(value) + FRAMING
+    if key is not None:
+        if not isinstance(key, (str, bytes)):
+            raise TypeError(f"message key must be str or bytes, not {type(key).__name__}")
+        try:
+            builder.partition_key(key)
+        except TypeError:
+            raise TypeError(f"message key {key!r} is not valid UTF-8 (a lone surrogate?): encode it first") from None
+        size += len(key)
+    if deliver_after is not None:
+        if not isinstance(deliver_after, timedelta):
+            deliver_after = timedelta(seconds=deliver_after)
+        builder.deliver_after(deliver_after)
+    if event_time is not None:
+        if isinstance(event_time, datetime):
+            event_time = int(event_time.timestamp() * 1000)
+        builder.event_timestamp(event_time)
+    if sequence_id is not None:
+        builder.sequence_id(sequence_id)
+    return builder.build(), size
+
+
+def ident_of(message: RawMessage) -> Ident:
+    mid = message.message_id()
+    return (mid.partition(), mid.ledger_id(), mid.entry_id(), mid.batch_index())
+
+
+def key_of(message: RawMessage) -> str | bytes:
+    """The message's partition key: a str, or its bytes when they are not UTF-8 ("" for none)."""
+    try:
+        key: str = message.partition_key()
+        return key
+    except UnicodeDecodeError as exc:  # the client decodes the whole key; the error holds its bytes
+        return bytes(exc.object)
+
+
+def sibling_id(message_id: MessageId, batch_index: int) -> MessageId:
+    """The id of another message of the same batch."""
+    return _pulsar.MessageId(message_id.partition(), message_id.ledger_id(), message_id.entry_id(), batch_index)
+
+
+# -- the client -------------------------------------------------------------------
+
+
+def _client_logger(level: str) -> Any:
+    """The C++ client's logger.
+
+    Handed a Python logger, the client calls into Python for every debug line,
+    five per message, each taking the GIL from its I/O thread: that alone cost
+    more than half of the publish path. So only at DEBUG do its logs go through
+    Python logging ("eventbus.pulsar"); otherwise its warnings and errors go
+    straight to stderr, filtered in C++.
+    """
+    if level == "DEBUG":
+        return logging.getLogger("eventbus.pulsar")
+    native = pulsar.LoggerLevel.Error if level == "ERROR" else pulsar.LoggerLevel.Warn
+    return pulsar.FileLogger(native, "/dev/stderr")
+
+
+def _ignore(result: Result, *_: object) -> None:
+    # A callback that raises inside the client aborts the process; the outcome
+    # of an acknowledgement or a flush needs nobody: a lost ack is a redelivery.
+    pass
+
+
+class Client:
+    """A connected client; every call raises the project's errors, never the client's."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None,
+        operation_timeout_seconds: int,
+        connection_timeout_ms: int,
+        log_level: str,
+        tls_trust_certs_file: Path | None,
+        tls_validate_hostname: bool,
+    ) -> None:
+        options: dict[str, Any] = dict(
+            operation_timeout_seconds=operation_timeout_seconds,
+            connection_timeout_ms=connection_timeout_ms,
+            logger=_client_logger(log_level),
+        )
+        if token:
+            options["authentication"] = pulsar.AuthenticationToken(token)
+        if tls_trust_certs_file is not None:
+            options["tls_trust_certs_file_path"] = str(tls_trust_certs_file)
+        if url.startswith("pulsar+ssl://"):
+            options["tls_validate_hostname"] = tls_validate_hostname
+        self._client: pulsar.asyncio.Client | None = pulsar.asyncio.Client(url, **options)
+
+    def _open(self) -> pulsar.asyncio.Client:
+        if self._client is None:
+            raise EventBusError("the client is closed")
+        return self._client
+
+    async def partitions(self, topic: str) -> list[str]:
+        """The topic's partitions; a partitioned topic of one names it "...-partition-0"."""
+        try:
+            return list(await self._open().get_topic_partitions(topic))
+        except CLIENT_ERRORS as exc:
+            raise error_for(f"cannot look up {topic}", exc) from None
+
+    async def create_producer(
+        self,
+        topic: str,
+        *,
+        batching: bool,
+        batching_max_messages: int,
+        batching_max_bytes: int,
+        batching_max_delay_ms: int,
+        compression: str,
+        send_timeout_ms: int,
+        max_pending_messages: int,
+        producer_name: str | None,
+    ) -> Producer:
+        options: dict[str, Any] = dict(
+            batching_enabled=batching,
+            # Key-based batches keep one key per batch, which key_shared consumers need.
+            batching_type=pulsar.BatchingType.KeyBased,
+            batching_max_messages=batching_max_messages,
+            batching_max_allowed_size_in_bytes=batching_max_bytes,
+            batching_max_publish_delay_ms=batching_max_delay_ms,
+            compression_type=_COMPRESSION[compression],
+            send_timeout_millis=send_timeout_ms,
+            max_pending_messages=max_pending_messages,
+            block_if_queue_full=False,
+        )
+        if producer_name:
+            options["producer_name"] = producer_name
+        try:
+            return Producer(await self._open().create_producer(topic, **options))
+        except CLIENT_ERRORS as exc:
+            raise error_for(f"cannot create a producer for {topic}", exc) from None
+
+    async def subscribe(
+        self,
+        topic: str,
+        group: str,
+        *,
+        subscription_type: str,
+        initial_position: str,
+        receiver_queue_size: int,
+        consumer_name: str,
+    ) -> Consumer:
+        try:
+            wrapper = await self._open().subscribe(
+                topic,
+                group,
+                consumer_type=_TYPES[subscription_type],
+                initial_position=_POSITIONS[initial_position],
+                receiver_queue_size=receiver_queue_size,
+                consumer_name=consumer_name,
+                # No batch-index acks: a broker without them (pulsar-lite, and Pulsar
+                # unless acknowledgmentAtBatchIndexLevelEnabled) takes a partial
+                # batch ack for the whole batch, which loses its other messages.
+            )
+        except CLIENT_ERRORS as exc:
+            raise error_for(f"cannot subscribe {group!r} to {topic}", exc) from None
+        return Consumer(wrapper)
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+
+class Producer:
+    """A topic's producer: sends with a callback per receipt (`send`), never waiting."""
+
+    def __init__(self, wrapper: pulsar.asyncio.Producer) -> None:
+        self._wrapper = wrapper
+        raw: _pulsar.Producer = wrapper._producer
+        #: ``send(message, callback or None)``; the callback gets (result, message id) on a client thread.
+        self.send: Callable[[RawMessage, Callable[[Result, MessageId], None] | None], None] = raw.send_async
+        self._flush_async = raw.flush_async
+
+    def flush_soon(self) -> None:
+        """Ask the client to send what it holds in its batch container now."""
+        self._flush_async(_ignore)
+
+    async def flush(self) -> None:
+        await self._wrapper.flush()
+
+    async def close(self) -> None:
+        await self._wrapper.close()
+
+
+class ConsumerClosed(Exception):
+    """The consumer was closed while receiving."""
+
+
+class Consumer:
+    """A subscription's consumer. `receive` blocks: call it from a thread of its own."""
+
+    def __init__(self, wrapper: pulsar.asyncio.Consumer) -> None:
+        self._wrapper: pulsar.asyncio.Consumer | None = wrapper
+        self._raw: _pulsar.Consumer = wrapper._consumer
+
+    def receive(self, limit: int, timeout_ms: int) -> list[RawMessage]:
+        """Wait up to `timeout_ms` for a message, then take up to `limit` that are already here ([] if none)."""
+        raw = self._raw
+        try:
+            batch = [raw.receive(timeout_ms)]
+        except _pulsar.Timeout:
+            return []
+        except _pulsar.AlreadyClosed:
+            raise ConsumerClosed from None
+        while len(batch) < limit:
+            try:
+                batch.append(raw.receive(0))
+            except (_pulsar.Timeout, _pulsar.AlreadyClosed):
+                break
+        return batch
+
+    def acknowledge(self, messages: collections.deque[RawMessage]) -> None:
+        """Acknowledge and empty `messages`, without waiting; an ack that does not reach the broker means a redelivery."""
+        ack = self._raw.acknowledge_async
+        while messages:
+            ack(messages.popleft(), _ignore)
+
+    def redeliver_unacknowledged(self) -> None:
+        """Ask the broker to send again every message this consumer holds unacknowledged."""
+        self._raw.redeliver_unacknowledged_messages()
+
+    async def close(self) -> None:
+        wrapper, self._wrapper = self._wrapper, None
+        if wrapper is not None:
+            try:
+                await wrapper.close()
+            except CLIENT_ERRORS as exc:
+                raise error_for("closing a consumer", exc) from None

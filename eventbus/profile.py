@@ -1,0 +1,44 @@
+"""What differs between the embedded broker (pulsar-lite) and Apache Pulsar, decided once at connect."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .embedded import EmbeddedBroker, SubscriptionLease
+
+
+@dataclass(frozen=True)
+class BrokerProfile:
+    """The broker the bus talks to, and every way the bus adapts to it."""
+
+    #: What the broker calls itself in the protocol handshake ("Pulsar-Lite-..." for pulsar-lite).
+    server_version: str
+    #: The embedded broker this process shares, if the bus started or joined one.
+    embedded: EmbeddedBroker | None = None
+
+    @property
+    def lite(self) -> bool:
+        """pulsar-lite, embedded or reached by URL."""
+        return self.server_version.startswith("Pulsar-Lite")
+
+    def lease(self, topic: str, group: str) -> SubscriptionLease | None:
+        """The lease a process needs to consume this subscription (the embedded broker only)."""
+        return self.embedded.lease(topic, group) if self.embedded is not None else None
+
+    def subscription_type(self, requested: str) -> str:
+        """The subscription type to ask of the broker for a subscription of type `requested`."""
+        if self.embedded is not None:
+            # The embedded broker's single-active dispatchers (failover, exclusive)
+            # hand the same messages over again and again, and its key_shared one
+            # strands a key's messages when a consumer leaves. With one consumer
+            # at a time (SubscriptionLease), shared delivers in order, once.
+            return "shared"
+        if requested == "key_shared" and self.lite:
+            return "failover"  # pulsar-lite reached by URL: no lease, so one active consumer
+        if requested == "failover" and not self.lite:
+            # Pulsar's failover moves the active role without telling the consumer
+            # that lost it (pulsar-client 3.13 takes no consumer-event listener), so
+            # both would handle a key at once. Exclusive: one member consumes, the
+            # others stand by and subscribe when it has drained and left.
+            return "exclusive"
+        return requested

@@ -1,0 +1,103 @@
+"""The worker: every subscription's runner and the background tasks until a stop, then the drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Sequence
+
+import anyio
+import anyio.abc
+
+from .consumer import SubscriptionRunner
+from .errors import EventBusError
+from .handler import Publisher
+from .registry import Background
+
+log = logging.getLogger("eventbus")
+
+
+class Worker:
+    """Runs the runners until `stop` is set; then drains them within `drain_timeout` and closes them."""
+
+    def __init__(
+        self,
+        runners: Sequence[SubscriptionRunner],
+        background: Sequence[Background],
+        bus: Publisher,
+        stop: asyncio.Event,
+        drain_timeout: float,
+    ) -> None:
+        self.runners = tuple(runners)
+        self._background = tuple(background)
+        self._bus = bus
+        self._stop = stop
+        self._drain_timeout = drain_timeout
+        self._failures: list[EventBusError] = []
+
+    def stop(self) -> None:
+        """No new messages from now on (loop thread only): a handler finishing must not start another."""
+        self._stop.set()
+        for runner in self.runners:
+            runner.stop()
+
+    async def run(self, *, handle_signals: bool, task_status: anyio.abc.TaskStatus[None]) -> None:
+        loop = asyncio.get_running_loop()
+        if handle_signals:
+            self._install_signals(loop)
+        try:
+            for runner in self.runners:
+                await runner.start()
+            task_status.started()
+            async with anyio.create_task_group() as tg:
+                done = [anyio.Event() for _ in self.runners]
+                for runner, finished in zip(self.runners, done):
+                    tg.start_soon(self._run_one, runner, finished)
+                async with anyio.create_task_group() as bg:
+                    for func in self._background:
+                        bg.start_soon(func, self._bus)
+                    await self._stop.wait()
+                    bg.cancel_scope.cancel()
+                log.info("stopping: draining in-flight handlers (up to %.0fs)", self._drain_timeout)
+                self.stop()
+                with anyio.move_on_after(self._drain_timeout):
+                    for finished in done:
+                        await finished.wait()
+                if not all(e.is_set() for e in done):
+                    busy = sum(r.in_flight for r in self.runners)
+                    log.warning("drain timeout: cancelling handlers; up to %d message(s) will be redelivered", busy)
+                    tg.cancel_scope.cancel()
+        finally:
+            for runner in self.runners:
+                runner.stop()
+                with anyio.CancelScope(shield=True):
+                    await runner.close()
+            if handle_signals:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+        if self._failures:
+            raise self._failures[0]
+
+    async def _run_one(self, runner: SubscriptionRunner, finished: anyio.Event) -> None:
+        try:
+            await runner.run()
+        except EventBusError as exc:
+            # The runner logged why, or the broker refused it for good: the others drain, then run() raises it.
+            self._failures.append(exc)
+            self.stop()
+        finally:
+            finished.set()
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        def on_signal(sig: signal.Signals) -> None:
+            if self._stop.is_set():
+                log.warning("second %s: exiting now", sig.name)
+                logging.shutdown()
+                os._exit(128 + sig.value)
+            log.info("received %s: shutting down (send it again to exit at once)", sig.name)
+            self.stop()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig)
