@@ -1,0 +1,67 @@
+"""The package keeps its shape: a one-way stack of modules, strict types, tests on public surfaces."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import eventbus
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_imports_form_a_one_way_stack_and_only_the_adapter_imports_pulsar_client() -> None:
+    result = _run(str(Path(sys.executable).with_name("lint-imports")), "--no-cache")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "2 kept, 0 broken" in result.stdout
+
+
+def test_the_package_type_checks_strictly() -> None:
+    result = _run(sys.executable, "-m", "mypy", "--no-incremental")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert (ROOT / "eventbus" / "py.typed").exists(), "without py.typed, users' type checkers ignore our hints"
+
+
+def test_tests_use_public_surfaces_only() -> None:
+    offences = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.Import) and any(a.name == "_pulsar" for a in node.names):
+                offences.append(f"{where} imports _pulsar")
+            elif isinstance(node, ast.ImportFrom) and node.module == "_pulsar":
+                offences.append(f"{where} imports _pulsar")
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("eventbus"):
+                offences += [f"{where} imports {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+            elif (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and isinstance(node.value, ast.Name)
+                and node.value.id in {"bus", "first", "second", "runner", "producer", "consumer"}
+            ):
+                offences.append(f"{where} reads {node.value.id}.{node.attr}")
+    assert offences == []
+
+
+def test_the_public_api_is_exported_and_typed(tmp_path: Path) -> None:
+    for name in eventbus.__all__:
+        assert hasattr(eventbus, name), name
+    # `subscribe` keeps the decorated function's type: mypy sees a coroutine function, not Callable[..., Any].
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "from eventbus import subscribe\n"
+        "@subscribe('orders', 'billing', concurrency=2)\n"
+        "async def charge(order: dict[str, int]) -> int: return 1\n"
+        "reveal_type(charge)\n"
+        "subscribe('orders', 'x', concurency=2)\n"
+    )
+    result = _run(sys.executable, "-m", "mypy", "--no-incremental", "--strict", str(probe))
+    assert "def (order: dict[str, int]) -> typing.Coroutine[Any, Any, int]" in result.stdout, result.stdout
+    assert 'Unexpected keyword argument "concurency"' in result.stdout, result.stdout
