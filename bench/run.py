@@ -309,7 +309,7 @@ async def amain(args: argparse.Namespace) -> None:
         settings = Settings(_env_file=None, url=args.url or "", token=args.token or None, data_dir=Path(tmp))
         async with EventBus(settings, routers=[]) as holder:  # keeps one broker up for the run
             url = holder.url
-            broker = f"embedded ({holder.server_version})" if settings.embedded else f"{holder.server_version} at {url}"
+            broker = f"embedded ({holder.server_version})" if settings.uses_embedded else f"{holder.server_version} at {url}"
             rows: list[Row] = []
             for size in args.sizes:
                 rows += await publish_rows(url, settings, args.messages, size)

@@ -47,7 +47,7 @@ class EventBus(Publisher):
         self._run_done: asyncio.Event | None = None
 
     def __repr__(self) -> str:
-        where = self.url or ("embedded" if self.settings.embedded else self.settings.url)
+        where = self.url or ("embedded" if self.settings.uses_embedded else self.settings.url)
         return f"EventBus(url={where!r}, tenant={self.settings.tenant!r}, namespace={self.settings.namespace!r})"
 
     @property

@@ -7,6 +7,7 @@ import gc
 import logging
 import ssl
 from dataclasses import dataclass
+from importlib import metadata
 
 import anyio
 
@@ -49,13 +50,20 @@ async def connect(settings: Settings) -> Connection:
         raise ConfigError(str(exc)) from None
     bridge = LoopBridge(asyncio.get_running_loop())
     embedded = None
-    if settings.embedded:
+    if settings.uses_embedded:
         embedded = await anyio.to_thread.run_sync(EmbeddedBroker.acquire, settings.data_dir)
         url = embedded.url
     else:
         url = settings.url
     try:
         version = await _check_broker(url, token, settings)
+        if embedded is not None:
+            # pulsar-lite's handshake names a version of its own protocol code, not the package's.
+            version = f"Pulsar-Lite-{metadata.version('pulsar-lite')}"
+            log.info(
+                "embedded broker (pulsar-lite %s) at %s, data in %s: set EVENTBUS_URL to use another broker",
+                metadata.version("pulsar-lite"), url, embedded.data_dir,
+            )
         client = Client(
             url,
             token=token,

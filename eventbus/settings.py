@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
+import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _DEFAULT_PORTS = {"pulsar": 6650, "pulsar+ssl": 6651}
@@ -106,6 +110,10 @@ class Settings(BaseSettings):
     token_file: Path | None = Field(default=None, description="File holding the JWT (read at start).")
     tenant: str = Field(default="public", min_length=1, pattern=r"^[A-Za-z0-9_.\-=:]+$")
     namespace: str = Field(default="default", min_length=1, pattern=r"^[A-Za-z0-9_.\-=:]+$")
+    embedded: bool = Field(
+        default=True,
+        description="Start (or join) the embedded broker when no URL is set; false in production images.",
+    )
     data_dir: Path = Field(default=Path(".eventbus"), description="Embedded broker data directory.")
 
     tls_trust_certs_file: Path | None = None
@@ -145,8 +153,17 @@ class Settings(BaseSettings):
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        problems = unknown_variables(os.environ)
+        if problems:
+            raise ValueError("; ".join(problems))
+        if not self.url and not self.embedded:
+            raise ValueError("no broker URL: set EVENTBUS_URL (EVENTBUS_EMBEDDED=false turns the embedded broker off)")
+        return self
+
     @property
-    def embedded(self) -> bool:
+    def uses_embedded(self) -> bool:
         """True when no broker URL is set and the embedded broker is used."""
         return not self.url
 
@@ -166,11 +183,57 @@ class Settings(BaseSettings):
 
     def topic(self, name: str) -> str:
         """Resolve a short topic name in the configured tenant and namespace."""
+        problem = topic_problem(name)
+        if problem:
+            raise ValueError(problem)
         if "://" in name:
             return name
-        if not name or "/" in name:
-            raise ValueError(
-                f"topic {name!r} is neither a short name nor a full name: "
-                "write 'orders' or 'persistent://tenant/namespace/orders'"
-            )
         return f"persistent://{self.tenant}/{self.namespace}/{name}"
+
+
+def variable_names() -> dict[str, str]:
+    """Every environment variable a setting reads, to its field name."""
+    names = {}
+    for field, info in Settings.model_fields.items():
+        names[f"EVENTBUS_{field.upper()}"] = field
+        if isinstance(info.validation_alias, AliasChoices):
+            for alias in info.validation_alias.choices:
+                if isinstance(alias, str) and alias.isupper():
+                    names[alias] = field
+    return names
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One line per ``EVENTBUS_*`` variable that is not a setting, with the closest real name."""
+    known = variable_names()
+    own = [name.removeprefix("EVENTBUS_") for name in known if name.startswith("EVENTBUS_")]
+    problems = []
+    for name in sorted(environ):
+        if name.startswith("EVENTBUS_") and name not in known:
+            rest = name.removeprefix("EVENTBUS_")
+            # BROKER_URL holds URL; LOGLEVEL is close to LOG_LEVEL.
+            close = difflib.get_close_matches(rest, own, n=1, cutoff=0.6) or [
+                real for real in sorted(own, key=len, reverse=True) if real in rest.split("_")
+            ][:1]
+            hint = f"did you mean EVENTBUS_{close[0]}?" if close else "see .env.example for the settings"
+            problems.append(f"{name} is not a setting ({hint})")
+    return problems
+
+
+_TOPIC_PART = re.compile(r"^[A-Za-z0-9_.\-=:]+$")
+
+
+def topic_problem(name: str) -> str | None:
+    """Why `name` cannot be a topic ('orders' or 'persistent://tenant/namespace/orders'), or None."""
+    fix = "write 'orders' or 'persistent://tenant/namespace/orders'"
+    if not isinstance(name, str) or not name.strip():
+        return f"topic {name!r} is empty: {fix}"
+    if "://" not in name:
+        if "/" in name or not _TOPIC_PART.match(name):
+            return f"topic {name!r} is neither a short name nor a full name: {fix}"
+        return None
+    scheme, _, rest = name.partition("://")
+    parts = rest.split("/")
+    if scheme not in ("persistent", "non-persistent") or len(parts) != 3 or not all(_TOPIC_PART.match(p) for p in parts):
+        return f"topic {name!r} is not a full name (persistent://tenant/namespace/topic): {fix}"
+    return None

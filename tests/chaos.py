@@ -124,7 +124,7 @@ class Broker:
             self.port = int(self.url.rsplit(":", 1)[1])
         else:
             subprocess.run([sys.executable, self.script, "start"], check=True, capture_output=True)
-            state = json.loads(Path(os.environ.get("EVENTBUS_PULSAR_RUN_DIR", "/tmp/eventbus-pulsar"), "state.json").read_text())
+            state = json.loads(Path(os.environ.get("PULSAR_STANDALONE_RUN_DIR", "/tmp/eventbus-pulsar"), "state.json").read_text())
             self.url, self.token = state["service_url"], state["client_token"]
 
     def restart(self) -> None:

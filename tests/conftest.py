@@ -24,7 +24,7 @@ BROKERS = ("embedded", "pulsar")
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--brokers",
-        default=os.environ.get("EVENTBUS_TEST_BROKERS", ",".join(BROKERS)),
+        default=os.environ.get("TEST_BROKERS", ",".join(BROKERS)),
         help="comma-separated brokers to run the integration suite on: embedded, pulsar (default: both)",
     )
 
@@ -48,7 +48,7 @@ def pulsar(request: pytest.FixtureRequest) -> Iterator[dict]:
             if os.environ.get("CI"):
                 pytest.fail(f"real Apache Pulsar did not start in CI: {result.stderr[-3000:]}", pytrace=False)
             pytest.skip(f"real Apache Pulsar not available here ({reason}); the embedded broker still ran")
-    state_file = Path(os.environ.get("EVENTBUS_PULSAR_RUN_DIR", "/tmp/eventbus-pulsar")) / "state.json"
+    state_file = Path(os.environ.get("PULSAR_STANDALONE_RUN_DIR", "/tmp/eventbus-pulsar")) / "state.json"
     state = json.loads(state_file.read_text())
     state["script"] = str(script)
     yield state
@@ -100,7 +100,7 @@ def base_env() -> dict[str, str]:
 def subprocess_env(base_env: dict[str, str], settings: Settings) -> dict[str, str]:
     """A child process's environment that reaches the same broker as `settings`."""
     env = dict(base_env)
-    if settings.embedded:
+    if settings.uses_embedded:
         env["EVENTBUS_DATA_DIR"] = str(settings.data_dir)
     else:
         env["EVENTBUS_URL"] = settings.url

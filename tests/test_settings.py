@@ -74,7 +74,7 @@ def test_own_names_and_dotenv(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
 
 def test_seed_defaults() -> None:
     s = Settings()
-    assert s.embedded
+    assert s.uses_embedded
     assert (s.producer_batching_max_messages, s.producer_batching_max_bytes) == (1000, 1024 * 1024)
     assert (s.producer_compression, s.producer_send_timeout_ms, s.consumer_receiver_queue_size) == ("lz4", 30_000, 1000)
 
