@@ -24,6 +24,7 @@ from .errors import (
     EventBusError,
     PublishBatchError,
     PublishError,
+    Reject,
     SubscriptionFailed,
 )
 from .consumer import RunningSubscription
@@ -44,6 +45,7 @@ __all__ = [
     "PublishBatchError",
     "PublishError",
     "Publisher",
+    "Reject",
     "Router",
     "RunningSubscription",
     "Settings",

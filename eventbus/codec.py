@@ -118,5 +118,8 @@ def decoder_for(annotation: Any) -> Decoder:
         return _typed_json(annotation)
     try:
         return _validator(annotation)
-    except Exception as exc:  # pydantic raises several kinds for unsupported types
-        raise TypeError(f"cannot decode payloads as {_name(annotation)}: {exc}") from None
+    except Exception:  # pydantic raises several kinds, with advice for its own models that does not apply here
+        raise TypeError(
+            f"cannot decode payloads as {_name(annotation)}: pydantic cannot validate that type; annotate the "
+            "payload with a pydantic model, a dataclass, a TypedDict, dict, list, str or bytes"
+        ) from None

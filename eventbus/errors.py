@@ -33,6 +33,13 @@ class SubscriptionFailed(EventBusError):
     """A subscription died of something the bus did not expect; `run()` raises it after draining the rest."""
 
 
+class Reject(Exception):
+    """Raise it from a handler when retrying cannot help: the message goes to the dead-letter topic at once.
+
+    >>> raise Reject("card declined")   # eventbus-dlq-reason: rejected, eventbus-error: card declined
+    """
+
+
 class PublishError(EventBusError):
     """The broker did not confirm a message.
 
@@ -100,10 +107,16 @@ def classify(result: str) -> Failure:
     return Failure.TRANSIENT
 
 
-def broker_error(what: str, result: str, detail: str) -> EventBusError:
-    """The error to raise when the broker refused `what`, by the class of its result."""
+def broker_error(what: str, result: str, detail: str, topic: str | None = None) -> EventBusError:
+    """The error to raise when the broker refused `what` (on `topic`), by the class of its result."""
     failure = classify(result)
     text = f"{what}: {detail or result}"
+    if result == "TopicNotFound" and topic and topic.count("/") == 4:
+        tenant, namespace = topic.split("/")[2:4]
+        text += (
+            f" (does the namespace {tenant}/{namespace} exist? Create it with "
+            f"`pulsar-admin namespaces create {tenant}/{namespace}`, or set EVENTBUS_TENANT and EVENTBUS_NAMESPACE)"
+        )
     error: EventBusError
     if failure is Failure.AUTHENTICATION:
         error = AuthenticationFailed(text + " (authentication failed: check the token, EVENTBUS_TOKEN)")

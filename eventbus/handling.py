@@ -10,8 +10,9 @@ from typing import Any, Protocol
 
 import anyio
 
-from .client import MessageId, RawMessage, key_of
+from .client import MessageId, RawMessage, id_text, key_of
 from .codec import DecodeError
+from .errors import Reject
 from .handler import Publisher
 from .message import Message, UnreadableMessage
 from .registry import Subscription
@@ -59,7 +60,7 @@ class Handling:
         try:
             payload = handler.decode(data)
         except DecodeError as exc:
-            return await self._give_up(message, "undecodable", exc, attempts=1)
+            return await self._give_up(message, "undecodable", exc, attempts=1, trace=False)
         earlier = message.redelivery_count()
         attempt = 0
         while True:
@@ -69,19 +70,25 @@ class Handling:
                 await self._call(payload, metadata)
                 return True
             except UnreadableMessage as exc:
-                return await self._give_up(message, "unreadable", exc, attempts=attempt)
+                return await self._give_up(message, "unreadable", exc, attempts=attempt, trace=False)
             except BaseException as exc:
                 # Whatever a handler raises fails its message, CancelledError and
                 # SystemExit included; only the bus's own cancellation goes through.
                 if cancelled_by_us(exc):
                     raise
+                if isinstance(exc, Reject):
+                    return await self._give_up(message, "rejected", exc, attempts=attempt, trace=False)
+                if isinstance(exc, sub.reject_on):
+                    return await self._give_up(message, "rejected", exc, attempts=attempt)
                 if attempt > sub.max_retries:
                     return await self._give_up(message, "handler-failed", exc, attempts=attempt)
                 delay = min(sub.retry_backoff * 2 ** (attempt - 1), sub.retry_backoff_max)
                 delay *= random.uniform(0.8, 1.2)
+                # The traceback once per message: with its first failure (and with the dead-letter line).
                 log.warning(
                     "%s failed on %s (attempt %d of %d), retrying in %.2fs: %s",
                     sub.name, label(message), attempt, sub.max_retries + 1, delay, text(exc),
+                    exc_info=exc if attempt == 1 else None,
                 )
                 if await sleep_unless(self._stopping, delay):
                     return False  # unacknowledged: redelivered after shutdown
@@ -121,12 +128,21 @@ class Handling:
                     self._timed_out.add(task)
                     task.cancel()
 
-    async def _give_up(self, message: RawMessage, reason: str, exc: BaseException, attempts: int) -> bool:
-        """Dead-letter a message (or drop it when dead-lettering is off); True once it may be acknowledged."""
+    async def _give_up(
+        self, message: RawMessage, reason: str, exc: BaseException, attempts: int, trace: bool = True
+    ) -> bool:
+        """Dead-letter a message (or drop it when dead-lettering is off); True once it may be acknowledged.
+
+        `trace`: log the traceback (a failure in the handler's code, not in the message or a `Reject`).
+        """
         sub = self.sub
         error = text(exc)
+        exc_info = exc if trace else None
         if not sub.dead_letter:
-            log.error("%s dropped %s after %d attempts (%s): %s", sub.name, label(message), attempts, reason, error)
+            log.error(
+                "%s dropped %s after %d attempt(s) (%s): %s", sub.name, label(message), attempts, reason, error,
+                exc_info=exc_info,
+            )
             return True
         try:
             properties = dict(message.properties())
@@ -139,7 +155,7 @@ class Handling:
                 "eventbus-error": encodable(detail(exc)),
                 "eventbus-attempts": str(attempts),
                 "eventbus-original-topic": message.topic_name(),
-                "eventbus-original-message-id": str(message.message_id()),
+                "eventbus-original-message-id": id_text(message.message_id()),
                 "eventbus-subscription": sub.group,
             }
         )
@@ -161,8 +177,8 @@ class Handling:
                     return False
                 delay = min(delay * 2, sub.retry_backoff_max)
         log.error(
-            "%s dead-lettered %s to %s after %d attempt(s): %s", sub.name, label(message), self.dead_letter_topic,
-            attempts, error,
+            "%s dead-lettered %s to %s after %d attempt(s) (%s): %s", sub.name, label(message),
+            self.dead_letter_topic, attempts, reason, error, exc_info=exc_info,
         )
         return True
 
@@ -205,4 +221,4 @@ def encodable(value: str, limit: int = _ERROR_TEXT_MAX) -> str:
 def label(message: RawMessage) -> str:
     """``message <id> key=<key>``, for logs."""
     key = key_of(message)
-    return f"message {message.message_id()}{f' key={key!r}' if key else ''}"
+    return f"message {id_text(message.message_id())}{f' key={key!r}' if key else ''}"

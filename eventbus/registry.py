@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from .handler import Handler, Publisher, handler_name
+from .settings import topic_problem
 
 SubscriptionType = Literal["key_shared", "shared", "failover", "exclusive"]
 InitialPosition = Literal["latest", "earliest"]
@@ -37,6 +38,7 @@ class Subscription:
     dead_letter: bool = True
     initial_position: InitialPosition = "latest"
     timeout: float | None = DEFAULT_TIMEOUT
+    reject_on: tuple[type[BaseException], ...] = ()
 
     @property
     def name(self) -> str:
@@ -82,6 +84,7 @@ class Router:
         dead_letter: bool = True,
         initial_position: InitialPosition = "latest",
         timeout: float | None = DEFAULT_TIMEOUT,
+        reject_on: tuple[type[BaseException], ...] = (),
     ) -> Callable[[F], F]:
         """Register the decorated function as the handler of `group` on `topic`.
 
@@ -90,14 +93,18 @@ class Router:
         `timeout` seconds (None: no limit), they are retried `max_retries` times
         with exponential backoff starting at `retry_backoff` seconds (capped at
         `retry_backoff_max`), then sent to the dead-letter topic
-        ``{topic}-{group}-DLQ`` unless `dead_letter` is False.
+        ``{topic}-{group}-DLQ`` unless `dead_letter` is False. A handler that
+        raises `Reject`, or one of the exception types in `reject_on`, skips the
+        retries: its message is dead-lettered at once (reason ``rejected``).
         """
 
         def register(handler: F) -> F:
             where = f"@subscribe({topic!r}, {group!r}) on {handler_name(handler)}"
             if not callable(handler):
                 raise TypeError(f"{where}: the handler is not callable ({type(handler).__name__})")
-            _check(where, isinstance(topic, str) and bool(topic.strip()), "topic must be a non-empty string")
+            _check(where, isinstance(topic, str), f"topic must be a string, not {type(topic).__name__}")
+            problem = topic_problem(topic)
+            _check(where, problem is None, str(problem))
             _check(where, isinstance(group, str) and bool(group.strip()), "group must be a non-empty string")
             _check(
                 where,
@@ -123,6 +130,12 @@ class Router:
                 timeout is None or (_is_num(timeout) and timeout > 0),
                 f"timeout={timeout!r} must be seconds > 0, or None for no limit",
             )
+            _check(
+                where,
+                isinstance(reject_on, tuple)
+                and all(isinstance(t, type) and issubclass(t, BaseException) for t in reject_on),
+                f"reject_on={reject_on!r} must be a tuple of exception types, e.g. (ValueError,)",
+            )
             for existing in self.subscriptions:
                 if (existing.topic, existing.group) == (topic, group):
                     raise ValueError(
@@ -143,6 +156,7 @@ class Router:
                     dead_letter=dead_letter,
                     initial_position=initial_position,
                     timeout=None if timeout is None else float(timeout),
+                    reject_on=reject_on,
                 )
             )
             return handler

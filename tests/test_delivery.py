@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import logging
 import os
 import random
 from typing import Any
@@ -13,7 +14,7 @@ import anyio
 import pytest
 from pydantic import BaseModel
 
-from eventbus import EventBus, Message, PublishBatchError, PublishError, Router, Settings
+from eventbus import Reject, EventBus, Message, PublishBatchError, PublishError, Router, Settings
 
 from .conftest import eventually, running
 
@@ -169,7 +170,60 @@ async def test_retries_exhausted_go_to_dead_letter_topic_with_reason(settings: S
     assert msg.properties["eventbus-error"] == "cannot handle 7"
     assert msg.properties["eventbus-attempts"] == "3"
     assert msg.properties["eventbus-original-topic"] == settings.topic(topic)
-    assert msg.properties["eventbus-original-message-id"] == str(message_id)
+    ledger, entry, partition, batch = msg.properties["eventbus-original-message-id"].split(":")
+    assert (int(ledger), int(entry), int(partition), int(batch)) == (
+        message_id.ledger_id(), message_id.entry_id(), message_id.partition(), message_id.batch_index()
+    ), "ledger:entry:partition:batch, as Pulsar's tools print it"
+
+
+class CardDeclined(Exception):
+    pass
+
+
+@pytest.mark.parametrize("how", ["Reject", "reject_on"])
+async def test_a_permanent_failure_skips_the_retries(settings: Settings, topic: str, how: str) -> None:
+    router = Router()
+    attempts: list[int] = []
+    dead: list[Message] = []
+
+    @router.subscribe(topic, "g", max_retries=5, retry_backoff=0.01, initial_position="earliest", reject_on=(CardDeclined,))
+    async def charge(body: dict, msg: Message) -> None:
+        attempts.append(msg.attempt)
+        if body["n"] == 1:
+            raise Reject("card declined") if how == "Reject" else CardDeclined("card declined")
+
+    dlq_reader(router, settings, topic, "g", dead)
+    async with EventBus(settings, routers=[router]) as bus, running(bus):
+        await bus.publish(topic, {"n": 1}, key="k")
+        await bus.publish(topic, {"n": 2}, key="k")
+        await eventually(lambda: dead and len(attempts) == 2, what="the dead letter and the next message")
+    assert attempts == [1, 1], "no retry of the rejected message; the key goes on"
+    props = dead[0].properties
+    assert (props["eventbus-dlq-reason"], props["eventbus-attempts"], props["eventbus-error"]) == (
+        "rejected", "1", "card declined",
+    )
+    assert props["eventbus-error-type"] == ("Reject" if how == "Reject" else "CardDeclined")
+
+
+async def test_a_failure_logs_its_traceback_once_then_one_line_per_retry(
+    settings: Settings, topic: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    router = Router()
+    dead: list[Message] = []
+
+    @router.subscribe(topic, "g", max_retries=2, retry_backoff=0.01, initial_position="earliest")
+    async def broken(body: dict) -> None:
+        raise RuntimeError("boom")
+
+    dlq_reader(router, settings, topic, "g", dead)
+    with caplog.at_level(logging.WARNING, logger="eventbus"):
+        async with EventBus(settings, routers=[router]) as bus, running(bus):
+            await bus.publish(topic, {"n": 1})
+            await eventually(lambda: dead, what="the dead letter")
+    failures = [r for r in caplog.records if "broken" in r.getMessage()]
+    assert [r.levelname for r in failures] == ["WARNING", "WARNING", "ERROR"], [r.getMessage() for r in failures]
+    assert [r.exc_info is not None for r in failures] == [True, False, True], "the first failure and the dead letter"
+    assert "in broken" in caplog.text and 'raise RuntimeError("boom")' in caplog.text
 
 
 async def test_key_order_holds_under_concurrency_and_retries(settings: Settings, topic: str) -> None:
@@ -440,7 +494,7 @@ async def test_members_joining_and_leaving_never_run_a_key_twice_at_once_nor_out
     from eventbus import consumer
 
     if partitions:
-        if settings.embedded:
+        if settings.uses_embedded:
             pytest.skip("the embedded broker has no partitioned topics")
         from .pulsar_admin import admin
 

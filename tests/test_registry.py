@@ -55,13 +55,20 @@ def test_duplicates_across_routers_are_rejected_by_the_bus() -> None:
         ({"retry_backoff": 5, "retry_backoff_max": 1}, "retry_backoff_max=1"),
         ({"dead_letter": "yes"}, "dead_letter='yes'"),
         ({"initial_position": "middle"}, "initial_position='middle'"),
+        ({"reject_on": ValueError}, "reject_on=<class 'ValueError'> must be a tuple of exception types"),
+        ({"reject_on": ("ValueError",)}, "must be a tuple of exception types"),
+        ({"topic": "orders/eu"}, "topic 'orders/eu' is neither a short name nor a full name"),
+        ({"topic": "persistent://public/orders"}, "is not a full name (persistent://tenant/namespace/topic)"),
+        ({"topic": "http://a/b/c"}, "is not a full name"),
+        ({"topic": " "}, "is empty"),
     ],
 )
 def test_bad_options_raise_at_import_naming_the_handler(options: dict, words: str) -> None:
     router = Router()
+    topic = options.pop("topic", "orders")
     with pytest.raises(ValueError, match="handle_it") as caught:
 
-        @router.subscribe("orders", "g", **options)
+        @router.subscribe(topic, "g", **options)
         async def handle_it(o: dict) -> None: ...
 
     assert words in str(caught.value)
@@ -84,10 +91,13 @@ class NotAModel:
 
 
 def test_undecodable_annotation_is_rejected_at_import() -> None:
-    with pytest.raises(TypeError, match="handler: cannot decode payloads as"):
+    with pytest.raises(TypeError, match="handler: cannot decode payloads as") as caught:
 
         @Router().subscribe("orders", "g")
         async def handler(order: NotAModel) -> None: ...
+
+    assert "arbitrary_types_allowed" not in str(caught.value), "pydantic's advice for its own models does not apply"
+    assert "annotate the payload with a pydantic model" in str(caught.value)
 
 
 def test_unresolvable_annotation_is_rejected_at_import() -> None:
