@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -149,11 +150,27 @@ def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
         ({}, ["run", "tests.apps.bad_options"], 2, "tests.apps.bad_options.charge: subscription_type='fanout'"),
         ({"EVENTBUS_URL": "http://localhost:6650"}, ["run", "tests.apps.bad_options"], 2, "scheme 'http'"),
         ({"EVENTBUS_URL": "pulsar://localhost:notaport"}, ["publish", "t", "1"], 2, "invalid port"),
-        ({"EVENTBUS_CONSUMER_RECEIVER_QUEUE_SIZE": "lots"}, ["publish", "t", "1"], 2, "consumer_receiver_queue_size"),
+        ({"EVENTBUS_CONSUMER_RECEIVER_QUEUE_SIZE": "lots"}, ["publish", "t", "1"], 2, "EVENTBUS_CONSUMER_RECEIVER_QUEUE_SIZE"),
         ({"EVENTBUS_URL": "pulsar://127.0.0.1:1"}, ["publish", "t", "1"], 1, "cannot reach the broker at 127.0.0.1:1"),
         ({}, ["publish", "t", "{not json"], 2, "not valid JSON"),
+        ({"EVENTBUS_BROKER_URL": "pulsar://prod:6650"}, ["publish", "t", "1"], 2,
+         "EVENTBUS_BROKER_URL is not a setting (did you mean EVENTBUS_URL?)"),
+        ({"EVENTBUS_EMBEDDED": "false"}, ["publish", "t", "1"], 2, "no broker URL: set EVENTBUS_URL"),
+        ({"EVENTBUS_LOG_LEVEL": "LOUD"}, ["publish", "t", "1"], 2, "EVENTBUS_LOG_LEVEL: Input should be"),
+        ({}, ["run"], 2, "name what to run: `run myapp.handlers`"),
+        ({}, ["run", "shop.py"], 2, "'shop.py' is a path: name the module instead, `run shop`"),
+        ({}, ["run", "tests.apps.misspelt_option"], 2, "did you mean concurrency?"),
+        ({}, ["run", "tests.apps.no_parentheses"], 2, '@subscribe needs a topic and a group'),
+        ({}, ["run", "tests.apps.router_app:routers"], 2, "module 'tests.apps.router_app' has no attribute 'routers'"),
+        ({}, ["run", "tests.apps.router_app:os"], 2, "tests.apps.router_app:os is a module: name a Router"),
+        ({}, ["publish", "orders/eu", "1"], 2, "topic 'orders/eu' is neither a short name nor a full name"),
+        ({}, ["publish", "t", "@/no/such/file"], 2, "cannot read the payload from /no/such/file"),
     ],
-    ids=["import", "bad-option", "url-scheme", "url-port", "bad-number", "unreachable", "bad-json"],
+    ids=[
+        "import", "bad-option", "url-scheme", "url-port", "bad-number", "unreachable", "bad-json", "unknown-variable",
+        "embedded-off", "setting-named-by-variable", "run-nothing", "run-a-path", "misspelt-option", "no-parentheses",
+        "no-attribute", "not-a-router", "bad-topic", "unreadable-payload-file",
+    ],
 )
 def test_cli_errors_are_one_line_with_exit_code(
     base_env: dict[str, str], tmp_path: Path, extra_env: dict[str, str], args: list[str], code: int, words: str
@@ -173,7 +190,7 @@ async def test_cli_publish_reaches_a_handler(settings: Settings, topic: str, sub
             lambda: cli(subprocess_env, "publish", topic, '{"id": 1}', "--key", "k", "-p", "source=cli")
         )
         assert result.returncode == 0, result.stderr
-        assert result.stdout.strip().startswith("(")
+        assert re.fullmatch(r"\d+:\d+:-?\d+:-?\d+", result.stdout.strip()), "ledger:entry:partition:batch"
         await eventually(lambda: seen)
     assert seen == [{"id": 1}]
 
@@ -189,6 +206,8 @@ async def test_a_second_process_joins_the_embedded_broker(base_env: dict[str, st
         pid = json.loads((data_dir / "broker.json").read_text())["pid"]  # where joiners find the broker
         result = await anyio.to_thread.run_sync(lambda: cli(env, "publish", topic, '{"from": "another process"}'))
         assert result.returncode == 0, result.stderr
+        first_line = result.stderr.splitlines()[0]
+        assert f"embedded broker (pulsar-lite 0." in first_line and str(data_dir) in first_line, result.stderr
         await eventually(lambda: seen, what="the other process's message")
         os.kill(pid, 0)  # the publisher left; the broker stays while we use it
     assert seen == [{"from": "another process"}]
@@ -196,3 +215,61 @@ async def test_a_second_process_joins_the_embedded_broker(base_env: dict[str, st
     while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
         await anyio.sleep(0.05)
     assert not Path(f"/proc/{pid}").exists(), "the last user stops the broker"
+
+
+async def test_run_takes_a_router_by_module_and_attribute(
+    settings: Settings, topic: str, worker_env: dict[str, str], tmp_path: Path
+) -> None:
+    worker = Worker(worker_env, tmp_path / "w.log", "tests.apps.router_app:router")
+    try:
+        await worker.wait_subscribed()
+        async with EventBus(settings, routers=[]) as bus:
+            await bus.publish(topic, {"n": 1})
+        await eventually(lambda: (tmp_path / "record.txt").exists(), what="the router's handler")
+        worker.proc.send_signal(signal.SIGTERM)
+        assert await worker.wait_exit() == 0
+    finally:
+        worker.kill()
+    assert (tmp_path / "record.txt").read_text() == "{'n': 1}\n"
+
+
+async def test_publish_reads_the_payload_from_stdin_or_a_file(
+    settings: Settings, topic: str, subprocess_env: dict[str, str], tmp_path: Path
+) -> None:
+    big = {"blob": "x" * 200_000}  # past what an argument list takes on Linux (128 KB per argument)
+    (tmp_path / "big.json").write_text(json.dumps(big))
+    seen: list[dict] = []
+    router = Router()
+    router.subscribe(topic, "g", initial_position="earliest")(seen.append)
+    async with EventBus(settings, routers=[router]) as bus, running(bus):
+        from_file = await anyio.to_thread.run_sync(lambda: cli(subprocess_env, "publish", topic, f"@{tmp_path / 'big.json'}"))
+        assert from_file.returncode == 0, from_file.stderr
+        from_stdin = await anyio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [sys.executable, "-m", "eventbus", "publish", topic, "-"], input='{"from": "stdin"}',
+                env=subprocess_env, capture_output=True, text=True, timeout=60,
+            )
+        )
+        assert from_stdin.returncode == 0, from_stdin.stderr
+        await eventually(lambda: len(seen) == 2)
+    assert seen == [big, {"from": "stdin"}]
+
+
+def test_version_and_help_name_the_command_and_the_settings(base_env: dict[str, str]) -> None:
+    script = Path(sys.executable).with_name("eventbus")
+    version = subprocess.run([str(script), "--version"], env=base_env, capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0 and re.fullmatch(r"eventbus \d+\.\d+\.\d+\n", version.stdout), version
+    help_text = subprocess.run([str(script), "run", "--help"], env=base_env, capture_output=True, text=True).stdout
+    assert help_text.startswith("usage: eventbus run"), help_text
+    assert "EVENTBUS_URL" in help_text and "EVENTBUS_EMBEDDED" in help_text
+    as_module = cli(base_env, "--help")
+    assert as_module.stdout.startswith("usage: python -m eventbus"), as_module.stdout
+
+
+def test_the_example_app_is_not_installed_as_a_top_level_package(base_env: dict[str, str], tmp_path: Path) -> None:
+    env = {k: v for k, v in base_env.items() if k != "PYTHONPATH"}
+    found = subprocess.run(
+        [sys.executable, "-c", "import importlib.util; print(importlib.util.find_spec('handlers'))"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert found.stdout.strip() == "None", "a team's own `handlers` package would clash with the example app"
