@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import re
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -53,9 +54,10 @@ def result_of(exc: BaseException) -> str:
     return "UnknownError"
 
 
-def error_for(what: str, exc: BaseException) -> EventBusError:
-    """The project's error for a client failure while doing `what`."""
-    return broker_error(what, result_of(exc), str(exc))
+def error_for(what: str, exc: BaseException, topic: str | None = None) -> EventBusError:
+    """The project's error for a client failure while doing `what` (on `topic`)."""
+    detail = re.sub(r"^-?\d+ ", "", str(exc))  # pulsar.asyncio prefixes the result's number
+    return broker_error(what, result_of(exc), detail, topic)
 
 
 # -- messages ---------------------------------------------------------------------
@@ -131,6 +133,11 @@ def key_of(message: RawMessage) -> str | bytes:
         return bytes(exc.object)
 
 
+def id_text(message_id: MessageId) -> str:
+    """``ledger:entry:partition:batch``, as Pulsar's own tools print an id."""
+    return f"{message_id.ledger_id()}:{message_id.entry_id()}:{message_id.partition()}:{message_id.batch_index()}"
+
+
 def sibling_id(message_id: MessageId, batch_index: int) -> MessageId:
     """The id of another message of the same batch."""
     return _pulsar.MessageId(message_id.partition(), message_id.ledger_id(), message_id.entry_id(), batch_index)
@@ -197,7 +204,7 @@ class Client:
         try:
             return list(await self._open().get_topic_partitions(topic))
         except CLIENT_ERRORS as exc:
-            raise error_for(f"cannot look up {topic}", exc) from None
+            raise error_for(f"cannot look up {topic}", exc, topic) from None
 
     async def create_producer(
         self,
@@ -229,7 +236,7 @@ class Client:
         try:
             return Producer(await self._open().create_producer(topic, **options))
         except CLIENT_ERRORS as exc:
-            raise error_for(f"cannot create a producer for {topic}", exc) from None
+            raise error_for(f"cannot create a producer for {topic}", exc, topic) from None
 
     async def subscribe(
         self,
@@ -254,7 +261,7 @@ class Client:
                 # batch ack for the whole batch, which loses its other messages.
             )
         except CLIENT_ERRORS as exc:
-            raise error_for(f"cannot subscribe {group!r} to {topic}", exc) from None
+            raise error_for(f"cannot subscribe {group!r} to {topic}", exc, topic) from None
         return Consumer(wrapper)
 
     async def close(self) -> None:

@@ -336,6 +336,8 @@ class Producers:
         self.ready = {}
 
         async def close_one(task: asyncio.Task[TopicProducer]) -> None:
+            if _failed(task):
+                return  # never created: its publish already raised why
             try:
                 producer = await task
                 await producer.close()

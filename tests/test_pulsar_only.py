@@ -11,7 +11,7 @@ import uuid
 import anyio
 import pytest
 
-from eventbus import AuthenticationFailed, EventBus, Message, Router, Settings
+from eventbus import AuthenticationFailed, ConfigError, EventBus, Message, Router, Settings
 
 from .conftest import eventually, running
 from .pulsar_admin import admin
@@ -185,3 +185,14 @@ async def test_tls_with_the_wrong_ca_fails_clearly(pulsar: dict) -> None:
     with pytest.raises(ConfigError, match=r"TLS with the broker .* failed \(CERTIFICATE_VERIFY_FAILED\).*EVENTBUS_TLS_TRUST_CERTS_FILE"):
         async with EventBus(settings, routers=[]):
             pass
+
+
+async def test_a_namespace_that_does_not_exist_is_named_at_once(psettings: Settings, topic: str) -> None:
+    missing = psettings.model_copy(update={"namespace": f"absent-{uuid.uuid4().hex[:6]}"})
+    router = Router()
+    router.subscribe(topic, "g")(lambda body: None)
+    async with EventBus(missing, routers=[router]) as bus:
+        with anyio.fail_after(20), pytest.raises(ConfigError, match=rf"namespace public/{missing.namespace} exist\?"):
+            await bus.publish(topic, 1)
+        with anyio.fail_after(20), pytest.raises(ConfigError, match="TopicNotFound"):
+            await bus.run(handle_signals=False)  # not retried for ever: the worker stops with the reason
