@@ -64,8 +64,13 @@ class SubscriptionRunner:
         self._bridge = bridge
         self._settings = settings
         self._stopping = asyncio.Event()
-        self._handling = Handling(sub, sub.dead_letter_topic(topic), bus, dead_letters, self._stopping)
-        self._thread_stop = False
+        self._finished_handling = asyncio.Event()
+        self._handling = Handling(sub, sub.dead_letter_topic(topic), bus, dead_letters, self._finished_handling)
+        # Read by the receive thread: after stop it takes only the rest of the batches already begun.
+        self._draining = False
+        self._begun: frozenset[tuple[int, int, int]] = frozenset()
+        self._intake_done = False
+        self._closed_lanes: set[object] = set()
         self._consumer: Consumer | None = None
         self._lease: SubscriptionLease | None = profile.lease(topic, sub.group)
         self._state: State = "starting"
@@ -161,17 +166,51 @@ class SubscriptionRunner:
             ) from self.failure
 
     def stop(self) -> None:
-        """Stop taking messages; handlers already running finish and are acknowledged. Loop thread only."""
+        """Stop taking messages; handlers already running finish and are acknowledged. Loop thread only.
+
+        The client acknowledges a batch to the broker only once every message of it is
+        acknowledged, and forgets a partial one when the consumer closes: the broker then
+        sends the whole batch again, the messages handled before the stop included. So the
+        rest of every batch begun (a message of it handled or running) is handled too;
+        everything else queued is left unacknowledged, for the broker to send again.
+        """
         if self._stopping.is_set():
             return
         self._stopping.set()
-        self._thread_stop = True
-        self._room.set()
-        # Queued but not started: left unacknowledged, so the broker redelivers them.
+        queued = {ident for queue in self._lanes.values() for _, ident in queue}
+        running = self._active - queued  # a lane's running message is no longer in its queue
+        begun = {ident[:3] for ident in itertools.chain(running, self._acked) if ident[3] >= 0}
+        self._begun = frozenset(begun)
+        for lane, queue in self._lanes.items():
+            keep = 0
+            for _, ident in queue:
+                if ident[:3] not in begun:
+                    break
+                keep += 1
+            if keep < len(queue):
+                # A lane stays in order: the rest of a begun batch behind a message left over is left too.
+                self._closed_lanes.add(lane)
+                for _ in range(len(queue) - keep):
+                    self._active.discard(queue.pop()[1])
+                    self._finished += 1
+        waiting = []
         while not self._queued.empty():
-            self._queued.get_nowait()
-        for _ in range(self.sub.concurrency):
-            self._queued.put_nowait(_STOP)
+            waiting.append(self._queued.get_nowait())
+        for lane in waiting:
+            if self._lanes[lane]:
+                self._queued.put_nowait(lane)
+            else:
+                del self._lanes[lane]
+        self._draining = True
+        self._room.set()
+        self._finish_if_drained()
+
+    def _finish_if_drained(self) -> None:
+        """Once stopped, nothing more to take and nothing left to handle: the workers end."""
+        if self._intake_done and not self._lanes and not self._finished_handling.is_set():
+            self._finished_handling.set()
+            for _ in range(self.sub.concurrency):
+                self._queued.put_nowait(_STOP)
 
     async def close(self) -> None:
         """Acknowledge what is done, close the consumer, then give up the lease."""
@@ -206,10 +245,11 @@ class SubscriptionRunner:
     async def _subscribe_until_stopped(self) -> bool:
         """Subscribe, retrying what may cure itself with one backoff; raise the rest."""
         delay, poll = _RETRY[0], _STANDBY_POLL[0]
+        busy = False
         while not self._stopping.is_set():
             try:
                 await self._subscribe()
-                if self._state == "standby":
+                if busy:
                     log.info("taking over %s group=%s", self.topic, self.group)
                 return True
             except EventBusError as exc:
@@ -217,7 +257,8 @@ class SubscriptionRunner:
                     raise
                 if exc.result == "ConsumerBusy":
                     # Another member holds the exclusive subscription: take over as soon as it leaves.
-                    if self._state != "standby":
+                    if not busy:
+                        busy = True
                         self._state = "standby"
                         log.info(
                             "standby: another member consumes %s group=%s (%s); taking over when it leaves",
@@ -243,6 +284,7 @@ class SubscriptionRunner:
             initial_position=sub.initial_position,
             receiver_queue_size=self._settings.consumer_receiver_queue_size,
             consumer_name=f"{socket.gethostname()}-{os.getpid()}-{sub.group}",
+            batch_index_ack=self._profile.batch_index_ack,
         )
         asked = self.subscription_type
         shown = asked if asked == sub.subscription_type else f"{asked} (for {sub.subscription_type} on {self._profile.server_version})"
@@ -272,7 +314,16 @@ class SubscriptionRunner:
     # -- receiving (a thread of its own: the client's receive blocks) -----------
 
     async def _receive(self) -> None:
-        await anyio.to_thread.run_sync(self._receive_thread, limiter=anyio.CapacityLimiter(1))
+        try:
+            await anyio.to_thread.run_sync(self._receive_thread, limiter=anyio.CapacityLimiter(1))
+        finally:
+            # Through the bridge: after the last batch the thread handed over.
+            self._bridge.call(self._intake_finished)
+
+    def _intake_finished(self) -> None:
+        self._intake_done = True
+        if self._stopping.is_set():
+            self._finish_if_drained()
 
     def _receive_thread(self) -> None:
         consumer = self._consumer
@@ -280,8 +331,11 @@ class SubscriptionRunner:
         call = self._bridge.call
         limit = self._settings.consumer_max_in_flight
         room = self._room
-        while not self._thread_stop:
+        while True:
             self._send_acks(consumer)
+            if self._draining:
+                self._receive_rest(consumer)
+                return
             free = limit - (self._received - self._finished)
             if free <= 0:
                 room.clear()
@@ -296,6 +350,21 @@ class SubscriptionRunner:
                 self._received += len(batch)
                 call(self._enqueue, batch)
 
+    def _receive_rest(self, consumer: Consumer) -> None:
+        """After stop: take the messages of begun batches still in the client's queue (a batch arrives whole)."""
+        begun = self._begun
+        while True:
+            try:
+                batch = consumer.receive(_HANDOFF, 0)
+            except ConsumerClosed:
+                return
+            rest = list(itertools.takewhile(lambda m: ident_of(m)[:3] in begun, batch))
+            if rest:
+                self._received += len(rest)
+                self._bridge.call(self._enqueue, rest)
+            if len(rest) < len(batch) or not batch:
+                return  # the rest of the queue is left unacknowledged: the broker sends it again
+
     def _enqueue(self, batch: list[RawMessage]) -> None:
         try:
             self._dispatch(batch)
@@ -303,8 +372,7 @@ class SubscriptionRunner:
             self._die(exc)
 
     def _dispatch(self, batch: list[RawMessage]) -> None:
-        if self._stopping.is_set():
-            return
+        stopping = self._stopping.is_set()
         ordered = self.sub.ordered
         lanes = self._lanes
         active = self._active
@@ -316,9 +384,13 @@ class SubscriptionRunner:
                 if ident not in active:
                     self._acks.append(message)  # acknowledged before, yet here again: once more
                 continue
-            active.add(ident)
             # A key that is not UTF-8 (any producer may send one) is its lane as bytes.
             lane: object = key_of(message) if ordered else next(self._unique)
+            if stopping and (ident[:3] not in self._begun or lane in self._closed_lanes):
+                self._closed_lanes.add(lane)  # left for the broker to send again, and its lane's later ones
+                self._finished += 1
+                continue
+            active.add(ident)
             queue = lanes.get(lane)
             if queue is None:
                 lanes[lane] = collections.deque(((message, ident),))
@@ -344,10 +416,12 @@ class SubscriptionRunner:
                 self._finished += 1
                 if not self._room.is_set():
                     self._room.set()
-                if queue and not self._stopping.is_set():
+                if queue:
                     self._queued.put_nowait(lane)
                 else:
                     del self._lanes[lane]
+                    if self._stopping.is_set():
+                        self._finish_if_drained()
 
     def _ack(self, message: RawMessage, ident: Ident) -> None:
         # The receive thread sends it: an acknowledgement costs the caller two

@@ -38,13 +38,15 @@ class Handling:
     """Runs a subscription's handler on its messages; says when a message may be acknowledged."""
 
     def __init__(
-        self, sub: Subscription, dead_letter_topic: str, bus: Publisher, dead_letters: Sender, stopping: asyncio.Event
+        self, sub: Subscription, dead_letter_topic: str, bus: Publisher, dead_letters: Sender, finished: asyncio.Event
     ) -> None:
         self.sub = sub
         self.dead_letter_topic = dead_letter_topic
         self._bus = bus
         self._dead_letters = dead_letters
-        self._stopping = stopping
+        # Set once the runner hands out no more messages. Not at stop: a message in a
+        # retry's backoff is in flight, and the drain (bounded by its timeout) finishes it.
+        self._finished = finished
         self._call_handler = sub.handler.call
         self._loop = asyncio.get_running_loop()
         self._deadlines: dict[asyncio.Task[Any], float] = {}
@@ -90,8 +92,8 @@ class Handling:
                     sub.name, label(message), attempt, sub.max_retries + 1, delay, text(exc),
                     exc_info=exc if attempt == 1 else None,
                 )
-                if await sleep_unless(self._stopping, delay):
-                    return False  # unacknowledged: redelivered after shutdown
+                if await sleep_unless(self._finished, delay):
+                    return False  # unacknowledged: redelivered
                 payload = handler.decode(data)  # a fresh copy: the handler may have changed it
 
     async def _call(self, payload: Any, metadata: Message | None) -> None:
@@ -118,10 +120,10 @@ class Handling:
             raise HandlerTimeout(f"the handler did not finish within {timeout:g}s (subscribe(timeout=...))")
 
     async def watchdog(self) -> None:
-        """Cancel each handler call that runs past the subscription's timeout, until the bus stops."""
+        """Cancel each handler call that runs past the subscription's timeout, until handling is finished."""
         timeout = self.sub.timeout
         assert timeout
-        while not await sleep_unless(self._stopping, min(timeout / 4, 1.0)):
+        while not await sleep_unless(self._finished, min(timeout / 4, 1.0)):
             now = self._loop.time()
             for task, deadline in list(self._deadlines.items()):
                 if deadline <= now and task not in self._timed_out:
@@ -173,7 +175,7 @@ class Handling:
                     "cannot dead-letter %s to %s (retrying in %.1fs): %s", label(message), self.dead_letter_topic,
                     delay, text(dlq_exc),
                 )
-                if await sleep_unless(self._stopping, delay):
+                if await sleep_unless(self._finished, delay):
                     return False
                 delay = min(delay * 2, sub.retry_backoff_max)
         log.error(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import anyio
 
 from eventbus import EventBus, Router, Settings
@@ -93,3 +95,75 @@ async def test_a_sync_handler_may_stop_the_bus_from_its_thread(settings: Setting
             await bus2.publish(topic, 99, key="k")
             await eventually(lambda: 99 in second, what="the marker")
     assert second == [99], "the message whose handler stopped the bus was acknowledged"
+
+
+async def _handled_by_a_second_worker(settings: Settings, topic: str, seen: list[tuple[str, int]]) -> None:
+    """Run a second worker of the group until it has handled a marker published after everything else."""
+    again = Router()
+
+    @again.subscribe(topic, "g", concurrency=8, initial_position="earliest")
+    async def second(n: int) -> None:
+        seen.append(("second", n))
+
+    async with EventBus(settings, routers=[again]) as bus, running(bus):
+        await bus.publish(topic, -1, key="marker")
+        await eventually(lambda: ("second", -1) in seen, what="the second worker to reach the marker")
+
+
+async def test_a_graceful_stop_hands_over_nothing_it_handled_from_a_batch(settings: Settings, topic: str) -> None:
+    # The five travel in one batch; the client acknowledges a batch only whole.
+    router = Router()
+    seen: list[tuple[str, int]] = []
+    started = anyio.Event()
+    release = anyio.Event()
+
+    @router.subscribe(topic, "g", initial_position="earliest")
+    async def first(n: int) -> None:
+        if n == 0:
+            started.set()
+            await release.wait()
+        seen.append(("first", n))
+
+    async with EventBus(settings, routers=[router]) as bus:
+        await bus.publish_batch(topic, range(5))
+        async with anyio.create_task_group() as tg:
+            await tg.start(lambda task_status: bus.run(handle_signals=False, task_status=task_status))
+            await started.wait()
+            bus.stop()
+            release.set()
+    await _handled_by_a_second_worker(settings, topic, seen)
+    handled = sorted(n for _, n in seen if n >= 0)
+    assert handled == [0, 1, 2, 3, 4], f"every message exactly once across the two workers: {seen}"
+
+
+async def test_a_graceful_stop_with_many_keys_in_flight_hands_over_each_message_once(
+    settings: Settings, topic: str
+) -> None:
+    router = Router()
+    seen: list[tuple[str, int]] = []
+    release = anyio.Event()
+    busy = 0
+
+    @router.subscribe(topic, "g", concurrency=8, initial_position="earliest")
+    async def first(n: int) -> None:
+        nonlocal busy
+        busy += 1
+        await release.wait()
+        seen.append(("first", n))
+
+    async with EventBus(settings, routers=[router]) as bus:
+        for key in range(20):  # a batch per key, and bursts the producer groups by key
+            await bus.publish_batch(topic, range(key * 100, key * 100 + 10), key=f"k{key}")
+        await asyncio.gather(*(bus.publish(topic, 5000 + n, key=f"k{n % 20}") for n in range(200)))
+        async with anyio.create_task_group() as tg:
+            await tg.start(lambda task_status: bus.run(handle_signals=False, task_status=task_status))
+            await eventually(lambda: busy >= 8, what="eight keys in flight")
+            bus.stop()
+            release.set()
+    await _handled_by_a_second_worker(settings, topic, seen)
+    expected = sorted([k * 100 + i for k in range(20) for i in range(10)] + [5000 + n for n in range(200)])
+    handled = sorted(n for _, n in seen if n >= 0)
+    assert handled == expected, f"{len(handled)} handlings of {len(expected)} messages"
+    for key in range(20):
+        order = [n for _, n in seen if n >= 0 and (n % 20 if n >= 5000 else n // 100) == key]
+        assert order == sorted(order), f"key k{key} out of order across the two workers: {order}"
