@@ -247,6 +247,7 @@ class Client:
         initial_position: str,
         receiver_queue_size: int,
         consumer_name: str,
+        batch_index_ack: bool,
     ) -> Consumer:
         try:
             wrapper = await self._open().subscribe(
@@ -256,9 +257,7 @@ class Client:
                 initial_position=_POSITIONS[initial_position],
                 receiver_queue_size=receiver_queue_size,
                 consumer_name=consumer_name,
-                # No batch-index acks: a broker without them (pulsar-lite, and Pulsar
-                # unless acknowledgmentAtBatchIndexLevelEnabled) takes a partial
-                # batch ack for the whole batch, which loses its other messages.
+                batch_index_ack_enabled=batch_index_ack,
             )
         except CLIENT_ERRORS as exc:
             raise error_for(f"cannot subscribe {group!r} to {topic}", exc, topic) from None

@@ -53,7 +53,8 @@ def standalone_script():  # type: ignore[no-untyped-def]
 def test_compose_runs_the_pulsar_the_tests_run_with_health_check_and_volume() -> None:
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     pulsar = compose["services"]["pulsar"]
-    assert pulsar["image"] == f"apachepulsar/pulsar:{standalone_script().PULSAR_VERSION}"
+    image, _, tag = pulsar["image"].partition(":")
+    assert image == "apachepulsar/pulsar" and tag in standalone_script().PULSAR_VERSIONS, "the 4.0 LTS the tests run"
     assert "--no-functions-worker" in pulsar["command"] and "--no-stream-storage" in pulsar["command"]
     assert "/admin/v2/clusters" in " ".join(pulsar["healthcheck"]["test"])
     assert any(v.endswith(":/pulsar/data") for v in pulsar["volumes"])
@@ -66,8 +67,10 @@ def test_compose_counts_permits_by_message_like_the_test_broker(tmp_path) -> Non
     script.RUN_DIR = tmp_path
     conf = script.write_conf({"broker_port": 1, "web_port": 2, "tls_port": 3, "admin_token": "x"}).read_text()
     assert "preciseDispatcherFlowControl=true" in conf.splitlines()
+    assert "acknowledgmentAtBatchIndexLevelEnabled=true" in conf.splitlines()
     pulsar = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]["pulsar"]
     assert pulsar["environment"]["preciseDispatcherFlowControl"] == "true"
+    assert pulsar["environment"]["acknowledgmentAtBatchIndexLevelEnabled"] == "true"
 
 
 def test_compose_worker_uses_known_settings_pointing_at_the_pulsar_service() -> None:

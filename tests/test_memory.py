@@ -27,16 +27,31 @@ def peak_rss_mb(pid: int) -> float:
     raise AssertionError("no VmHWM")
 
 
+def _broker_over_dispatches(bus: EventBus, subscription_type: str) -> bool:
+    """Apache Pulsar 4.0's Key_Shared and Exclusive dispatchers count a consumer's permits per
+    entry, not per message (apache/pulsar#24107, open on 2026-11-29): with batches of 1,000 a
+    consumer is sent up to 1,000 x its receiver queue, and no client setting bounds that."""
+    return subscription_type == "key_shared" and bus.server_version.startswith("Pulsar Server4.")
+
+
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("subscription_type", ["key_shared", "shared"])
 async def test_deep_backlog_and_slow_handler_keep_the_worker_bounded(
-    settings: Settings, subprocess_env: dict[str, str], topic: str, tmp_path: Path
+    settings: Settings, subprocess_env: dict[str, str], topic: str, tmp_path: Path, subscription_type: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     payload = {"pad": "x" * 100}
     async with EventBus(settings, routers=[]) as bus:
         for start in range(0, BACKLOG, 10_000):
             await bus.publish_batch(topic, [payload] * 10_000)
+        if _broker_over_dispatches(bus, subscription_type):
+            # Strict: once Pulsar fixes it this passes, fails as XPASS, and the README's caveat goes.
+            request.applymarker(pytest.mark.xfail(reason="apache/pulsar#24107: permits counted per entry", strict=True))
     record = tmp_path / "record.txt"
-    env = {**subprocess_env, "EB_TOPIC": topic, "EB_RECORD": str(record), "EB_SLOW": "0.01", "EB_ANY": "1"}
+    env = {
+        **subprocess_env, "EB_TOPIC": topic, "EB_RECORD": str(record), "EB_SLOW": "0.01", "EB_ANY": "1",
+        "EB_SUBSCRIPTION_TYPE": subscription_type,
+    }
     worker = Worker(env, tmp_path / "w.log", "tests.apps.recorder")
     try:
         await worker.wait_subscribed()

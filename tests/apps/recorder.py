@@ -25,7 +25,10 @@ def _record(line: str) -> None:
         os.fsync(f.fileno())
 
 
-@subscribe(os.environ["EB_TOPIC"], os.environ.get("EB_GROUP", "workers"), initial_position="earliest")
+@subscribe(
+    os.environ["EB_TOPIC"], os.environ.get("EB_GROUP", "workers"), initial_position="earliest",
+    subscription_type=os.environ.get("EB_SUBSCRIPTION_TYPE", "key_shared"),  # type: ignore[arg-type]
+)
 async def record(n: "int | dict") -> None:
     _record(f"start {n}")
     if BLOCK is not None and str(n) == BLOCK:
