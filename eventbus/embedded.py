@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,10 @@ from typing import Any
 from .errors import BrokerUnavailable
 
 START_TIMEOUT = 20.0
+#: Seconds a broker whose users all died (SIGKILL: no release) goes on before it stops itself.
+IDLE_STOP = 60.0
+#: How often the watcher looks for users.
+_WATCH_POLL = 0.5
 
 
 def _binary() -> str:
@@ -52,11 +57,16 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    # A child we started and that died stays a zombie until reaped.
+    # A child we started and that died stays a zombie until reaped: reap it.
     try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        return done == 0
+        if os.waitpid(pid, os.WNOHANG)[0]:
+            return False
     except ChildProcessError:
+        pass
+    # Another process's child that died is a zombie until that one reaps it: as good as gone.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][:1] != "Z"
+    except (OSError, IndexError):
         return True
 
 
@@ -77,7 +87,12 @@ class EmbeddedBroker:
     _users_fd: int
 
     @classmethod
-    def acquire(cls, data_dir: Path, timeout: float = START_TIMEOUT) -> EmbeddedBroker:
+    def acquire(cls, data_dir: Path, timeout: float = START_TIMEOUT, idle_stop: float = IDLE_STOP) -> EmbeddedBroker:
+        """Join the broker under `data_dir`, or start one.
+
+        A broker started here stops when its last user releases it, or, should every
+        user die without releasing (SIGKILL), after `idle_stop` seconds without one.
+        """
         data_dir = data_dir.absolute()
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
@@ -92,7 +107,9 @@ class EmbeddedBroker:
                     return cls(data_dir, state["url"], state["pid"], users_fd)
                 if state and _alive(state["pid"]):  # alive but deaf: a broker we cannot use
                     stop_broker(state["pid"])
-                return cls(data_dir, *start_broker(data_dir, timeout), users_fd)
+                url, pid = start_broker(data_dir, timeout)
+                _start_watcher(data_dir, pid, idle_stop)
+                return cls(data_dir, url, pid, users_fd)
             except BaseException:
                 os.close(users_fd)
                 raise
@@ -218,6 +235,17 @@ def start_broker(data_dir: Path, timeout: float = START_TIMEOUT, port: int | Non
     return url, proc.pid
 
 
+def restart_broker(data_dir: Path, pid: int, port: int, timeout: float = START_TIMEOUT) -> tuple[str, int]:
+    """Stop the broker `pid` and start another on the same port and data; its users reconnect.
+
+    Holds the start lock meanwhile, so a process joining waits for the new broker rather
+    than starting one of its own.
+    """
+    with _locked(data_dir.absolute() / "broker.lock"):
+        stop_broker(pid)
+        return start_broker(data_dir.absolute(), timeout, port)
+
+
 def stop_broker(pid: int, timeout: float = 10.0) -> None:
     """Stop a broker process: SIGTERM, then SIGKILL after `timeout` seconds."""
     try:
@@ -233,3 +261,37 @@ def stop_broker(pid: int, timeout: float = 10.0) -> None:
                 pass
             deadline = float("inf")
         time.sleep(0.02)
+
+
+def _start_watcher(data_dir: Path, pid: int, idle_stop: float) -> None:
+    """A process of its own that stops the broker once nobody has used it for `idle_stop` seconds."""
+    subprocess.Popen(
+        [sys.executable, "-c", "import sys; from eventbus.embedded import watch; watch(*sys.argv[1:])",
+         str(data_dir), str(pid), str(idle_stop)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+
+
+def watch(data_dir: str, pid: str, idle_stop: str) -> None:
+    """Stop the broker `pid` once no process has held a lease on it for `idle_stop` seconds; end with it."""
+    root, broker, idle = Path(data_dir), int(pid), float(idle_stop)
+    idle_since: float | None = None
+    while _alive(broker):
+        with _locked(root / "broker.lock"):  # acquire() and release() hold it too: no user slips in meanwhile
+            fd = os.open(root / "users.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                unused = True
+            except BlockingIOError:
+                unused = False
+            finally:
+                os.close(fd)
+            now = time.monotonic()
+            idle_since = (idle_since or now) if unused else None
+            if idle_since is not None and now - idle_since >= idle:
+                state = _read_state(root)
+                stop_broker(broker)
+                if state and state.get("pid") == broker:
+                    (root / "broker.json").unlink(missing_ok=True)
+                return
+        time.sleep(_WATCH_POLL)

@@ -273,3 +273,22 @@ def test_the_example_app_is_not_installed_as_a_top_level_package(base_env: dict[
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
     )
     assert found.stdout.strip() == "None", "a team's own `handlers` package would clash with the example app"
+
+
+async def test_an_embedded_broker_whose_users_were_killed_stops_by_itself(base_env: dict[str, str], tmp_path: Path) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from pathlib import Path; from eventbus.embedded import EmbeddedBroker; "
+         "b = EmbeddedBroker.acquire(Path(sys.argv[1]), idle_stop=2.0); print(b.pid, flush=True); time.sleep(600)",
+         str(tmp_path)],
+        env=base_env, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        pid = int(holder.stdout.readline())
+    finally:
+        holder.kill()  # SIGKILL: no release, the broker is left behind
+        holder.wait()
+    assert Path(f"/proc/{pid}").exists(), "still up right after its user died: the next start may reuse it"
+    await eventually(lambda: not Path(f"/proc/{pid}").exists(), timeout=30, what="the idle broker to stop itself")
+    assert not (tmp_path / "broker.json").exists()
