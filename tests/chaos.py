@@ -17,6 +17,12 @@ no worker died but by an injected signal. Exit 1 on any of those.
 BaseException once (retried), an error text with a lone surrogate (dead-lettered),
 a poison key that is not UTF-8; `--subscription failover` runs the group as failover
 (members standing by, taking over when one is killed or stopped).
+
+`--schedule rolling` is a rolling deploy and nothing else: a new worker starts, then the
+oldest gets SIGTERM, one at a time, under load. The report attributes every duplicate
+handling to the fault that caused it (the first handler's worker killed or stopped, or a
+broker restart, between the two handlings); a duplicate caused by SIGTERM fails the run,
+since a graceful stop must hand over nothing it handled.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ from pathlib import Path
 import anyio
 
 from eventbus import EventBus, Message, PublishError, Router, Settings
+from eventbus.embedded import EmbeddedBroker
+from eventbus.embedded import restart_broker as restart_embedded
 from eventbus.embedded import start_broker as start_embedded
 from eventbus.embedded import stop_broker as stop_embedded
 
@@ -115,6 +123,7 @@ class Broker:
     token: str = ""
     pid: int = 0
     port: int = 0
+    lease: EmbeddedBroker | None = None
     script: str = str(ROOT / "scripts" / "pulsar-standalone")
 
     def start(self) -> None:
@@ -122,6 +131,8 @@ class Broker:
             (self.workdir / "broker").mkdir(exist_ok=True)
             self.url, self.pid = start_embedded(self.workdir / "broker", 30, port=self.port or None)
             self.port = int(self.url.rsplit(":", 1)[1])
+            # A user of our own: the broker stays up whichever workers come and go.
+            self.lease = EmbeddedBroker.acquire(self.workdir / "broker")
         else:
             subprocess.run([sys.executable, self.script, "start"], check=True, capture_output=True)
             state = json.loads(Path(os.environ.get("PULSAR_STANDALONE_RUN_DIR", "/tmp/eventbus-pulsar"), "state.json").read_text())
@@ -129,13 +140,14 @@ class Broker:
 
     def restart(self) -> None:
         if self.kind == "embedded":
-            stop_embedded(self.pid)
-            self.url, self.pid = start_embedded(self.workdir / "broker", 30, port=self.port)
+            self.url, self.pid = restart_embedded(self.workdir / "broker", self.pid, self.port, 30)
         else:
             subprocess.run([sys.executable, self.script, "restart"], check=True, capture_output=True)
 
     def stop(self) -> None:
         if self.kind == "embedded" and self.pid:
+            if self.lease is not None:
+                self.lease.release()
             stop_embedded(self.pid)
 
 
@@ -156,6 +168,8 @@ class Run:
     rng: random.Random
     workers: list[Worker] = field(default_factory=list)
     faults: collections.Counter = field(default_factory=collections.Counter)
+    #: (time.time_ns(), fault, worker name or "") of every fault injected.
+    events: list[tuple[int, str, str]] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     counter: int = 0
 
@@ -189,26 +203,50 @@ class Run:
                     return
                 await anyio.sleep(0.1)
 
+    async def stop(self, victim: Worker, sig: signal.Signals) -> None:
+        kind = "sigkill" if sig == signal.SIGKILL else "sigterm"
+        self.events.append((time.time_ns(), kind, victim.name))
+        victim.signalled = sig
+        victim.proc.send_signal(sig)
+        code = await anyio.to_thread.run_sync(lambda: victim.proc.wait(60))
+        if kind == "sigterm" and code != 0:
+            self.unexpected.append(f"{victim.name} exited {code} after SIGTERM: {victim.log.read_text()[-500:]}")
+        self.faults[kind] += 1
+
+    async def roll(self) -> None:
+        """One step of a rolling deploy: a new worker joins, then the oldest is stopped gracefully."""
+        replacement = self.spawn_worker()
+        self.faults["replacement"] += 1
+        await self.wait_subscribed(replacement)
+        oldest = next(w for w in self.workers if w.proc.poll() is None)
+        await self.stop(oldest, signal.SIGTERM)
+
     async def fault(self) -> None:
+        if self.args.schedule == "rolling":
+            await self.roll()
+            return
         kinds = {"sigkill": 4, "sigterm": 3, "broker-restart": 2}
         kinds = {k: w for k, w in kinds.items() if k in self.args.faults}
         kind = self.rng.choices(list(kinds), weights=list(kinds.values()))[0]
         live = self.live()
         if kind in ("sigkill", "sigterm") and live:
-            victim = self.rng.choice(live)
-            sig = signal.SIGKILL if kind == "sigkill" else signal.SIGTERM
-            victim.signalled = sig
-            victim.proc.send_signal(sig)
-            code = await anyio.to_thread.run_sync(lambda: victim.proc.wait(60))
-            if kind == "sigterm" and code != 0:
-                self.unexpected.append(f"{victim.name} exited {code} after SIGTERM: {victim.log.read_text()[-500:]}")
-            self.faults[kind] += 1
+            await self.stop(self.rng.choice(live), signal.SIGKILL if kind == "sigkill" else signal.SIGTERM)
             replacement = self.spawn_worker()
             self.faults["replacement"] += 1
             await self.wait_subscribed(replacement)
         elif kind == "broker-restart":
+            self.events.append((time.time_ns(), kind, ""))
             await anyio.to_thread.run_sync(self.broker.restart)
             self.faults[kind] += 1
+
+    def cause(self, first: list[str], again: list[str]) -> str:
+        """The fault between a message's first handling and its next one that explains the second."""
+        start, end, worker = int(first[0]), int(again[0]), first[5]
+        between = [(kind, name) for t, kind, name in self.events if start < t <= end]
+        for kind in ("sigkill", "sigterm"):
+            if (kind, worker) in between:
+                return kind
+        return "broker-restart" if any(kind == "broker-restart" for kind, _ in between) else "none"
 
 
 def read_lines(pattern: str, workdir: Path) -> list[list[str]]:
@@ -224,15 +262,21 @@ async def harness(args: argparse.Namespace) -> int:
     broker.start()
     topic = f"chaos-{args.seed}-{uuid.uuid4().hex[:8]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EVENTBUS_", "MQ_NAME_SERVER", "PULSAR_JWT"))}
+    # The embedded broker as users run it: every process joins it through its data directory
+    # (and takes turns on a subscription with the lease), not by URL.
+    where = {"EVENTBUS_DATA_DIR": str(workdir / "broker")} if args.broker == "embedded" else {"EVENTBUS_URL": broker.url}
     env.update(
-        EVENTBUS_URL=broker.url, EVENTBUS_TOKEN=broker.token, CHAOS_DIR=str(workdir), CHAOS_TOPIC=topic,
+        **where, EVENTBUS_TOKEN=broker.token, CHAOS_DIR=str(workdir), CHAOS_TOPIC=topic,
         PYTHONPATH=str(ROOT), CHAOS_BROKER=args.broker, EVENTBUS_SHUTDOWN_DRAIN_TIMEOUT="10", EVENTBUS_PRODUCER_SEND_TIMEOUT_MS="10000",
         EVENTBUS_LOG_LEVEL="INFO", CHAOS_SUBSCRIPTION=args.subscription,
     )
     if args.odd:
         env["CHAOS_ODD"] = "1"
     run = Run(args, workdir, broker, env, random.Random(args.seed))
-    settings = Settings(_env_file=None, url=broker.url, token=broker.token or None)
+    settings = (
+        Settings(_env_file=None, data_dir=workdir / "broker") if args.broker == "embedded"
+        else Settings(_env_file=None, url=broker.url, token=broker.token or None)
+    )
     dead: list[Message] = []
     router = Router()
 
@@ -325,11 +369,17 @@ async def harness(args: argparse.Namespace) -> int:
         violations += [(key, a, b) for a, b in zip(seqs, seqs[1:]) if b < a]
     failed = read_lines("failed-*.log", workdir)
     handlings = sum(len(v) for v in h.values())
+    causes: collections.Counter[str] = collections.Counter()
+    for lines in h.values():
+        lines = sorted(lines, key=lambda line: int(line[0]))
+        for first_line, again in zip(lines, lines[1:]):
+            causes[run.cause(first_line, again)] += 1
     rows = [
         ("broker", broker.kind), ("seconds", f"{time.monotonic() - started:.0f}"), ("seed", args.seed),
         ("published (attempted)", len(confirmed) + len(failed)), ("confirmed", len(confirmed)),
         ("publish errors (unconfirmed, raised)", len(failed)),
         ("handled (distinct)", len(h)), ("duplicates (extra handlings)", handlings - len(h)),
+    ] + [(f"  after {cause}", causes[cause]) for cause in ("sigkill", "sigterm", "broker-restart", "none")] + [
         ("dead-lettered", len(dead)), ("  of which poison", len(poisons)), ("  of which always-failing", len(events & must_die)),
         ("lost", len(lost)), ("order violations", len(violations)), ("poison not dead-lettered", len(poison_missing)),
         ("unexpected deaths", len(run.unexpected)),
@@ -344,7 +394,12 @@ async def harness(args: argparse.Namespace) -> int:
         print(f"  ORDER {item}")
     for item in run.unexpected[:5]:
         print(f"  DIED {item}")
-    return 1 if lost or violations or poison_missing or run.unexpected else 0
+    if causes["sigterm"]:
+        print(f"  DUPLICATED BY SIGTERM {causes['sigterm']}: a graceful stop handed over messages it had handled")
+    rolling_duplicates = args.schedule == "rolling" and handlings > len(h)
+    if rolling_duplicates:
+        print(f"  DUPLICATED IN A ROLLING DEPLOY {handlings - len(h)}")
+    return 1 if lost or violations or poison_missing or run.unexpected or causes["sigterm"] or rolling_duplicates else 0
 
 
 def main() -> None:
@@ -364,6 +419,8 @@ def main() -> None:
     parser.add_argument("--id", type=int, default=1)
     parser.add_argument("--odd", action="store_true", help="odd exceptions, error texts and keys (see above)")
     parser.add_argument("--subscription", choices=["key_shared", "failover"], default="key_shared")
+    parser.add_argument("--schedule", choices=["chaos", "rolling"], default="chaos",
+                        help="rolling: only a rolling deploy (a new worker, then SIGTERM to the oldest), under load")
     args = parser.parse_args()
     if args.mode == "publish":
         asyncio.run(publisher(args.id, args.seconds, args.keys, args.rate, args.seed, Path(os.environ["CHAOS_DIR"])))

@@ -24,3 +24,21 @@ def test_short_chaos_run_loses_nothing_and_keeps_key_order(broker_kind: str, req
     print(result.stdout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "lost                                  0" in result.stdout
+    assert "after sigterm                       0" in result.stdout
+
+
+@pytest.mark.timeout(300)
+def test_a_rolling_deploy_under_load_handles_every_message_exactly_once(
+    broker_kind: str, request: pytest.FixtureRequest
+) -> None:
+    if broker_kind == "pulsar":
+        request.getfixturevalue("pulsar")
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.chaos", "--seconds", "30", "--broker", broker_kind, "--seed", "5",
+         "--schedule", "rolling", "--fault-interval", "2", "4", "--drain-timeout", "120"],
+        cwd=ROOT, capture_output=True, text=True, timeout=280,
+    )
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "duplicates (extra handlings)          0" in result.stdout
+    assert "faults: sigterm" in result.stdout, "the deploy replaced workers"
