@@ -57,17 +57,18 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    # A child we started and that died stays a zombie until reaped: reap it.
     try:
-        if os.waitpid(pid, os.WNOHANG)[0]:
-            return False
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][:1]
+    except (OSError, IndexError):
+        return False  # gone meanwhile
+    if state != "Z":
+        return True
+    # Dead, a zombie until its parent reaps it: reap it if it is ours; as good as gone anyway.
+    try:
+        os.waitpid(pid, 0)
     except ChildProcessError:
         pass
-    # Another process's child that died is a zombie until that one reaps it: as good as gone.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][:1] != "Z"
-    except (OSError, IndexError):
-        return True
+    return False
 
 
 def _tail(path: Path, lines: int = 15) -> str:
