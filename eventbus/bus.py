@@ -17,6 +17,8 @@ from .consumer import RunningSubscription, SubscriptionRunner
 from .client import MessageId, build_message
 from .errors import ConfigError, PublishBatchError, PublishError
 from .handler import Publisher
+from .metrics import Metrics
+from .probes import Probes
 from .producers import Producers
 from .registry import Router, Subscription, default_router
 from .settings import Settings
@@ -45,6 +47,8 @@ class EventBus(Publisher):
         self._stop = asyncio.Event()
         self._worker: Worker | None = None
         self._run_done: asyncio.Event | None = None
+        #: The bus's Prometheus metrics (`metrics.registry`), when EVENTBUS_METRICS or EVENTBUS_METRICS_PORT is set.
+        self.metrics = Metrics() if self.settings.collects_metrics else None
 
     def __repr__(self) -> str:
         where = self.url or ("embedded" if self.settings.uses_embedded else self.settings.url)
@@ -66,6 +70,12 @@ class EventBus(Publisher):
         return self._worker.runners if self._worker is not None else ()
 
     @property
+    def probe_port(self) -> int | None:
+        """The port `/metrics`, `/livez` and `/readyz` answer on while `run()` runs (None: not served)."""
+        worker = self._worker
+        return worker.probes.port if worker is not None and worker.probes is not None else None
+
+    @property
     def producer_topics(self) -> list[str]:
         """Full names of the topics this bus has a producer for (created on first publish)."""
         return self._producers.topics if self._producers is not None else []
@@ -84,7 +94,7 @@ class EventBus(Publisher):
         self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
         connection = await connect(self.settings)
         self._connection = connection
-        self._producers = Producers(connection.client, self.settings, connection.bridge)
+        self._producers = Producers(connection.client, self.settings, connection.bridge, self.metrics)
 
     async def close(self) -> None:
         """Stop a running `run()` and let it drain, close the producers, then the client.
@@ -255,11 +265,18 @@ class EventBus(Publisher):
         runners = [
             SubscriptionRunner(
                 sub, topic, client=connection.client, profile=connection.profile, bridge=connection.bridge,
-                settings=self.settings, bus=self, dead_letters=producers,
+                settings=self.settings, bus=self, dead_letters=producers, metrics=self.metrics,
             )
             for topic, sub in subs
         ]
-        self._worker = Worker(runners, background, self, self._stop, self.settings.shutdown_drain_timeout)
+        settings = self.settings
+        probes = None
+        if settings.metrics_port is not None and self.metrics is not None:
+            probes = Probes(
+                self.metrics, lambda: self._worker is not None and self._worker.ready(), settings.metrics_host,
+                settings.metrics_port, settings.liveness_stall_seconds,
+            )
+        self._worker = Worker(runners, background, self, self._stop, settings.shutdown_drain_timeout, probes)
         self._run_done = asyncio.Event()
         try:
             await self._worker.run(handle_signals=handle_signals, task_status=task_status)

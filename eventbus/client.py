@@ -323,6 +323,11 @@ class Consumer:
         while messages:
             ack(messages.popleft(), _ignore)
 
+    @property
+    def connected(self) -> bool:
+        """Connected to its broker now (False while the client reconnects)."""
+        return bool(self._raw.is_connected())
+
     def redeliver_unacknowledged(self) -> None:
         """Ask the broker to send again every message this consumer holds unacknowledged."""
         self._raw.redeliver_unacknowledged_messages()

@@ -20,6 +20,7 @@ from .embedded import SubscriptionLease
 from .errors import EventBusError, Failure, SubscriptionFailed, classify
 from .handler import Publisher
 from .handling import Handling, Sender, cancelled_by_us, sleep_unless, text
+from .metrics import Metrics
 from .profile import BrokerProfile
 from .registry import Subscription
 from .settings import Settings
@@ -56,6 +57,7 @@ class SubscriptionRunner:
         settings: Settings,
         bus: Publisher,
         dead_letters: Sender,
+        metrics: Metrics | None = None,
     ) -> None:
         self.sub = sub
         self.topic = topic
@@ -65,7 +67,12 @@ class SubscriptionRunner:
         self._settings = settings
         self._stopping = asyncio.Event()
         self._finished_handling = asyncio.Event()
-        self._handling = Handling(sub, sub.dead_letter_topic(topic), bus, dead_letters, self._finished_handling)
+        self._handling = Handling(sub, topic, bus, dead_letters, self._finished_handling, metrics)
+        self._metrics = metrics
+        if metrics is not None:
+            self._received_count = metrics.received.labels(topic, sub.group)
+            self._subscribe_count = metrics.subscribes.labels(topic, sub.group)
+            metrics.in_flight.labels(topic, sub.group).set_function(lambda: self.in_flight)
         # Read by the receive thread: after stop it takes only the rest of the batches already begun.
         self._draining = False
         self._begun: frozenset[tuple[int, int, int]] = frozenset()
@@ -120,6 +127,14 @@ class SubscriptionRunner:
     def dead_letter_failures(self) -> int:
         """Dead-letter publishes that failed and were retried."""
         return self._handling.dead_letter_failures
+
+    @property
+    def ready(self) -> bool:
+        """Standing by, or consuming on a connected consumer (what `/readyz` asks of each subscription)."""
+        if self._state == "standby":
+            return True
+        consumer = self._consumer
+        return self._state == "consuming" and consumer is not None and consumer.connected
 
     def redeliver_unacknowledged(self) -> None:
         """Ask the broker to send again what this consumer holds unacknowledged (as after a reconnect)."""
@@ -286,6 +301,8 @@ class SubscriptionRunner:
             consumer_name=f"{socket.gethostname()}-{os.getpid()}-{sub.group}",
             batch_index_ack=self._profile.batch_index_ack,
         )
+        if self._metrics is not None:
+            self._subscribe_count.inc()
         asked = self.subscription_type
         shown = asked if asked == sub.subscription_type else f"{asked} (for {sub.subscription_type} on {self._profile.server_version})"
         log.info(
@@ -372,6 +389,8 @@ class SubscriptionRunner:
             self._die(exc)
 
     def _dispatch(self, batch: list[RawMessage]) -> None:
+        if self._metrics is not None:
+            self._received_count.inc(len(batch))
         stopping = self._stopping.is_set()
         ordered = self.sub.ordered
         lanes = self._lanes

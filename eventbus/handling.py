@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -15,6 +16,7 @@ from .codec import DecodeError
 from .errors import Reject
 from .handler import Publisher
 from .message import Message, UnreadableMessage
+from .metrics import Metrics
 from .registry import Subscription
 
 log = logging.getLogger("eventbus")
@@ -38,8 +40,15 @@ class Handling:
     """Runs a subscription's handler on its messages; says when a message may be acknowledged."""
 
     def __init__(
-        self, sub: Subscription, dead_letter_topic: str, bus: Publisher, dead_letters: Sender, finished: asyncio.Event
+        self,
+        sub: Subscription,
+        topic: str,
+        bus: Publisher,
+        dead_letters: Sender,
+        finished: asyncio.Event,
+        metrics: Metrics | None = None,
     ) -> None:
+        dead_letter_topic = sub.dead_letter_topic(topic)
         self.sub = sub
         self.dead_letter_topic = dead_letter_topic
         self._bus = bus
@@ -53,6 +62,17 @@ class Handling:
         self._timed_out: set[asyncio.Task[Any]] = set()
         #: Dead-letter publishes that failed and are being retried (the message's key waits meanwhile).
         self.dead_letter_failures = 0
+        self._metrics = metrics
+        if metrics is not None:
+            labels = (topic, sub.group)
+            self._outcomes = {
+                outcome: metrics.handled.labels(*labels, outcome)
+                for outcome in ("ok", "retried", "dead_lettered", "rejected", "invalid_payload", "dropped")
+            }
+            self._seconds = metrics.handler_seconds.labels(*labels)
+            self._dead_letter_results = {r: metrics.dead_letters.labels(*labels, r) for r in ("ok", "error")}
+        # Log lines about a message carry these (JSON logs show them as fields).
+        self._log_fields = {"topic": topic, "group": sub.group}
 
     async def handle(self, message: RawMessage) -> bool:
         """Handle until done; True: acknowledge it (handled, dead-lettered or dropped), False: the bus stopped first."""
@@ -70,6 +90,8 @@ class Handling:
             try:
                 metadata = Message.of(message, earlier + attempt) if handler.wants_message else None
                 await self._call(payload, metadata)
+                if self._metrics is not None:
+                    self._outcomes["ok"].inc()
                 return True
             except UnreadableMessage as exc:
                 return await self._give_up(message, "unreadable", exc, attempts=attempt, trace=False)
@@ -90,13 +112,25 @@ class Handling:
                 log.warning(
                     "%s failed on %s (attempt %d of %d), retrying in %.2fs: %s",
                     sub.name, label(message), attempt, sub.max_retries + 1, delay, text(exc),
-                    exc_info=exc if attempt == 1 else None,
+                    exc_info=exc if attempt == 1 else None, extra=self._fields(message, attempt),
                 )
+                if self._metrics is not None:
+                    self._outcomes["retried"].inc()
                 if await sleep_unless(self._finished, delay):
                     return False  # unacknowledged: redelivered
                 payload = handler.decode(data)  # a fresh copy: the handler may have changed it
 
     async def _call(self, payload: Any, metadata: Message | None) -> None:
+        if self._metrics is None:
+            await self._call_timed(payload, metadata)
+            return
+        started = time.perf_counter()
+        try:
+            await self._call_timed(payload, metadata)
+        finally:
+            self._seconds.observe(time.perf_counter() - started)
+
+    async def _call_timed(self, payload: Any, metadata: Message | None) -> None:
         call = self._call_handler
         timeout = self.sub.timeout
         if not timeout:
@@ -140,11 +174,13 @@ class Handling:
         sub = self.sub
         error = text(exc)
         exc_info = exc if trace else None
+        fields = self._fields(message, attempts)
         if not sub.dead_letter:
             log.error(
                 "%s dropped %s after %d attempt(s) (%s): %s", sub.name, label(message), attempts, reason, error,
-                exc_info=exc_info,
+                exc_info=exc_info, extra=fields,
             )
+            self._count(reason, dead_lettered=False)
             return True
         try:
             properties = dict(message.properties())
@@ -171,6 +207,8 @@ class Handling:
             except Exception as dlq_exc:
                 # Not acknowledged until it is safely dead-lettered; the key waits.
                 self.dead_letter_failures += 1
+                if self._metrics is not None:
+                    self._dead_letter_results["error"].inc()
                 log.error(
                     "cannot dead-letter %s to %s (retrying in %.1fs): %s", label(message), self.dead_letter_topic,
                     delay, text(dlq_exc),
@@ -180,9 +218,30 @@ class Handling:
                 delay = min(delay * 2, sub.retry_backoff_max)
         log.error(
             "%s dead-lettered %s to %s after %d attempt(s) (%s): %s", sub.name, label(message),
-            self.dead_letter_topic, attempts, reason, error, exc_info=exc_info,
+            self.dead_letter_topic, attempts, reason, error, exc_info=exc_info, extra=fields,
         )
+        if self._metrics is not None:
+            self._dead_letter_results["ok"].inc()
+        self._count(reason, dead_lettered=True)
         return True
+
+    def _count(self, reason: str, dead_lettered: bool) -> None:
+        if self._metrics is None:
+            return
+        if reason in ("undecodable", "unreadable"):
+            outcome = "invalid_payload"
+        elif reason == "rejected":
+            outcome = "rejected"
+        else:
+            outcome = "dead_lettered" if dead_lettered else "dropped"
+        self._outcomes[outcome].inc()
+
+    def _fields(self, message: RawMessage, attempt: int) -> dict[str, object]:
+        key = key_of(message)
+        return {
+            **self._log_fields, "message_id": id_text(message.message_id()), "attempt": attempt,
+            "key": key.decode("utf-8", "backslashreplace") if isinstance(key, bytes) else key,
+        }
 
 
 async def sleep_unless(event: asyncio.Event, delay: float) -> bool:

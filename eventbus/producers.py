@@ -6,11 +6,13 @@ import asyncio
 import collections
 import functools
 import logging
+import time
 from collections.abc import Mapping
 
 from .bridge import LoopBridge
 from .client import OK, Client, MessageId, Producer, RawMessage, Result, build_message, sibling_id
 from .errors import PublishError
+from .metrics import Metrics
 from .settings import Settings
 
 log = logging.getLogger("eventbus")
@@ -101,9 +103,15 @@ class TopicProducer:
         group_messages: int = 0,
         group_bytes: int = 0,
         group_delay: float = 0.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.topic = topic
         self._producer = producer
+        self._metrics = metrics
+        # With metrics on, receipts go through _done_timed, which counts and times them first.
+        if metrics is not None:
+            self._published = metrics.published.labels(topic)
+            self._publish_seconds = metrics.publish_seconds.labels(topic)
         self._bridge = bridge
         # The client's own queue would reject past its limit; waiting here instead
         # turns a burst into backpressure rather than errors.
@@ -160,7 +168,11 @@ class TopicProducer:
         future: asyncio.Future[MessageId] = loop.create_future()
         if not (self._group_messages and batchable):
             try:
-                self._producer.send(message, functools.partial(self._bridge.call, self._done, [future]))
+                if self._metrics is None:
+                    self._producer.send(message, functools.partial(self._bridge.call, self._done, [future]))
+                else:
+                    timed = functools.partial(self._done_timed, started=time.perf_counter())
+                    self._producer.send(message, functools.partial(self._bridge.call, timed, [future]))
             except BaseException:
                 self._slots.release()
                 raise
@@ -186,6 +198,8 @@ class TopicProducer:
         send = self._producer.send
         call = self._bridge.call
         done = self._done
+        if self._metrics is not None:
+            done = functools.partial(self._done_timed, started=time.perf_counter())
         limit, budget = self._group_messages, self._group_bytes
         start, count = 0, len(queue)
         while start < count:
@@ -217,6 +231,8 @@ class TopicProducer:
 
     def _fail(self, futures: list[asyncio.Future[MessageId]], exc: Exception) -> None:
         self._slots.release(len(futures))
+        if self._metrics is not None:
+            self._metrics.publish_errors.labels(self.topic, type(exc).__name__).inc(len(futures))
         for future in futures:
             if not future.done():
                 # Earlier messages of its key were handed to the client: stored or not, nobody can tell.
@@ -250,6 +266,18 @@ class TopicProducer:
                 if not future.done():
                     future.set_exception(PublishError(self.topic, result.name))
 
+    def _done_timed(
+        self, futures: list[asyncio.Future[MessageId]], result: Result, message_id: MessageId, *, started: float
+    ) -> None:
+        """`_done`, counted and timed (from the group's hand-over to the client until this receipt)."""
+        self._publish_seconds.observe(time.perf_counter() - started)
+        if result == OK:
+            self._published.inc(len(futures))
+        else:
+            assert self._metrics is not None
+            self._metrics.publish_errors.labels(self.topic, result.name).inc(len(futures))
+        self._done(futures, result, message_id)
+
     async def close(self) -> None:
         """Refuse new publishes, settle every accepted one with its true outcome, then close."""
         self.closing = True
@@ -260,7 +288,9 @@ class TopicProducer:
             await self._producer.close()
 
 
-async def create_producer(client: Client, topic: str, settings: Settings, bridge: LoopBridge) -> TopicProducer:
+async def create_producer(
+    client: Client, topic: str, settings: Settings, bridge: LoopBridge, metrics: Metrics | None = None
+) -> TopicProducer:
     # A partitioned topic, even of one partition, names its partitions ("...-partition-0").
     grouped = await client.partitions(topic) == [topic]
     producer = await client.create_producer(
@@ -276,9 +306,9 @@ async def create_producer(client: Client, topic: str, settings: Settings, bridge
         producer_name=settings.producer_name,
     )
     if not grouped:
-        return TopicProducer(topic, producer, bridge, settings.producer_max_pending_messages)
+        return TopicProducer(topic, producer, bridge, settings.producer_max_pending_messages, metrics=metrics)
     return TopicProducer(
-        topic, producer, bridge, settings.producer_max_pending_messages,
+        topic, producer, bridge, settings.producer_max_pending_messages, metrics=metrics,
         group_messages=min(settings.producer_batching_max_messages, settings.producer_max_pending_messages),
         # Below the broker's 5 MB message limit too: a batch that big would fail whole.
         group_bytes=min(settings.producer_batching_max_bytes, _GROUP_BYTES_MAX),
@@ -289,8 +319,9 @@ async def create_producer(client: Client, topic: str, settings: Settings, bridge
 class Producers:
     """The bus's producers: one per topic, created on first use, shared by short and full names."""
 
-    def __init__(self, client: Client, settings: Settings, bridge: LoopBridge) -> None:
+    def __init__(self, client: Client, settings: Settings, bridge: LoopBridge, metrics: Metrics | None = None) -> None:
         self._client = client
+        self._metrics = metrics
         self._settings = settings
         self._bridge = bridge
         self._tasks: dict[str, asyncio.Task[TopicProducer]] = {}
@@ -312,7 +343,7 @@ class Producers:
             full = self._settings.topic(topic)
             task = self._tasks.get(full)
             if task is None or _failed(task):
-                task = asyncio.ensure_future(create_producer(self._client, full, self._settings, self._bridge))
+                task = asyncio.ensure_future(create_producer(self._client, full, self._settings, self._bridge, self._metrics))
                 self._tasks[full] = task
             self._tasks[topic] = task
         producer = await asyncio.shield(task)

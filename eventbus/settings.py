@@ -142,11 +142,28 @@ class Settings(BaseSettings):
 
     shutdown_drain_timeout: float = Field(default=30.0, ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = Field(default="text", description="json: one JSON object per line.")
+
+    metrics: bool = Field(default=False, description="Collect metrics (on by itself when EVENTBUS_METRICS_PORT is set).")
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, description="Serve /metrics, /livez and /readyz on this port while the worker runs."
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1", description="Address the metrics server binds: 0.0.0.0 in a container, for the orchestrator."
+    )
+    liveness_stall_seconds: float = Field(
+        default=10.0, gt=0, description="/livez fails once the event loop has not run for this long."
+    )
 
     @field_validator("url", mode="before")
     @classmethod
     def _normalize_url(cls, value: object) -> object:
         return normalize_service_url(value) if isinstance(value, str) else value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -161,6 +178,10 @@ class Settings(BaseSettings):
         if not self.url and not self.embedded:
             raise ValueError("no broker URL: set EVENTBUS_URL (EVENTBUS_EMBEDDED=false turns the embedded broker off)")
         return self
+
+    @property
+    def collects_metrics(self) -> bool:
+        return self.metrics or self.metrics_port is not None
 
     @property
     def uses_embedded(self) -> bool:

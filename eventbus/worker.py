@@ -14,6 +14,7 @@ import anyio.abc
 from .consumer import SubscriptionRunner
 from .errors import EventBusError
 from .handler import Publisher
+from .probes import Probes
 from .registry import Background
 
 log = logging.getLogger("eventbus")
@@ -29,6 +30,7 @@ class Worker:
         bus: Publisher,
         stop: asyncio.Event,
         drain_timeout: float,
+        probes: Probes | None = None,
     ) -> None:
         self.runners = tuple(runners)
         self._background = tuple(background)
@@ -36,6 +38,12 @@ class Worker:
         self._stop = stop
         self._drain_timeout = drain_timeout
         self._failures: list[EventBusError] = []
+        self.probes = probes
+        self._started = False
+
+    def ready(self) -> bool:
+        """Every subscription consuming (or standing by), and no stop begun: what `/readyz` answers."""
+        return self._started and not self._stop.is_set() and all(runner.ready for runner in self.runners)
 
     def stop(self) -> None:
         """No new messages from now on (loop thread only): a handler finishing must not start another."""
@@ -44,12 +52,27 @@ class Worker:
             runner.stop()
 
     async def run(self, *, handle_signals: bool, task_status: anyio.abc.TaskStatus[None]) -> None:
+        if self.probes is None:
+            await self._run(handle_signals, task_status)
+            return
+        # From before the first subscribe until after the drain; a task of its own, not a task
+        # group's, so what run() raises reaches its caller as it is.
+        serving = asyncio.ensure_future(self.probes.serve())
+        try:
+            await self._run(handle_signals, task_status)
+        finally:
+            serving.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(serving, return_exceptions=True)
+
+    async def _run(self, handle_signals: bool, task_status: anyio.abc.TaskStatus[None]) -> None:
         loop = asyncio.get_running_loop()
         if handle_signals:
             self._install_signals(loop)
         try:
             for runner in self.runners:
                 await runner.start()
+            self._started = True
             task_status.started()
             async with anyio.create_task_group() as tg:
                 done = [anyio.Event() for _ in self.runners]
