@@ -30,7 +30,12 @@ log = logging.getLogger("eventbus")
 EXIT_RUNTIME = EventBusError.exit_code
 EXIT_USAGE = ConfigError.exit_code
 #: The settings `--help` lists; .env.example has them all.
-_MAIN_SETTINGS = ("url", "token", "tenant", "namespace", "embedded", "data_dir", "log_level", "shutdown_drain_timeout")
+_MAIN_SETTINGS = (
+    "url", "token", "tenant", "namespace", "embedded", "data_dir", "log_level", "log_format", "metrics_port",
+    "metrics_host", "shutdown_drain_timeout",
+)
+#: Fields a handler's log lines carry (`extra=`), shown by the JSON format.
+_FIELDS = ("topic", "group", "message_id", "key", "attempt")
 
 
 class _Fail(Exception):
@@ -62,6 +67,10 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         "whose handlers use @subscribe, or module:attribute naming a Router, a list of routers, or an EventBus.",
     )
     run.add_argument("targets", nargs="*", metavar="MODULE[:ATTRIBUTE]")
+    run.add_argument(
+        "--metrics-port", type=_port, default=None, metavar="PORT",
+        help="serve /metrics, /livez and /readyz on PORT (as EVENTBUS_METRICS_PORT)",
+    )
     publish = commands.add_parser(
         "publish", help="publish one JSON message and print its id", epilog=_settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -71,6 +80,30 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     publish.add_argument("--key", default=None)
     publish.add_argument("--property", "-p", action="append", default=[], metavar="NAME=VALUE")
     return parser
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0-65535)")
+    return int(text)
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, a handler line's fields, the traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, object] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in _FIELDS:
+            if hasattr(record, name):
+                line[name] = getattr(record, name)
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(line, default=str).decode()
 
 
 def _settings() -> Settings:
@@ -84,10 +117,13 @@ def _settings() -> Settings:
         raise _Fail(f"invalid settings: {problems} (see .env.example)", EXIT_USAGE) from None
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, form: str = "text") -> None:
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
     )
+    if form == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(_JsonFormatter())
     # The C++ client is chatty at INFO (every connection and lookup).
     logging.getLogger("eventbus.pulsar").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
 
@@ -197,8 +233,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     args = _parser(prog or Path(sys.argv[0]).name).parse_args(argv)
     try:
         settings = _settings()
-        _setup_logging(settings.log_level)
+        _setup_logging(settings.log_level, settings.log_format)
         if args.command == "run":
+            if args.metrics_port is not None:
+                settings = settings.model_copy(update={"metrics_port": args.metrics_port})
             asyncio.run(_run(_load(args.targets, settings)))
         else:
             asyncio.run(_publish(settings, args))
