@@ -84,7 +84,26 @@ def test_compose_worker_uses_known_settings_pointing_at_the_pulsar_service() -> 
     assert worker["depends_on"]["pulsar"]["condition"] == "service_healthy"
     # The worker gets longer than its drain timeout to stop before compose kills it.
     assert float(worker["stop_grace_period"].rstrip("s")) > float(env["EVENTBUS_SHUTDOWN_DRAIN_TIMEOUT"])
+    port = env["EVENTBUS_METRICS_PORT"]
+    assert f"{port}:{port}" in worker["ports"] and f":{port}/readyz" in " ".join(worker["healthcheck"]["test"])
+    assert env["EVENTBUS_METRICS_HOST"] == "0.0.0.0", "loopback inside a container answers nobody outside it"
 
+
+def test_the_kubernetes_deployment_probes_scrapes_and_outlasts_the_drain() -> None:
+    deployment = yaml.safe_load((ROOT / "deploy" / "worker.yaml").read_text())
+    pod = deployment["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert set(env) <= setting_env_names()
+    Settings(_env_file=None, **{k.removeprefix("EVENTBUS_").lower(): v for k, v in env.items() if v is not None})
+    assert pod["spec"]["terminationGracePeriodSeconds"] > float(env["EVENTBUS_SHUTDOWN_DRAIN_TIMEOUT"])
+    port = int(env["EVENTBUS_METRICS_PORT"])
+    (named,) = [p for p in container["ports"] if p["containerPort"] == port]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": named["name"]}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": named["name"]}
+    annotations = pod["metadata"]["annotations"]
+    assert (annotations["prometheus.io/port"], annotations["prometheus.io/path"]) == (str(port), "/metrics")
+    assert env["EVENTBUS_METRICS_HOST"] == "0.0.0.0" and env["EVENTBUS_EMBEDDED"] == "false"
 
 def test_compose_auth_opt_in_sets_what_the_test_broker_sets(tmp_path) -> None:
     script = standalone_script()
