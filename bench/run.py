@@ -128,6 +128,16 @@ async def publish_rows(url: str, settings: Settings, n: int, size: int) -> list[
             "op": "publish", "path": f"bus.publish, {tasks} tasks awaiting, each confirmed",
             "msg_s": await timed(n, lambda: in_tasks(lambda i: bus.publish(t, body, key=f"k{i % 64}"))),
         })
+    async with EventBus(settings.model_copy(update={"metrics": True}), routers=[]) as measured:
+        t = topic()
+        await measured.publish(t, body)
+        rows.append({
+            "op": "publish", "path": f"bus.publish, {tasks} tasks awaiting, each confirmed, metrics on",
+            "msg_s": await timed(n, lambda: in_tasks(lambda i: measured.publish(t, body, key=f"k{i % 64}"))),
+        })
+    async with EventBus(settings, routers=[]) as bus:
+        t = topic()
+        await bus.publish(t, body)
 
         async def bus_gather() -> None:
             window = 1000
@@ -201,33 +211,34 @@ async def consume_rows(url: str, settings: Settings, n: int, size: int) -> list[
     rows.append({"op": "consume", "path": "pulsar.asyncio receive+ack", "msg_s": await timed(n, asyncio_consume)})
     await aclient.close()
 
-    for kind, annotation in (("dict", dict), ("pydantic model", Event)):
-        for concurrency in (1, 64):
-            t = topic()
-            router = Router()
-            count = 0
-            done = anyio.Event()
+    variants = [(kind, annotation, c, False) for kind, annotation in (("dict", dict), ("pydantic model", Event)) for c in (1, 64)]
+    for kind, annotation, concurrency, metrics in [*variants, ("dict", dict, 1, True)]:
+        t = topic()
+        router = Router()
+        count = 0
+        done = anyio.Event()
 
-            async def handler(body, _n=n) -> None:  # type: ignore[no-untyped-def]
-                nonlocal count
-                count += 1
-                if count == _n:
-                    done.set()
+        async def handler(body, _n=n) -> None:  # type: ignore[no-untyped-def]
+            nonlocal count
+            count += 1
+            if count == _n:
+                done.set()
 
-            handler.__annotations__["body"] = annotation
-            router.subscribe(t, "bench", subscription_type="key_shared", concurrency=concurrency, initial_position="earliest")(handler)
-            async with EventBus(settings, routers=[router]) as bus:
-                await fill(url, settings, t, n, size)
-                async with anyio.create_task_group() as tg:
-                    start = time.perf_counter()
-                    await tg.start(lambda task_status: bus.run(handle_signals=False, task_status=task_status))
-                    await done.wait()
-                    rate = n / (time.perf_counter() - start)
-                    bus.stop()
-            rows.append({
-                "op": "consume", "path": f"bus worker, {kind}, no-op handler, concurrency {concurrency}",
-                "msg_s": rate, "rss_mb": rss_mb(),
-            })
+        handler.__annotations__["body"] = annotation
+        router.subscribe(t, "bench", subscription_type="key_shared", concurrency=concurrency, initial_position="earliest")(handler)
+        async with EventBus(settings.model_copy(update={"metrics": metrics}), routers=[router]) as bus:
+            await fill(url, settings, t, n, size)
+            async with anyio.create_task_group() as tg:
+                start = time.perf_counter()
+                await tg.start(lambda task_status: bus.run(handle_signals=False, task_status=task_status))
+                await done.wait()
+                rate = n / (time.perf_counter() - start)
+                bus.stop()
+        rows.append({
+            "op": "consume",
+            "path": f"bus worker, {kind}, no-op handler, concurrency {concurrency}{', metrics on' if metrics else ''}",
+            "msg_s": rate, "rss_mb": rss_mb(),
+        })
     for row in rows:
         row["size"] = size
         row["vs_raw"] = row["msg_s"] / raw_rate
