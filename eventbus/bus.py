@@ -14,7 +14,7 @@ import anyio.abc
 from .codec import encode
 from .connect import Connection, connect
 from .consumer import RunningSubscription, SubscriptionRunner
-from .client import MessageId, build_message
+from .client import MessageId, build_message, id_text
 from .errors import ConfigError, PublishBatchError, PublishError
 from .handler import Publisher
 from .metrics import Metrics
@@ -22,6 +22,7 @@ from .probes import Probes
 from .producers import Producers
 from .registry import Router, Subscription, default_router
 from .settings import Settings
+from .tracing import Tracing
 from .worker import Worker
 
 _NOT_STARTED = "the bus is not started: use `async with EventBus() as bus:`"
@@ -37,8 +38,13 @@ class EventBus(Publisher):
     With no broker URL configured it starts (or joins) the embedded broker.
     """
 
-    def __init__(self, settings: Settings | None = None, routers: Sequence[Router] | None = None) -> None:
+    def __init__(
+        self, settings: Settings | None = None, routers: Sequence[Router] | None = None, *, tracer_provider: Any = None
+    ) -> None:
+        """`tracer_provider`: an OpenTelemetry TracerProvider to trace into (default: the global one, if set)."""
         self.settings = settings if settings is not None else Settings()
+        self._tracer_provider = tracer_provider
+        self._tracing: Tracing | None = None
         self.routers = list(routers) if routers is not None else [default_router]
         self._connection: Connection | None = None
         self._producers: Producers | None = None
@@ -94,6 +100,7 @@ class EventBus(Publisher):
         self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
         connection = await connect(self.settings)
         self._connection = connection
+        self._tracing = Tracing.for_provider(self._tracer_provider)
         self._producers = Producers(connection.client, self.settings, connection.bridge, self.metrics)
 
     async def close(self) -> None:
@@ -140,6 +147,11 @@ class EventBus(Publisher):
         Raises `TypeError` before sending when the payload cannot be encoded,
         and `PublishError` when the broker did not confirm it.
         """
+        if self._tracing is not None:
+            return await self._publish_traced(
+                self._tracing, topic, payload, key=key, properties=properties, deliver_after=deliver_after,
+                event_time=event_time, sequence_id=sequence_id,
+            )
         data, content_type = encode(payload)
         message, size = build_message(
             data, content_type, key=key, properties=properties, deliver_after=deliver_after, event_time=event_time,
@@ -152,6 +164,33 @@ class EventBus(Publisher):
         if not producer.reserve_nowait():  # no coroutine of its own: this runs per message
             await producer.reserve()
         return await producer.enqueue(message, key, size, deliver_after is None)
+
+    async def _publish_traced(
+        self,
+        tracing: Tracing,
+        topic: str,
+        payload: Any,
+        *,
+        key: str | bytes | None,
+        properties: Mapping[str, str] | None,
+        deliver_after: timedelta | float | None,
+        event_time: datetime | int | None,
+        sequence_id: int | None,
+    ) -> MessageId:
+        """`publish` in a PRODUCER span whose context travels in the message's properties."""
+        producers = self._producers
+        if producers is None:
+            raise RuntimeError(_NOT_STARTED)
+        data, content_type = encode(payload)
+        with tracing.send(self.settings.topic(topic), properties) as (span, traced):
+            message, size = build_message(
+                data, content_type, key=key, properties=traced, deliver_after=deliver_after, event_time=event_time,
+                sequence_id=sequence_id,
+            )
+            producer = await producers.get(topic)
+            message_id = await producer.send(message, key, size, batchable=deliver_after is None)
+            span.set_attribute("messaging.message.id", id_text(message_id))
+            return message_id
 
     async def publish_batch(
         self,
@@ -168,6 +207,23 @@ class EventBus(Publisher):
         Every payload is encoded before the first is sent. When some are not
         confirmed, raises `PublishBatchError` naming each failure by index.
         """
+        if self._tracing is not None:
+            payloads = list(payloads)
+            with self._tracing.send(
+                self.settings.topic(topic), properties, **{"messaging.batch.message_count": len(payloads)}
+            ) as (_, traced):
+                return await self._publish_batch(topic, payloads, key, traced, deliver_after, event_time)
+        return await self._publish_batch(topic, payloads, key, properties, deliver_after, event_time)
+
+    async def _publish_batch(
+        self,
+        topic: str,
+        payloads: Iterable[Any],
+        key: str | bytes | None,
+        properties: Mapping[str, str] | None,
+        deliver_after: timedelta | float | None,
+        event_time: datetime | int | None,
+    ) -> list[MessageId]:
         messages = []
         for index, payload in enumerate(payloads):
             try:
@@ -265,7 +321,7 @@ class EventBus(Publisher):
         runners = [
             SubscriptionRunner(
                 sub, topic, client=connection.client, profile=connection.profile, bridge=connection.bridge,
-                settings=self.settings, bus=self, dead_letters=producers, metrics=self.metrics,
+                settings=self.settings, bus=self, dead_letters=producers, metrics=self.metrics, tracing=self._tracing,
             )
             for topic, sub in subs
         ]

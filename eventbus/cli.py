@@ -35,7 +35,7 @@ _MAIN_SETTINGS = (
     "metrics_host", "shutdown_drain_timeout",
 )
 #: Fields a handler's log lines carry (`extra=`), shown by the JSON format.
-_FIELDS = ("topic", "group", "message_id", "key", "attempt")
+_FIELDS = ("topic", "group", "message_id", "key", "attempt", "trace_id")
 
 
 class _Fail(Exception):

@@ -21,6 +21,7 @@ from .errors import EventBusError, Failure, SubscriptionFailed, classify
 from .handler import Publisher
 from .handling import Handling, Sender, cancelled_by_us, sleep_unless, text
 from .metrics import Metrics
+from .tracing import Tracing
 from .profile import BrokerProfile
 from .registry import Subscription
 from .settings import Settings
@@ -58,6 +59,7 @@ class SubscriptionRunner:
         bus: Publisher,
         dead_letters: Sender,
         metrics: Metrics | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.sub = sub
         self.topic = topic
@@ -67,7 +69,7 @@ class SubscriptionRunner:
         self._settings = settings
         self._stopping = asyncio.Event()
         self._finished_handling = asyncio.Event()
-        self._handling = Handling(sub, topic, bus, dead_letters, self._finished_handling, metrics)
+        self._handling = Handling(sub, topic, bus, dead_letters, self._finished_handling, metrics, tracing)
         self._metrics = metrics
         if metrics is not None:
             self._received_count = metrics.received.labels(topic, sub.group)

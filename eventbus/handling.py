@@ -17,6 +17,7 @@ from .errors import Reject
 from .handler import Publisher
 from .message import Message, UnreadableMessage
 from .metrics import Metrics
+from .tracing import Tracing, failed
 from .registry import Subscription
 
 log = logging.getLogger("eventbus")
@@ -47,6 +48,7 @@ class Handling:
         dead_letters: Sender,
         finished: asyncio.Event,
         metrics: Metrics | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         dead_letter_topic = sub.dead_letter_topic(topic)
         self.sub = sub
@@ -63,6 +65,8 @@ class Handling:
         #: Dead-letter publishes that failed and are being retried (the message's key waits meanwhile).
         self.dead_letter_failures = 0
         self._metrics = metrics
+        self._tracing = tracing
+        self._topic = topic
         if metrics is not None:
             labels = (topic, sub.group)
             self._outcomes = {
@@ -89,7 +93,10 @@ class Handling:
             attempt += 1
             try:
                 metadata = Message.of(message, earlier + attempt) if handler.wants_message else None
-                await self._call(payload, metadata)
+                if self._tracing is None:
+                    await self._call(payload, metadata)
+                else:
+                    await self._call_traced(self._tracing, payload, metadata, message, earlier + attempt)
                 if self._metrics is not None:
                     self._outcomes["ok"].inc()
                 return True
@@ -129,6 +136,20 @@ class Handling:
             await self._call_timed(payload, metadata)
         finally:
             self._seconds.observe(time.perf_counter() - started)
+
+    async def _call_traced(
+        self, tracing: Tracing, payload: Any, metadata: Message | None, message: RawMessage, attempt: int
+    ) -> None:
+        try:
+            properties = dict(message.properties())
+        except UnicodeDecodeError:
+            properties = {}
+        with tracing.process(self._topic, self.sub.group, properties, id_text(message.message_id()), attempt) as span:
+            try:
+                await self._call(payload, metadata)
+            except BaseException as exc:
+                failed(span, exc)
+                raise
 
     async def _call_timed(self, payload: Any, metadata: Message | None) -> None:
         call = self._call_handler
@@ -200,9 +221,15 @@ class Handling:
         delay = sub.retry_backoff or 0.5
         while True:
             try:
-                await self._dead_letters.send(
-                    self.dead_letter_topic, message.data(), key=key_of(message) or None, properties=properties
-                )
+                if self._tracing is None:
+                    await self._dead_letters.send(
+                        self.dead_letter_topic, message.data(), key=key_of(message) or None, properties=properties
+                    )
+                else:
+                    with self._tracing.send(self.dead_letter_topic, properties, **{"eventbus.dlq.reason": reason}) as (_, traced):
+                        await self._dead_letters.send(
+                            self.dead_letter_topic, message.data(), key=key_of(message) or None, properties=traced
+                        )
                 break
             except Exception as dlq_exc:
                 # Not acknowledged until it is safely dead-lettered; the key waits.
@@ -238,10 +265,18 @@ class Handling:
 
     def _fields(self, message: RawMessage, attempt: int) -> dict[str, object]:
         key = key_of(message)
-        return {
+        fields: dict[str, object] = {
             **self._log_fields, "message_id": id_text(message.message_id()), "attempt": attempt,
             "key": key.decode("utf-8", "backslashreplace") if isinstance(key, bytes) else key,
         }
+        if self._tracing is not None:
+            try:
+                parent = message.properties().get("traceparent", "")  # version-traceid-spanid-flags
+            except UnicodeDecodeError:
+                parent = ""
+            if parent.count("-") == 3:
+                fields["trace_id"] = parent.split("-")[1]
+        return fields
 
 
 async def sleep_unless(event: asyncio.Event, delay: float) -> bool:
