@@ -68,6 +68,20 @@ def producer_options(settings: Settings) -> dict[str, Any]:
     )
 
 
+def tracer_provider() -> Any:
+    """An OpenTelemetry SDK provider that exports to nowhere: the cost of making the spans."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    class Nowhere(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Nowhere()))
+    return provider
+
+
 def topic() -> str:
     return f"persistent://public/default/bench-{uuid.uuid4().hex[:10]}"
 
@@ -128,13 +142,15 @@ async def publish_rows(url: str, settings: Settings, n: int, size: int) -> list[
             "op": "publish", "path": f"bus.publish, {tasks} tasks awaiting, each confirmed",
             "msg_s": await timed(n, lambda: in_tasks(lambda i: bus.publish(t, body, key=f"k{i % 64}"))),
         })
-    async with EventBus(settings.model_copy(update={"metrics": True}), routers=[]) as measured:
-        t = topic()
-        await measured.publish(t, body)
-        rows.append({
-            "op": "publish", "path": f"bus.publish, {tasks} tasks awaiting, each confirmed, metrics on",
-            "msg_s": await timed(n, lambda: in_tasks(lambda i: measured.publish(t, body, key=f"k{i % 64}"))),
-        })
+    for extra, options in (("metrics on", {}), ("tracing on", {"tracer_provider": tracer_provider()})):
+        metrics = settings.model_copy(update={"metrics": extra == "metrics on"})
+        async with EventBus(metrics, routers=[], **options) as measured:
+            t = topic()
+            await measured.publish(t, body)
+            rows.append({
+                "op": "publish", "path": f"bus.publish, {tasks} tasks awaiting, each confirmed, {extra}",
+                "msg_s": await timed(n, lambda: in_tasks(lambda i: measured.publish(t, body, key=f"k{i % 64}"))),
+            })
     async with EventBus(settings, routers=[]) as bus:
         t = topic()
         await bus.publish(t, body)
@@ -211,8 +227,8 @@ async def consume_rows(url: str, settings: Settings, n: int, size: int) -> list[
     rows.append({"op": "consume", "path": "pulsar.asyncio receive+ack", "msg_s": await timed(n, asyncio_consume)})
     await aclient.close()
 
-    variants = [(kind, annotation, c, False) for kind, annotation in (("dict", dict), ("pydantic model", Event)) for c in (1, 64)]
-    for kind, annotation, concurrency, metrics in [*variants, ("dict", dict, 1, True)]:
+    variants = [(kind, annotation, c, "") for kind, annotation in (("dict", dict), ("pydantic model", Event)) for c in (1, 64)]
+    for kind, annotation, concurrency, extra in [*variants, ("dict", dict, 1, "metrics on"), ("dict", dict, 1, "tracing on")]:
         t = topic()
         router = Router()
         count = 0
@@ -226,7 +242,9 @@ async def consume_rows(url: str, settings: Settings, n: int, size: int) -> list[
 
         handler.__annotations__["body"] = annotation
         router.subscribe(t, "bench", subscription_type="key_shared", concurrency=concurrency, initial_position="earliest")(handler)
-        async with EventBus(settings.model_copy(update={"metrics": metrics}), routers=[router]) as bus:
+        options = {"tracer_provider": tracer_provider()} if extra == "tracing on" else {}
+        measured_settings = settings.model_copy(update={"metrics": extra == "metrics on"})
+        async with EventBus(measured_settings, routers=[router], **options) as bus:
             await fill(url, settings, t, n, size)
             async with anyio.create_task_group() as tg:
                 start = time.perf_counter()
@@ -236,7 +254,7 @@ async def consume_rows(url: str, settings: Settings, n: int, size: int) -> list[
                 bus.stop()
         rows.append({
             "op": "consume",
-            "path": f"bus worker, {kind}, no-op handler, concurrency {concurrency}{', metrics on' if metrics else ''}",
+            "path": f"bus worker, {kind}, no-op handler, concurrency {concurrency}{', ' + extra if extra else ''}",
             "msg_s": rate, "rss_mb": rss_mb(),
         })
     for row in rows:
