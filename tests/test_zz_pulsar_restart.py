@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import anyio
@@ -22,18 +26,38 @@ async def test_worker_and_publisher_reconnect_and_nothing_confirmed_is_lost(
     pulsar: dict, base_env: dict[str, str], topic: str, tmp_path: Path
 ) -> None:
     record = tmp_path / "record.txt"
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
     env = {
         **base_env, "EVENTBUS_URL": pulsar["service_url"], "EVENTBUS_TOKEN": pulsar["client_token"],
-        "EB_TOPIC": topic, "EB_RECORD": str(record),
+        "EB_TOPIC": topic, "EB_RECORD": str(record), "EVENTBUS_METRICS_PORT": str(port),
     }
+    readiness: list[int] = []  # /readyz, polled from a thread all along
+    polling = threading.Event()
+
+    def poll() -> None:
+        while not polling.is_set():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
+                    readiness.append(response.status)
+            except urllib.error.HTTPError as exc:
+                readiness.append(exc.code)
+            except OSError:
+                pass  # not serving yet
+            polling.wait(0.05)
+
     worker = Worker(env, tmp_path / "worker.log", "tests.apps.recorder")
     confirmed: set[int] = set()
     failed: dict[int, BaseException] = {}
     settings = Settings(
         _env_file=None, url=pulsar["service_url"], token=pulsar["client_token"], producer_send_timeout_ms=10_000
     )
+    poller = threading.Thread(target=poll)
     try:
         await worker.wait_subscribed()
+        poller.start()
+        await eventually(lambda: 200 in readiness, what="/readyz up while consuming")
         async with EventBus(settings, routers=[]) as bus:
             stop = anyio.Event()
 
@@ -55,14 +79,20 @@ async def test_worker_and_publisher_reconnect_and_nothing_confirmed_is_lost(
                     lambda: subprocess.run([sys.executable, pulsar["script"], "restart"], capture_output=True, text=True)
                 )
                 assert restart.returncode == 0, restart.stderr
+                before_restart = readiness.index(200)
+                assert 503 in readiness[before_restart:], "/readyz down while the consumer reconnected"
                 after = len(confirmed)
                 await eventually(lambda: len(confirmed) >= after + 50, timeout=90, what="publishing after the restart")
                 stop.set()
         done = lambda: {int(line.split()[1]) for line in lines(record) if line.startswith("done")}  # noqa: E731
         await eventually(lambda: confirmed <= done(), timeout=90, what="every confirmed publish to be handled")
+        await eventually(lambda: readiness[-1] == 200, what="/readyz up again")
         worker.proc.send_signal(signal.SIGTERM)
         assert await worker.wait_exit() == 0, worker.text()[-2000:]
     finally:
+        polling.set()
+        if poller.is_alive():
+            poller.join()
         worker.kill()
     assert worker.text().count("subscribed") == 1, "the worker reconnected by itself, not by restarting"
     assert all(isinstance(e, PublishError) for e in failed.values())
