@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import socket
@@ -188,3 +189,41 @@ async def test_json_logs_are_one_object_per_line_with_the_message_fields(
     (dead,) = [r for r in records if "dead-lettered" in r["message"]]
     assert (dead["topic"], dead["group"], dead["key"], dead["attempt"]) == (settings.topic(topic), "g", "k1", 1)
     assert dead["message_id"].count(":") == 3 and "ValueError: cannot take" in dead["exception"]
+
+
+class _Runner:
+    """A subscription runner whose first subscribe waits for `go` (pure logic: no broker)."""
+
+    ready = True
+    in_flight = 0
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+        self.stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        await self.go.wait()
+
+    async def run(self) -> None:
+        await self.stopped.wait()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_readiness_waits_for_every_first_subscribe_and_ends_at_the_stop() -> None:
+    from eventbus.worker import Worker
+
+    runners = [_Runner(), _Runner()]
+    worker = Worker(runners, [], bus=None, stop=asyncio.Event(), drain_timeout=5)  # type: ignore[arg-type]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: worker.run(handle_signals=False, task_status=anyio.TASK_STATUS_IGNORED))
+        runners[0].go.set()
+        assert not worker.ready(), "one subscription is not up yet"
+        runners[1].go.set()
+        await eventually(worker.ready, what="ready once every subscription is up")
+        worker.stop()
+        assert not worker.ready(), "down from the stop, before the drain ends"
