@@ -70,11 +70,9 @@ class SubscriptionRunner:
         self._stopping = asyncio.Event()
         self._finished_handling = asyncio.Event()
         self._handling = Handling(sub, topic, bus, dead_letters, self._finished_handling, metrics, tracing)
-        self._metrics = metrics
-        if metrics is not None:
-            self._received_count = metrics.received.labels(topic, sub.group)
-            self._subscribe_count = metrics.subscribes.labels(topic, sub.group)
-            metrics.in_flight.labels(topic, sub.group).set_function(lambda: self.in_flight)
+        self._counts = metrics.subscription(topic, sub.group) if metrics is not None else None
+        if self._counts is not None:
+            self._counts.in_flight = lambda: self.in_flight
         # Read by the receive thread: after stop it takes only the rest of the batches already begun.
         self._draining = False
         self._begun: frozenset[tuple[int, int, int]] = frozenset()
@@ -303,8 +301,8 @@ class SubscriptionRunner:
             consumer_name=f"{socket.gethostname()}-{os.getpid()}-{sub.group}",
             batch_index_ack=self._profile.batch_index_ack,
         )
-        if self._metrics is not None:
-            self._subscribe_count.inc()
+        if self._counts is not None:
+            self._counts.subscribes += 1
         asked = self.subscription_type
         shown = asked if asked == sub.subscription_type else f"{asked} (for {sub.subscription_type} on {self._profile.server_version})"
         log.info(
@@ -391,8 +389,8 @@ class SubscriptionRunner:
             self._die(exc)
 
     def _dispatch(self, batch: list[RawMessage]) -> None:
-        if self._metrics is not None:
-            self._received_count.inc(len(batch))
+        if self._counts is not None:
+            self._counts.received += len(batch)
         stopping = self._stopping.is_set()
         ordered = self.sub.ordered
         lanes = self._lanes

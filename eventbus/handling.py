@@ -64,17 +64,9 @@ class Handling:
         self._timed_out: set[asyncio.Task[Any]] = set()
         #: Dead-letter publishes that failed and are being retried (the message's key waits meanwhile).
         self.dead_letter_failures = 0
-        self._metrics = metrics
         self._tracing = tracing
         self._topic = topic
-        if metrics is not None:
-            labels = (topic, sub.group)
-            self._outcomes = {
-                outcome: metrics.handled.labels(*labels, outcome)
-                for outcome in ("ok", "retried", "dead_lettered", "rejected", "invalid_payload", "dropped")
-            }
-            self._seconds = metrics.handler_seconds.labels(*labels)
-            self._dead_letter_results = {r: metrics.dead_letters.labels(*labels, r) for r in ("ok", "error")}
+        self._counts = metrics.subscription(topic, sub.group) if metrics is not None else None
         # Log lines about a message carry these (JSON logs show them as fields).
         self._log_fields = {"topic": topic, "group": sub.group}
 
@@ -97,8 +89,8 @@ class Handling:
                     await self._call(payload, metadata)
                 else:
                     await self._call_traced(self._tracing, payload, metadata, message, earlier + attempt)
-                if self._metrics is not None:
-                    self._outcomes["ok"].inc()
+                if self._counts is not None:
+                    self._counts.outcomes["ok"] += 1
                 return True
             except UnreadableMessage as exc:
                 return await self._give_up(message, "unreadable", exc, attempts=attempt, trace=False)
@@ -121,21 +113,21 @@ class Handling:
                     sub.name, label(message), attempt, sub.max_retries + 1, delay, text(exc),
                     exc_info=exc if attempt == 1 else None, extra=self._fields(message, attempt),
                 )
-                if self._metrics is not None:
-                    self._outcomes["retried"].inc()
+                if self._counts is not None:
+                    self._counts.outcomes["retried"] += 1
                 if await sleep_unless(self._finished, delay):
                     return False  # unacknowledged: redelivered
                 payload = handler.decode(data)  # a fresh copy: the handler may have changed it
 
     async def _call(self, payload: Any, metadata: Message | None) -> None:
-        if self._metrics is None:
+        if self._counts is None:
             await self._call_timed(payload, metadata)
             return
         started = time.perf_counter()
         try:
             await self._call_timed(payload, metadata)
         finally:
-            self._seconds.observe(time.perf_counter() - started)
+            self._counts.handler.observe(time.perf_counter() - started)
 
     async def _call_traced(
         self, tracing: Tracing, payload: Any, metadata: Message | None, message: RawMessage, attempt: int
@@ -234,8 +226,8 @@ class Handling:
             except Exception as dlq_exc:
                 # Not acknowledged until it is safely dead-lettered; the key waits.
                 self.dead_letter_failures += 1
-                if self._metrics is not None:
-                    self._dead_letter_results["error"].inc()
+                if self._counts is not None:
+                    self._counts.dead_letters["error"] += 1
                 log.error(
                     "cannot dead-letter %s to %s (retrying in %.1fs): %s", label(message), self.dead_letter_topic,
                     delay, text(dlq_exc),
@@ -247,13 +239,13 @@ class Handling:
             "%s dead-lettered %s to %s after %d attempt(s) (%s): %s", sub.name, label(message),
             self.dead_letter_topic, attempts, reason, error, exc_info=exc_info, extra=fields,
         )
-        if self._metrics is not None:
-            self._dead_letter_results["ok"].inc()
+        if self._counts is not None:
+            self._counts.dead_letters["ok"] += 1
         self._count(reason, dead_lettered=True)
         return True
 
     def _count(self, reason: str, dead_lettered: bool) -> None:
-        if self._metrics is None:
+        if self._counts is None:
             return
         if reason in ("undecodable", "unreadable"):
             outcome = "invalid_payload"
@@ -261,7 +253,7 @@ class Handling:
             outcome = "rejected"
         else:
             outcome = "dead_lettered" if dead_lettered else "dropped"
-        self._outcomes[outcome].inc()
+        self._counts.outcomes[outcome] += 1
 
     def _fields(self, message: RawMessage, attempt: int) -> dict[str, object]:
         key = key_of(message)

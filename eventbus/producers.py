@@ -109,9 +109,7 @@ class TopicProducer:
         self._producer = producer
         self._metrics = metrics
         # With metrics on, receipts go through _done_timed, which counts and times them first.
-        if metrics is not None:
-            self._published = metrics.published.labels(topic)
-            self._publish_seconds = metrics.publish_seconds.labels(topic)
+        self._counts = metrics.topic(topic) if metrics is not None else None
         self._bridge = bridge
         # The client's own queue would reject past its limit; waiting here instead
         # turns a burst into backpressure rather than errors.
@@ -231,8 +229,8 @@ class TopicProducer:
 
     def _fail(self, futures: list[asyncio.Future[MessageId]], exc: Exception) -> None:
         self._slots.release(len(futures))
-        if self._metrics is not None:
-            self._metrics.publish_errors.labels(self.topic, type(exc).__name__).inc(len(futures))
+        if self._counts is not None:
+            self._counts.errors[type(exc).__name__] += len(futures)
         for future in futures:
             if not future.done():
                 # Earlier messages of its key were handed to the client: stored or not, nobody can tell.
@@ -270,12 +268,13 @@ class TopicProducer:
         self, futures: list[asyncio.Future[MessageId]], result: Result, message_id: MessageId, *, started: float
     ) -> None:
         """`_done`, counted and timed (from the group's hand-over to the client until this receipt)."""
-        self._publish_seconds.observe(time.perf_counter() - started)
+        counts = self._counts
+        assert counts is not None
+        counts.durations.observe(time.perf_counter() - started)
         if result == OK:
-            self._published.inc(len(futures))
+            counts.published += len(futures)
         else:
-            assert self._metrics is not None
-            self._metrics.publish_errors.labels(self.topic, result.name).inc(len(futures))
+            counts.errors[result.name] += len(futures)
         self._done(futures, result, message_id)
 
     async def close(self) -> None:
