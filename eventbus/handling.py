@@ -67,6 +67,8 @@ class Handling:
         self._tracing = tracing
         self._topic = topic
         self._counts = metrics.subscription(topic, sub.group) if metrics is not None else None
+        # Chosen once: without metrics a handler call is one coroutine frame fewer.
+        self._call = self._call_with_deadline if self._counts is None else self._call_counted
         # Log lines about a message carry these (JSON logs show them as fields).
         self._log_fields = {"topic": topic, "group": sub.group}
 
@@ -119,13 +121,11 @@ class Handling:
                     return False  # unacknowledged: redelivered
                 payload = handler.decode(data)  # a fresh copy: the handler may have changed it
 
-    async def _call(self, payload: Any, metadata: Message | None) -> None:
-        if self._counts is None:
-            await self._call_timed(payload, metadata)
-            return
+    async def _call_counted(self, payload: Any, metadata: Message | None) -> None:
+        assert self._counts is not None
         started = time.perf_counter()
         try:
-            await self._call_timed(payload, metadata)
+            await self._call_with_deadline(payload, metadata)
         finally:
             self._counts.handler.observe(time.perf_counter() - started)
 
@@ -143,7 +143,7 @@ class Handling:
                 failed(span, exc)
                 raise
 
-    async def _call_timed(self, payload: Any, metadata: Message | None) -> None:
+    async def _call_with_deadline(self, payload: Any, metadata: Message | None) -> None:
         call = self._call_handler
         timeout = self.sub.timeout
         if not timeout:

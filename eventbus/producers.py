@@ -107,7 +107,6 @@ class TopicProducer:
     ) -> None:
         self.topic = topic
         self._producer = producer
-        self._metrics = metrics
         # With metrics on, receipts go through _done_timed, which counts and times them first.
         self._counts = metrics.topic(topic) if metrics is not None else None
         self._bridge = bridge
@@ -166,7 +165,7 @@ class TopicProducer:
         future: asyncio.Future[MessageId] = loop.create_future()
         if not (self._group_messages and batchable):
             try:
-                if self._metrics is None:
+                if self._counts is None:
                     self._producer.send(message, functools.partial(self._bridge.call, self._done, [future]))
                 else:
                     timed = functools.partial(self._done_timed, started=time.perf_counter())
@@ -196,7 +195,7 @@ class TopicProducer:
         send = self._producer.send
         call = self._bridge.call
         done = self._done
-        if self._metrics is not None:
+        if self._counts is not None:
             done = functools.partial(self._done_timed, started=time.perf_counter())
         limit, budget = self._group_messages, self._group_bytes
         start, count = 0, len(queue)
