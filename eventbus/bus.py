@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from contextlib import AbstractContextManager, nullcontext
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -15,12 +16,13 @@ from .codec import encode
 from .connect import Connection, connect
 from .consumer import RunningSubscription, SubscriptionRunner
 from .client import MessageId, build_message, id_text
-from .errors import ConfigError, PublishBatchError, PublishError
+from .errors import ConfigError, PublishBatchError
+from .events import Observer, Published
 from .handler import Publisher
 from .metrics import Metrics
 from .probes import Probes
 from .producers import Producers
-from .registry import Router, Subscription, default_router
+from .registry import Publication, Router, Subscription, default_router
 from .settings import Settings
 from .tracing import Tracing
 from .worker import Worker
@@ -39,13 +41,26 @@ class EventBus(Publisher):
     """
 
     def __init__(
-        self, settings: Settings | None = None, routers: Sequence[Router] | None = None, *, tracer_provider: Any = None
+        self,
+        settings: Settings | None = None,
+        routers: Sequence[Router] | None = None,
+        *,
+        tracer_provider: Any = None,
+        observer: Observer | None = None,
     ) -> None:
-        """`tracer_provider`: an OpenTelemetry TracerProvider to trace into (default: the global one, if set)."""
+        """`tracer_provider`: an OpenTelemetry TracerProvider to trace into (default: the global one, if set).
+
+        `observer` is told of every confirmed publish, handler attempt and dead letter (the test kit uses it).
+        """
         self.settings = settings if settings is not None else Settings()
         self._tracer_provider = tracer_provider
         self._tracing: Tracing | None = None
+        self._observer = observer
         self.routers = list(routers) if routers is not None else [default_router]
+        # Full topic name -> what the app declared it publishes there (Router.publisher).
+        self._publications: dict[str, Publication] = {}
+        # Whether publish takes the instrumented path (tracing, an observer, declared payload types).
+        self._instrumented = False
         self._connection: Connection | None = None
         self._producers: Producers | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -101,6 +116,10 @@ class EventBus(Publisher):
         connection = await connect(self.settings)
         self._connection = connection
         self._tracing = Tracing.for_provider(self._tracer_provider)
+        self._publications = {
+            self.settings.topic(p.topic): p for router in self.routers for p in router.publications
+        }
+        self._instrumented = bool(self._tracing or self._observer or self._publications)
         self._producers = Producers(connection.client, self.settings, connection.bridge, self.metrics)
 
     async def close(self) -> None:
@@ -147,10 +166,10 @@ class EventBus(Publisher):
         Raises `TypeError` before sending when the payload cannot be encoded,
         and `PublishError` when the broker did not confirm it.
         """
-        if self._tracing is not None:
-            return await self._publish_traced(
-                self._tracing, topic, payload, key=key, properties=properties, deliver_after=deliver_after,
-                event_time=event_time, sequence_id=sequence_id,
+        if self._instrumented:
+            return await self._publish_instrumented(
+                topic, payload, key=key, properties=properties, deliver_after=deliver_after, event_time=event_time,
+                sequence_id=sequence_id,
             )
         data, content_type = encode(payload)
         message, size = build_message(
@@ -165,9 +184,8 @@ class EventBus(Publisher):
             await producer.reserve()
         return await producer.enqueue(message, key, size, deliver_after is None)
 
-    async def _publish_traced(
+    async def _publish_instrumented(
         self,
-        tracing: Tracing,
         topic: str,
         payload: Any,
         *,
@@ -177,20 +195,35 @@ class EventBus(Publisher):
         event_time: datetime | int | None,
         sequence_id: int | None,
     ) -> MessageId:
-        """`publish` in a PRODUCER span whose context travels in the message's properties."""
+        """`publish` with a declared payload type checked, in a PRODUCER span, told to the observer."""
         producers = self._producers
         if producers is None:
             raise RuntimeError(_NOT_STARTED)
+        full = self.settings.topic(topic)
+        publication = self._publications.get(full)
+        if publication is not None:
+            publication.check(payload)
         data, content_type = encode(payload)
-        with tracing.send(self.settings.topic(topic), properties) as (span, traced):
+        with self._send_span(full, properties) as (span, traced):
             message, size = build_message(
                 data, content_type, key=key, properties=traced, deliver_after=deliver_after, event_time=event_time,
                 sequence_id=sequence_id,
             )
             producer = await producers.get(topic)
             message_id = await producer.send(message, key, size, batchable=deliver_after is None)
-            span.set_attribute("messaging.message.id", id_text(message_id))
-            return message_id
+            if span is not None:
+                span.set_attribute("messaging.message.id", id_text(message_id))
+        if self._observer is not None:
+            self._observer.record(Published(full, key, payload, dict(traced or {}), data, message_id))
+        return message_id
+
+    def _send_span(
+        self, topic: str, properties: Mapping[str, str] | None, **attributes: Any
+    ) -> AbstractContextManager[tuple[Any, Mapping[str, str] | None]]:
+        """A PRODUCER span and the properties carrying its context; without tracing, none and the properties."""
+        if self._tracing is None:
+            return nullcontext((None, properties))
+        return self._tracing.send(topic, properties, **attributes)
 
     async def publish_batch(
         self,
@@ -207,12 +240,22 @@ class EventBus(Publisher):
         Every payload is encoded before the first is sent. When some are not
         confirmed, raises `PublishBatchError` naming each failure by index.
         """
-        if self._tracing is not None:
+        if self._instrumented:
             payloads = list(payloads)
-            with self._tracing.send(
-                self.settings.topic(topic), properties, **{"messaging.batch.message_count": len(payloads)}
-            ) as (_, traced):
-                return await self._publish_batch(topic, payloads, key, traced, deliver_after, event_time)
+            full = self.settings.topic(topic)
+            publication = self._publications.get(full)
+            if publication is not None:
+                for index, payload in enumerate(payloads):
+                    try:
+                        publication.check(payload)
+                    except TypeError as exc:
+                        raise TypeError(f"payload #{index}: {exc}") from None
+            with self._send_span(full, properties, **{"messaging.batch.message_count": len(payloads)}) as (_, traced):
+                ids = await self._publish_batch(topic, payloads, key, traced, deliver_after, event_time)
+            if self._observer is not None:
+                for payload, message_id in zip(payloads, ids):
+                    self._observer.record(Published(full, key, payload, dict(traced or {}), encode(payload)[0], message_id))
+            return ids
         return await self._publish_batch(topic, payloads, key, properties, deliver_after, event_time)
 
     async def _publish_batch(
@@ -322,6 +365,7 @@ class EventBus(Publisher):
             SubscriptionRunner(
                 sub, topic, client=connection.client, profile=connection.profile, bridge=connection.bridge,
                 settings=self.settings, bus=self, dead_letters=producers, metrics=self.metrics, tracing=self._tracing,
+                observer=self._observer,
             )
             for topic, sub in subs
         ]

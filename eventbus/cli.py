@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import difflib
-import importlib
-import inspect
 import logging
 import os
-import re
 import sys
 from collections.abc import Sequence
 from importlib import metadata
@@ -19,10 +15,10 @@ from typing import NoReturn
 import orjson
 from pydantic import ValidationError
 
+from .app import load
 from .bus import EventBus
 from .client import id_text
 from .errors import ConfigError, EventBusError
-from .registry import Router, default_router
 from .settings import Settings
 
 log = logging.getLogger("eventbus")
@@ -128,72 +124,6 @@ def _setup_logging(level: str, form: str = "text") -> None:
     logging.getLogger("eventbus.pulsar").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
 
 
-def _import(module: str) -> object:
-    if module.endswith(".py") or "/" in module:
-        dotted = module.removesuffix(".py").strip("./").replace("/", ".")
-        raise _Fail(f"{module!r} is a path: name the module instead, `run {dotted}`", EXIT_USAGE)
-    try:
-        return importlib.import_module(module)
-    except ValueError as exc:  # bad @subscribe options
-        raise _Fail(f"cannot load handlers from {module!r}: {exc}", EXIT_USAGE) from None
-    except TypeError as exc:
-        raise _Fail(f"cannot load handlers from {module!r}: {exc}{_subscribe_hint(str(exc))}", EXIT_USAGE) from None
-    except Exception as exc:
-        raise _Fail(f"cannot import handler module {module!r}: {type(exc).__name__}: {exc}", EXIT_USAGE) from None
-
-
-def _subscribe_hint(error: str) -> str:
-    """What to write instead, for the mistakes Python words for the decorator rather than for its user."""
-    if "missing 1 required positional argument: 'group'" in error:
-        return ' (@subscribe needs a topic and a group: write @subscribe("orders", "billing"))'
-    unknown = re.search(r"unexpected keyword argument '(\w+)'", error)
-    if unknown:
-        options = [p for p in inspect.signature(Router.subscribe).parameters if p not in ("self", "topic", "group")]
-        close = difflib.get_close_matches(unknown.group(1), options, n=1)
-        return f" (did you mean {close[0]}?)" if close else f" (the options are {', '.join(options)})"
-    return ""
-
-
-def _load(targets: Sequence[str], settings: Settings) -> EventBus:
-    """The bus to run: the targets' routers (a plain module contributes the default registry), or their EventBus."""
-    if not targets:
-        raise _Fail(
-            "name what to run: `run myapp.handlers` (a module using @subscribe) or `run myapp:router` "
-            "(a Router, a list of routers, or an EventBus); the example app: `run handlers handlers.demo`",
-            EXIT_USAGE,
-        )
-    if "" not in sys.path:
-        sys.path.insert(0, "")  # the current directory, as `python -m` has it
-    routers: list[Router] = []
-    buses: list[EventBus] = []
-    for target in targets:
-        module_name, _, attribute = target.partition(":")
-        module = _import(module_name)
-        if not attribute:
-            if default_router not in routers:
-                routers.append(default_router)
-            continue
-        try:
-            value = getattr(module, attribute)
-        except AttributeError:
-            raise _Fail(f"module {module_name!r} has no attribute {attribute!r}", EXIT_USAGE) from None
-        if isinstance(value, EventBus):
-            buses.append(value)
-        elif isinstance(value, Router):
-            routers.append(value)
-        elif isinstance(value, (list, tuple)) and value and all(isinstance(r, Router) for r in value):
-            routers.extend(value)
-        else:
-            raise _Fail(
-                f"{target} is a {type(value).__name__}: name a Router, a list of routers, or an EventBus", EXIT_USAGE
-            )
-    if buses:
-        if len(buses) > 1 or routers:
-            raise _Fail("an EventBus target runs alone: name one EventBus, or routers and modules", EXIT_USAGE)
-        return buses[0]
-    return EventBus(settings, routers=routers)
-
-
 async def _run(bus: EventBus) -> None:
     async with bus:
         log.info("worker connected to %s", bus.url)
@@ -237,7 +167,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         if args.command == "run":
             if args.metrics_port is not None:
                 settings = settings.model_copy(update={"metrics_port": args.metrics_port})
-            asyncio.run(_run(_load(args.targets, settings)))
+            asyncio.run(_run(load(args.targets, settings)))
         else:
             asyncio.run(_publish(settings, args))
     except _Fail as exc:

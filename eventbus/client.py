@@ -138,6 +138,11 @@ def id_text(message_id: MessageId) -> str:
     return f"{message_id.ledger_id()}:{message_id.entry_id()}:{message_id.partition()}:{message_id.batch_index()}"
 
 
+def new_message_id(ledger: int, entry: int, partition: int = -1, batch_index: int = -1) -> MessageId:
+    """An id with these parts (for a message that no broker stored: the test kit's)."""
+    return _pulsar.MessageId(partition, ledger, entry, batch_index)
+
+
 def sibling_id(message_id: MessageId, batch_index: int) -> MessageId:
     """The id of another message of the same batch."""
     return _pulsar.MessageId(message_id.partition(), message_id.ledger_id(), message_id.entry_id(), batch_index)

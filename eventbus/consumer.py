@@ -18,6 +18,7 @@ from .bridge import LoopBridge
 from .client import Client, Consumer, ConsumerClosed, Ident, RawMessage, ident_of, key_of
 from .embedded import SubscriptionLease
 from .errors import EventBusError, Failure, SubscriptionFailed, classify
+from .events import Observer
 from .handler import Publisher
 from .handling import Handling, Sender, cancelled_by_us, sleep_unless, text
 from .metrics import Metrics
@@ -60,6 +61,7 @@ class SubscriptionRunner:
         dead_letters: Sender,
         metrics: Metrics | None = None,
         tracing: Tracing | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.sub = sub
         self.topic = topic
@@ -69,7 +71,7 @@ class SubscriptionRunner:
         self._settings = settings
         self._stopping = asyncio.Event()
         self._finished_handling = asyncio.Event()
-        self._handling = Handling(sub, topic, bus, dead_letters, self._finished_handling, metrics, tracing)
+        self._handling = Handling(sub, topic, bus, dead_letters, self._finished_handling, metrics, tracing, observer)
         self._counts = metrics.subscription(topic, sub.group) if metrics is not None else None
         if self._counts is not None:
             self._counts.in_flight = lambda: self.in_flight

@@ -14,6 +14,7 @@ import anyio
 from .client import MessageId, RawMessage, id_text, key_of
 from .codec import DecodeError
 from .errors import Reject
+from .events import DeadLettered, Handled, Observer, Outcome
 from .handler import Publisher
 from .message import Message, UnreadableMessage
 from .metrics import Metrics
@@ -37,6 +38,27 @@ class HandlerTimeout(Exception):
     """A handler ran past its subscription's `timeout`."""
 
 
+def verdict(sub: Subscription, exc: BaseException, attempt: int) -> str:
+    """What a failed attempt leads to: ``retry``, or the dead-letter reason ``rejected`` or ``handler-failed``."""
+    if isinstance(exc, Reject) or isinstance(exc, sub.reject_on):
+        return "rejected"
+    return "handler-failed" if attempt > sub.max_retries else "retry"
+
+
+def backoff(sub: Subscription, attempt: int) -> float:
+    """Seconds before the retry after failed attempt number `attempt`, before jitter."""
+    return float(min(sub.retry_backoff * 2 ** (attempt - 1), sub.retry_backoff_max))
+
+
+def outcome_of(reason: str, dead_lettered: bool) -> Outcome:
+    """The outcome a dead-letter reason counts as."""
+    if reason in ("undecodable", "unreadable"):
+        return "invalid_payload"
+    if reason == "rejected":
+        return "rejected"
+    return "dead_lettered" if dead_lettered else "dropped"
+
+
 class Handling:
     """Runs a subscription's handler on its messages; says when a message may be acknowledged."""
 
@@ -49,6 +71,7 @@ class Handling:
         finished: asyncio.Event,
         metrics: Metrics | None = None,
         tracing: Tracing | None = None,
+        observer: Observer | None = None,
     ) -> None:
         dead_letter_topic = sub.dead_letter_topic(topic)
         self.sub = sub
@@ -65,6 +88,7 @@ class Handling:
         #: Dead-letter publishes that failed and are being retried (the message's key waits meanwhile).
         self.dead_letter_failures = 0
         self._tracing = tracing
+        self._observer = observer
         self._topic = topic
         self._counts = metrics.subscription(topic, sub.group) if metrics is not None else None
         # Chosen once: without metrics a handler call is one coroutine frame fewer.
@@ -85,6 +109,7 @@ class Handling:
         attempt = 0
         while True:
             attempt += 1
+            metadata = None
             try:
                 metadata = Message.of(message, earlier + attempt) if handler.wants_message else None
                 if self._tracing is None:
@@ -93,6 +118,8 @@ class Handling:
                     await self._call_traced(self._tracing, payload, metadata, message, earlier + attempt)
                 if self._counts is not None:
                     self._counts.outcomes["ok"] += 1
+                if self._observer is not None:
+                    self._observe(message, payload, metadata, earlier + attempt, "ok", None)
                 return True
             except UnreadableMessage as exc:
                 return await self._give_up(message, "unreadable", exc, attempts=attempt, trace=False)
@@ -101,14 +128,12 @@ class Handling:
                 # SystemExit included; only the bus's own cancellation goes through.
                 if cancelled_by_us(exc):
                     raise
-                if isinstance(exc, Reject):
-                    return await self._give_up(message, "rejected", exc, attempts=attempt, trace=False)
-                if isinstance(exc, sub.reject_on):
-                    return await self._give_up(message, "rejected", exc, attempts=attempt)
-                if attempt > sub.max_retries:
-                    return await self._give_up(message, "handler-failed", exc, attempts=attempt)
-                delay = min(sub.retry_backoff * 2 ** (attempt - 1), sub.retry_backoff_max)
-                delay *= random.uniform(0.8, 1.2)
+                then = verdict(sub, exc, attempt)
+                if then != "retry":
+                    # A Reject is the handler's own word, not a bug: no traceback.
+                    trace = not isinstance(exc, Reject)
+                    return await self._give_up(message, then, exc, attempts=attempt, trace=trace, payload=payload)
+                delay = backoff(sub, attempt) * random.uniform(0.8, 1.2)
                 # The traceback once per message: with its first failure (and with the dead-letter line).
                 log.warning(
                     "%s failed on %s (attempt %d of %d), retrying in %.2fs: %s",
@@ -117,9 +142,24 @@ class Handling:
                 )
                 if self._counts is not None:
                     self._counts.outcomes["retried"] += 1
+                if self._observer is not None:
+                    self._observe(message, payload, metadata, earlier + attempt, "retried", exc)
                 if await sleep_unless(self._finished, delay):
                     return False  # unacknowledged: redelivered
                 payload = handler.decode(data)  # a fresh copy: the handler may have changed it
+
+    def _observe(
+        self, message: RawMessage, payload: Any, metadata: Message | None, attempt: int, outcome: Outcome,
+        exc: BaseException | None,
+    ) -> None:
+        assert self._observer is not None
+        if metadata is None:
+            try:
+                metadata = Message.of(message, attempt)
+            except UnreadableMessage:
+                pass
+        sub = self.sub
+        self._observer.record(Handled(self._topic, sub.group, sub.name, payload, metadata, outcome, exc))
 
     async def _call_counted(self, payload: Any, metadata: Message | None) -> None:
         assert self._counts is not None
@@ -178,7 +218,8 @@ class Handling:
                     task.cancel()
 
     async def _give_up(
-        self, message: RawMessage, reason: str, exc: BaseException, attempts: int, trace: bool = True
+        self, message: RawMessage, reason: str, exc: BaseException, attempts: int, trace: bool = True,
+        payload: Any = None,
     ) -> bool:
         """Dead-letter a message (or drop it when dead-lettering is off); True once it may be acknowledged.
 
@@ -194,6 +235,8 @@ class Handling:
                 exc_info=exc_info, extra=fields,
             )
             self._count(reason, dead_lettered=False)
+            if self._observer is not None:
+                self._observe(message, payload, None, attempts, outcome_of(reason, False), exc)
             return True
         try:
             properties = dict(message.properties())
@@ -242,18 +285,20 @@ class Handling:
         if self._counts is not None:
             self._counts.dead_letters["ok"] += 1
         self._count(reason, dead_lettered=True)
+        if self._observer is not None:
+            self._observe(message, payload, None, attempts, outcome_of(reason, True), exc)
+            key = key_of(message)
+            self._observer.record(
+                DeadLettered(
+                    self._topic, sub.group, self.dead_letter_topic, key or None, message.data(), reason,
+                    properties["eventbus-error-type"], properties["eventbus-error"], attempts, properties,
+                )
+            )
         return True
 
     def _count(self, reason: str, dead_lettered: bool) -> None:
-        if self._counts is None:
-            return
-        if reason in ("undecodable", "unreadable"):
-            outcome = "invalid_payload"
-        elif reason == "rejected":
-            outcome = "rejected"
-        else:
-            outcome = "dead_lettered" if dead_lettered else "dropped"
-        self._counts.outcomes[outcome] += 1
+        if self._counts is not None:
+            self._counts.outcomes[outcome_of(reason, dead_lettered)] += 1
 
     def _fields(self, message: RawMessage, attempt: int) -> dict[str, object]:
         key = key_of(message)

@@ -8,6 +8,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+from .codec import decoder_for
 from .handler import Handler, Publisher, handler_name
 from .settings import topic_problem
 
@@ -53,6 +54,24 @@ class Subscription:
         return f"{full_topic}-{self.group}-DLQ"
 
 
+@dataclass(frozen=True)
+class Publication:
+    """A topic the app publishes to and the payload type it sends there (`Router.publisher`)."""
+
+    topic: str
+    payload_type: Any
+    description: str | None = None
+
+    def check(self, payload: Any) -> None:
+        """Raise `TypeError` naming the declared type when `payload` is not one."""
+        expected = self.payload_type
+        if isinstance(expected, type) and not isinstance(payload, expected):
+            raise TypeError(
+                f"publish to {self.topic!r}: the app declares {expected.__qualname__} payloads there "
+                f"(Router.publisher), not {type(payload).__qualname__}; publish a {expected.__qualname__}"
+            )
+
+
 def _check(where: str, ok: bool, problem: str) -> None:
     if not ok:
         raise ValueError(f"{where}: {problem}")
@@ -70,6 +89,7 @@ class Router:
     def __init__(self) -> None:
         self.subscriptions: list[Subscription] = []
         self.background: list[Background] = []
+        self.publications: list[Publication] = []
 
     def subscribe(
         self,
@@ -162,6 +182,41 @@ class Router:
             return handler
 
         return register
+
+    def publisher(self, topic: str, payload_type: Any, *, description: str | None = None) -> Publication:
+        """Declare that the app publishes `payload_type` payloads to `topic`.
+
+        `eventbus docs` lists it as a send operation with the payload's schema, and
+        a bus running this router refuses (`TypeError`, before sending) a payload
+        of another type on that topic.
+
+        >>> router.publisher("invoices", Invoice, description="one per charged order")
+        """
+        where = f"publisher({topic!r}, ...)"
+        _check(where, isinstance(topic, str), f"topic must be a string, not {type(topic).__name__}")
+        problem = topic_problem(topic)
+        _check(where, problem is None, str(problem))
+        _check(
+            where,
+            isinstance(payload_type, type) and payload_type is not type(None),
+            f"payload_type={payload_type!r} must be a class: a pydantic model, a dataclass, dict, list, str or bytes",
+        )
+        if payload_type not in (bytes, str, dict, list):
+            try:
+                decoder_for(payload_type)
+            except TypeError as exc:
+                raise TypeError(f"{where}: {exc}") from None
+        for existing in self.publications:
+            if existing.topic == topic:
+                _check(
+                    where,
+                    existing.payload_type is payload_type,
+                    f"{topic!r} is already declared with {existing.payload_type.__qualname__} payloads",
+                )
+                return existing
+        publication = Publication(topic, payload_type, description)
+        self.publications.append(publication)
+        return publication
 
     def run_in_background(self, func: B) -> B:
         """Run ``async def func(bus)`` beside the handlers while `EventBus.run()` runs.

@@ -1,0 +1,87 @@
+"""An app from the command line's targets: modules using @subscribe, or `module:attribute` naming routers or a bus."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import re
+import sys
+from collections.abc import Sequence
+
+from .bus import EventBus
+from .errors import ConfigError
+from .registry import Router, default_router
+from .settings import Settings
+
+
+def import_target(module: str) -> object:
+    """Import a handler module, turning whatever goes wrong into one `ConfigError` line."""
+    if module.endswith(".py") or "/" in module:
+        dotted = module.removesuffix(".py").strip("./").replace("/", ".")
+        raise ConfigError(f"{module!r} is a path: name the module instead, `{dotted}`")
+    try:
+        return importlib.import_module(module)
+    except ValueError as exc:  # bad @subscribe options
+        raise ConfigError(f"cannot load handlers from {module!r}: {exc}") from None
+    except TypeError as exc:
+        raise ConfigError(f"cannot load handlers from {module!r}: {exc}{_subscribe_hint(str(exc))}") from None
+    except Exception as exc:
+        raise ConfigError(f"cannot import handler module {module!r}: {type(exc).__name__}: {exc}") from None
+
+
+def _subscribe_hint(error: str) -> str:
+    """What to write instead, for the mistakes Python words for the decorator rather than for its user."""
+    if "missing 1 required positional argument: 'group'" in error:
+        return ' (@subscribe needs a topic and a group: write @subscribe("orders", "billing"))'
+    unknown = re.search(r"unexpected keyword argument '(\w+)'", error)
+    if unknown:
+        options = [p for p in inspect.signature(Router.subscribe).parameters if p not in ("self", "topic", "group")]
+        close = difflib.get_close_matches(unknown.group(1), options, n=1)
+        return f" (did you mean {close[0]}?)" if close else f" (the options are {', '.join(options)})"
+    return ""
+
+
+def load(targets: Sequence[str], settings: Settings) -> EventBus:
+    """The bus to run: the targets' routers (a plain module contributes the default registry), or their EventBus."""
+    routers, bus = resolve(targets)
+    return bus if bus is not None else EventBus(settings, routers=routers)
+
+
+def resolve(targets: Sequence[str]) -> tuple[list[Router], EventBus | None]:
+    """Import the targets: their routers, and the EventBus when a target names one (its routers are the app's)."""
+    if not targets:
+        raise ConfigError(
+            "name what to run: `run myapp.handlers` (a module using @subscribe) or `run myapp:router` "
+            "(a Router, a list of routers, or an EventBus); the example app: `run handlers handlers.demo`"
+        )
+    if "" not in sys.path:
+        sys.path.insert(0, "")  # the current directory, as `python -m` has it
+    routers: list[Router] = []
+    buses: list[EventBus] = []
+    for target in targets:
+        module_name, _, attribute = target.partition(":")
+        module = import_target(module_name)
+        if not attribute:
+            if default_router not in routers:
+                routers.append(default_router)
+            continue
+        try:
+            value = getattr(module, attribute)
+        except AttributeError:
+            raise ConfigError(f"module {module_name!r} has no attribute {attribute!r}") from None
+        if isinstance(value, EventBus):
+            buses.append(value)
+        elif isinstance(value, Router):
+            routers.append(value)
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(r, Router) for r in value):
+            routers.extend(value)
+        else:
+            raise ConfigError(
+                f"{target} is a {type(value).__name__}: name a Router, a list of routers, or an EventBus"
+            )
+    if buses:
+        if len(buses) > 1 or routers:
+            raise ConfigError("an EventBus target runs alone: name one EventBus, or routers and modules")
+        return buses[0].routers, buses[0]
+    return routers, None
