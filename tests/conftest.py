@@ -17,6 +17,8 @@ from eventbus import EventBus, Settings
 from eventbus.embedded import EmbeddedBroker
 
 
+pytest_plugins = ["pytester"]
+
 ROOT = Path(__file__).resolve().parent.parent
 BROKERS = ("embedded", "pulsar")
 

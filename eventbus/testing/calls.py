@@ -1,0 +1,191 @@
+"""One registered handler called on one payload as the worker would call it, with no broker: for unit tests."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Literal
+
+import anyio
+
+from ..client import new_message_id
+from ..codec import DecodeError, encode
+from ..events import Published
+from ..handler import Publisher
+from ..handling import HandlerTimeout, backoff, cancelled_by_us, verdict
+from ..message import Message, MessageId
+from ..registry import Router, Subscription, default_router
+from ..settings import topic_problem
+
+#: What the worker would do with the message after this call.
+CallOutcome = Literal["ok", "retry", "dead_letter", "drop"]
+
+
+class RecordingPublisher(Publisher):
+    """A stand-in for the bus a handler receives: records each publish, stores nothing, and counts `stop()` calls."""
+
+    def __init__(self, tenant: str = "public", namespace: str = "default") -> None:
+        self.published: list[Published] = []
+        self.stopped = 0
+        self._tenant, self._namespace = tenant, namespace
+        self._entries = itertools.count()
+
+    def topic(self, name: str) -> str:
+        problem = topic_problem(name)
+        if problem:
+            raise ValueError(problem)
+        return name if "://" in name else f"persistent://{self._tenant}/{self._namespace}/{name}"
+
+    async def publish(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        key: str | bytes | None = None,
+        properties: Mapping[str, str] | None = None,
+        deliver_after: timedelta | float | None = None,
+        event_time: datetime | int | None = None,
+        sequence_id: int | None = None,
+    ) -> MessageId:
+        data, _ = encode(payload)  # raises TypeError as the bus would
+        message_id = new_message_id(0, next(self._entries))
+        self.published.append(Published(self.topic(topic), key, payload, dict(properties or {}), data, message_id))
+        return message_id
+
+    async def publish_batch(
+        self,
+        topic: str,
+        payloads: Iterable[Any],
+        *,
+        key: str | bytes | None = None,
+        properties: Mapping[str, str] | None = None,
+        deliver_after: timedelta | float | None = None,
+        event_time: datetime | int | None = None,
+    ) -> list[MessageId]:
+        payloads = list(payloads)
+        for payload in payloads:
+            encode(payload)
+        return [await self.publish(topic, payload, key=key, properties=properties) for payload in payloads]
+
+    def stop(self) -> None:
+        self.stopped += 1
+
+
+@dataclass(frozen=True)
+class CallResult:
+    """How one call went and what the worker would do next.
+
+    `outcome`: ``ok`` (acknowledged), ``retry`` (after `retry_in` seconds, before jitter),
+    ``dead_letter`` (to the subscription's dead-letter topic, for `reason`) or ``drop``
+    (the same, with `dead_letter=False`). `reason`: ``handler-failed``, ``rejected`` or
+    ``undecodable``. `published`: what the handler published through the bus it received.
+    """
+
+    outcome: CallOutcome
+    message: Message
+    error: BaseException | None = None
+    reason: str | None = None
+    retry_in: float | None = None
+    published: list[Published] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "ok"
+
+
+def find_subscription(
+    handler: Callable[..., Any] | Subscription,
+    *,
+    topic: str | None = None,
+    group: str | None = None,
+    routers: Sequence[Router] | None = None,
+) -> Subscription:
+    """The subscription a registered function handles (narrowed by `topic` and `group` when it has several)."""
+    if isinstance(handler, Subscription):
+        return handler
+    found = [
+        sub
+        for router in (routers if routers is not None else [default_router])
+        for sub in router.subscriptions
+        if sub.handler.func is handler and topic in (None, sub.topic) and group in (None, sub.group)
+    ]
+    name = getattr(handler, "__qualname__", repr(handler))
+    if not found:
+        raise LookupError(
+            f"{name} is not a registered handler{f' of {topic!r}' if topic else ''}{f' group {group!r}' if group else ''}: "
+            "decorate it with @subscribe(topic, group), or pass the Router it is registered in as routers=[router]"
+        )
+    if len(found) > 1:
+        where = ", ".join(f"({sub.topic!r}, {sub.group!r})" for sub in found)
+        raise LookupError(f"{name} handles several subscriptions, {where}: pass topic= and group= to pick one")
+    return found[0]
+
+
+async def call_handler(
+    handler: Callable[..., Any] | Subscription,
+    payload: Any,
+    *,
+    topic: str | None = None,
+    group: str | None = None,
+    routers: Sequence[Router] | None = None,
+    bus: Publisher | None = None,
+    key: str | None = None,
+    properties: Mapping[str, str] | None = None,
+    attempt: int = 1,
+    redelivery_count: int = 0,
+    publish_time: datetime | None = None,
+    event_time: datetime | None = None,
+    message_id: MessageId | None = None,
+) -> CallResult:
+    """Run a registered handler on `payload` exactly as the worker would, without a broker.
+
+    >>> result = await call_handler(charge, Order(id="o-1", qty=2), key="o-1")
+    >>> assert result.ok and result.published[0].topic.endswith("/invoices")
+
+    The payload is encoded as `publish` would (bytes pass as they are) and decoded by the
+    handler's annotation; a `Message` parameter gets metadata built here (override any part:
+    `key`, `properties`, `attempt`, ...); an `EventBus` parameter gets `bus`, by default a
+    `RecordingPublisher`. Sync handlers run in a thread; the subscription's `timeout` applies.
+    Whatever the handler raises is caught and judged as the worker judges it: the result
+    says whether the message would be retried or dead-lettered, and why.
+    """
+    sub = find_subscription(handler, topic=topic, group=group, routers=routers)
+    publisher = bus if bus is not None else RecordingPublisher()
+    recorded = publisher.published if isinstance(publisher, RecordingPublisher) else []
+    before = len(recorded)
+    data = payload if isinstance(payload, bytes) else encode(payload)[0]
+    full_topic = publisher.topic(sub.topic) if isinstance(publisher, RecordingPublisher) else sub.topic
+    message = Message(
+        topic=full_topic,
+        key=key,
+        properties=dict(properties or {}),
+        message_id=message_id if message_id is not None else new_message_id(0, 0),
+        publish_time=publish_time or datetime.now(timezone.utc),
+        event_time=event_time,
+        redelivery_count=redelivery_count,
+        attempt=attempt,
+        data=data,
+    )
+
+    def result(outcome: CallOutcome, **rest: Any) -> CallResult:
+        return CallResult(outcome, message, published=recorded[before:], **rest)
+
+    try:
+        decoded = sub.handler.decode(data)
+    except DecodeError as exc:
+        return result("dead_letter" if sub.dead_letter else "drop", error=exc, reason="undecodable")
+    try:
+        with anyio.move_on_after(sub.timeout) as scope:
+            await sub.handler.call(decoded, message if sub.handler.wants_message else None, publisher)
+        if scope.cancelled_caught:
+            raise HandlerTimeout(f"the handler did not finish within {sub.timeout:g}s (subscribe(timeout=...))")
+    except BaseException as exc:
+        if cancelled_by_us(exc):
+            raise
+        then = verdict(sub, exc, attempt)
+        if then == "retry":
+            return result("retry", error=exc, retry_in=backoff(sub, attempt))
+        return result("dead_letter" if sub.dead_letter else "drop", error=exc, reason=then)
+    return result("ok")
