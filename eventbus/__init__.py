@@ -30,7 +30,7 @@ from .errors import (
 from .consumer import RunningSubscription
 from .handler import Publisher
 from .message import Message, MessageId
-from .registry import Router, Subscription, SubscriptionType, default_router, subscribe
+from .registry import Publication, Router, Subscription, SubscriptionType, default_router, publisher, subscribe
 from .settings import Settings
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "EventBusError",
     "Message",
     "MessageId",
+    "Publication",
     "PublishBatchError",
     "PublishError",
     "Publisher",
@@ -53,5 +54,6 @@ __all__ = [
     "SubscriptionFailed",
     "SubscriptionType",
     "default_router",
+    "publisher",
     "subscribe",
 ]

@@ -52,7 +52,7 @@ def resolve(targets: Sequence[str]) -> tuple[list[Router], EventBus | None]:
     """Import the targets: their routers, and the EventBus when a target names one (its routers are the app's)."""
     if not targets:
         raise ConfigError(
-            "name what to run: `run myapp.handlers` (a module using @subscribe) or `run myapp:router` "
+            "name the app: `myapp.handlers` (a module using @subscribe) or `myapp:router` "
             "(a Router, a list of routers, or an EventBus); the example app: `run handlers handlers.demo`"
         )
     if "" not in sys.path:

@@ -1,4 +1,4 @@
-"""`eventbus run|publish`: the worker and a one-shot publisher."""
+"""`eventbus run|docs|publish`: the worker, the app's AsyncAPI document, and a one-shot publisher."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from typing import NoReturn
 import orjson
 from pydantic import ValidationError
 
-from .app import load
+from .app import load, resolve
+from .asyncapi import document
 from .bus import EventBus
 from .client import id_text
 from .errors import ConfigError, EventBusError
@@ -67,6 +68,17 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         "--metrics-port", type=_port, default=None, metavar="PORT",
         help="serve /metrics, /livez and /readyz on PORT (as EVENTBUS_METRICS_PORT)",
     )
+    docs = commands.add_parser(
+        "docs", help="write the app's AsyncAPI 3.0 document",
+        description="Import each target (as `run` takes them) and write an AsyncAPI 3.0 document: a channel per "
+        "topic, a receive operation per subscription (group, type, retries, dead-letter topic), the payload "
+        "schemas from the handlers' annotations, and send operations for Router.publisher declarations.",
+    )
+    docs.add_argument("targets", nargs="*", metavar="MODULE[:ATTRIBUTE]")
+    docs.add_argument("--out", "-o", default=None, metavar="FILE", help="write to FILE (default: stdout)")
+    docs.add_argument("--format", choices=("json", "yaml"), default=None, help="default: yaml for a .yaml/.yml FILE, else json")
+    docs.add_argument("--title", default=None, help="info.title (default: the targets)")
+    docs.add_argument("--app-version", default="0.1.0", help="info.version (default: 0.1.0)")
     publish = commands.add_parser(
         "publish", help="publish one JSON message and print its id", epilog=_settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -142,6 +154,27 @@ def _payload_text(arg: str) -> str:
     return arg
 
 
+def _docs(settings: Settings, args: argparse.Namespace) -> None:
+    routers, _ = resolve(args.targets)
+    doc = document(routers, settings, title=args.title or " ".join(args.targets), version=args.app_version)
+    form = args.format or ("yaml" if args.out and args.out.endswith((".yaml", ".yml")) else "json")
+    if form == "yaml":
+        try:
+            import yaml
+        except ImportError:
+            raise _Fail("--format yaml needs PyYAML: pip install pyyaml (or use --format json)", EXIT_USAGE) from None
+        text = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
+    else:
+        text = orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n"
+    if args.out is None:
+        sys.stdout.write(text)
+        return
+    try:
+        Path(args.out).write_text(text)
+    except OSError as exc:
+        raise _Fail(f"cannot write {args.out}: {exc.strerror}", EXIT_USAGE) from None
+
+
 async def _publish(settings: Settings, args: argparse.Namespace) -> None:
     settings.topic(args.topic)  # a name that cannot work fails before any broker starts
     try:
@@ -168,6 +201,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             if args.metrics_port is not None:
                 settings = settings.model_copy(update={"metrics_port": args.metrics_port})
             asyncio.run(_run(load(args.targets, settings)))
+        elif args.command == "docs":
+            _docs(settings, args)
         else:
             asyncio.run(_publish(settings, args))
     except _Fail as exc:

@@ -60,7 +60,7 @@ Call = Callable[[Any, "Message | None", Publisher], Awaitable[Any]]
 
 
 class Handler:
-    """A registered function, analysed once: `decode` turns bytes into its payload, `call` runs it.
+    """A registered function, analysed once: `decode` turns bytes into its `payload_type`, `call` runs it.
 
     `wants_message` says whether the call needs the `Message`; sync functions run in a thread.
     """
@@ -68,7 +68,7 @@ class Handler:
     def __init__(self, func: Callable[..., Any], where: str) -> None:
         self.func = func
         self.name = handler_name(func)
-        self.decode, positional, payload_name, message_name, bus_name = _analyse(func, where)
+        self.decode, self.payload_type, positional, payload_name, message_name, bus_name = _analyse(func, where)
         self.wants_message = message_name is not None
         target = inspect.unwrap(func)
         self.is_async = inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
@@ -128,8 +128,10 @@ def _build_call(
     return call_in_thread
 
 
-def _analyse(func: Callable[..., Any], where: str) -> tuple[Decoder, bool, str | None, str | None, str | None]:
-    """The payload decoder, whether the payload goes by position, and the parameters that receive each part."""
+def _analyse(
+    func: Callable[..., Any], where: str
+) -> tuple[Decoder, Any, bool, str | None, str | None, str | None]:
+    """The payload decoder and type, whether the payload goes by position, and the parameters that receive each part."""
     try:
         signature = inspect.signature(func)
     except (TypeError, ValueError) as exc:
@@ -143,6 +145,7 @@ def _analyse(func: Callable[..., Any], where: str) -> tuple[Decoder, bool, str |
             ) from None
         hints = {}
     decode: Decoder | None = None
+    payload_type: Any = Any
     positional = False
     payload_name = message_name = bus_name = None
     for param in signature.parameters.values():
@@ -156,6 +159,7 @@ def _analyse(func: Callable[..., Any], where: str) -> tuple[Decoder, bool, str |
                 decode = decoder_for(annotation)
             except TypeError as exc:
                 raise TypeError(f"{where}: {exc}") from None
+            payload_type = Any if annotation is param.empty else annotation
             payload_name = param.name
             # Positional-only (builtins such as list.append) cannot take it by name;
             # the first parameter takes it by position, which is quicker.
@@ -167,4 +171,4 @@ def _analyse(func: Callable[..., Any], where: str) -> tuple[Decoder, bool, str |
             )
     if decode is None:
         decode = decoder_for(inspect.Parameter.empty)
-    return decode, positional, payload_name, message_name, bus_name
+    return decode, payload_type, positional, payload_name, message_name, bus_name

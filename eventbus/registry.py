@@ -246,3 +246,8 @@ default_router = Router()
 #: >>> @subscribe("orders", "billing")
 #: ... async def charge(order: Order) -> None: ...
 subscribe = default_router.subscribe
+
+#: Declare a topic the app publishes to, in the default registry (`Router.publisher` of `default_router`).
+#:
+#: >>> publisher("invoices", Invoice)
+publisher = default_router.publisher

@@ -6,7 +6,7 @@ import logging
 
 from pydantic import BaseModel, Field
 
-from eventbus import EventBus, Message, subscribe
+from eventbus import EventBus, Message, publisher, subscribe
 
 log = logging.getLogger("handlers.workflow")
 
@@ -27,12 +27,15 @@ class StepEvent(BaseModel):
     status: str
 
 
+publisher(EVENTS_TOPIC, StepEvent, description="A step of a run is done; the last one also says the run completed.")
+
 # Last step seen per run: shows the per-key order the subscription promises.
 _last_step: dict[str, int] = {}
 
 
 @subscribe(STEPS_TOPIC, "workflow-runner", concurrency=4, initial_position="earliest")
 async def run_step(step: WorkflowStep, msg: Message, bus: EventBus) -> None:
+    """Runs one step of a workflow run, in step order per run, and announces it on workflow.events."""
     previous = _last_step.get(step.run_id, 0)
     if step.step <= previous:
         log.info("run %s: step %d already done (redelivery), skipping", step.run_id, step.step)
@@ -49,5 +52,6 @@ async def run_step(step: WorkflowStep, msg: Message, bus: EventBus) -> None:
 
 @subscribe(EVENTS_TOPIC, "workflow-audit", initial_position="earliest")
 async def audit(event: StepEvent) -> None:
+    """Logs each completed run."""
     if event.status == "run-completed":
         log.info("run %s completed after %d steps", event.run_id, event.step)

@@ -157,7 +157,7 @@ def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
          "EVENTBUS_BROKER_URL is not a setting (did you mean EVENTBUS_URL?)"),
         ({"EVENTBUS_EMBEDDED": "false"}, ["publish", "t", "1"], 2, "no broker URL: set EVENTBUS_URL"),
         ({"EVENTBUS_LOG_LEVEL": "LOUD"}, ["publish", "t", "1"], 2, "EVENTBUS_LOG_LEVEL: Input should be"),
-        ({}, ["run"], 2, "name what to run: `run myapp.handlers`"),
+        ({}, ["run"], 2, "name the app: `myapp.handlers`"),
         ({}, ["run", "shop.py"], 2, "'shop.py' is a path: name the module instead, `shop`"),
         ({}, ["run", "tests.apps.misspelt_option"], 2, "did you mean concurrency?"),
         ({}, ["run", "tests.apps.no_parentheses"], 2, '@subscribe needs a topic and a group'),
