@@ -6,7 +6,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-import pytest_asyncio
 
 from ..app import resolve
 from ..embedded import EmbeddedBroker
@@ -56,8 +55,18 @@ def eventbus_settings(eventbus_broker: EmbeddedBroker) -> Settings:
     )
 
 
-@pytest_asyncio.fixture
-async def eventbus_app(eventbus_settings: Settings, eventbus_routers: list[Router]) -> AsyncIterator[Harness]:
-    """The app's bus, started, with its worker running: publish, then await what the handlers did."""
-    async with Harness(eventbus_settings, eventbus_routers) as harness:
-        yield harness
+try:
+    import pytest_asyncio
+except ImportError:  # installing eventbus registers this plugin: without pytest-asyncio, say so where it is needed
+
+    @pytest.fixture(name="eventbus_app")
+    def _needs_pytest_asyncio() -> None:
+        pytest.fail("the eventbus_app fixture needs pytest-asyncio: pip install 'eventbus[testing]'", pytrace=False)
+
+else:
+
+    @pytest_asyncio.fixture(name="eventbus_app")
+    async def _eventbus_app(eventbus_settings: Settings, eventbus_routers: list[Router]) -> AsyncIterator[Harness]:
+        """The app's bus, started, with its worker running: publish, then await what the handlers did."""
+        async with Harness(eventbus_settings, eventbus_routers) as harness:
+            yield harness
