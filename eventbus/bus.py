@@ -361,13 +361,16 @@ class EventBus(Publisher):
             raise ConfigError("no handlers are registered: import a module that uses @subscribe")
         if handle_signals is None:
             handle_signals = threading.current_thread() is threading.main_thread()
-        runners = [
-            SubscriptionRunner(
+        def runner(sub: Subscription, topic: str, replays_for: str | None = None) -> SubscriptionRunner:
+            return SubscriptionRunner(
                 sub, topic, client=connection.client, profile=connection.profile, bridge=connection.bridge,
                 settings=self.settings, bus=self, dead_letters=producers, metrics=self.metrics, tracing=self._tracing,
-                observer=self._observer,
+                observer=self._observer, replays_for=replays_for,
             )
-            for topic, sub in subs
+
+        # Each group that dead-letters also consumes its retry topic, where `eventbus dlq replay` sends them back.
+        runners = [runner(sub, topic) for topic, sub in subs] + [
+            runner(sub, sub.retry_topic(topic), topic) for topic, sub in subs if sub.dead_letter
         ]
         settings = self.settings
         probes = None

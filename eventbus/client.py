@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import re
@@ -268,10 +269,45 @@ class Client:
             raise error_for(f"cannot subscribe {group!r} to {topic}", exc, topic) from None
         return Consumer(wrapper)
 
+    async def reader(self, topic: str) -> Reader:
+        """A reader of `topic` from its first message: it moves no subscription."""
+        try:
+            return Reader(await self._open().create_reader(topic, pulsar.MessageId.earliest))
+        except CLIENT_ERRORS as exc:
+            raise error_for(f"cannot read {topic}", exc, topic) from None
+
     async def close(self) -> None:
         client, self._client = self._client, None
         if client is not None:
             await client.close()
+
+
+class Reader:
+    """Reads a topic from the start, without a subscription."""
+
+    def __init__(self, wrapper: pulsar.asyncio.Reader) -> None:
+        self._wrapper = wrapper
+
+    async def next(self, timeout_ms: int) -> RawMessage | None:
+        """The next message, or None when none is stored after the last one read."""
+        try:
+            if not await self._wrapper.has_message_available():
+                return None
+            message = await asyncio.wait_for(self._wrapper.read_next(), timeout_ms / 1000)
+            raw: RawMessage = message._message
+            return raw
+        except asyncio.TimeoutError:
+            return None
+        except CLIENT_ERRORS as exc:
+            if "no messages" in str(exc).lower():  # Apache Pulsar 3.0 answers an empty topic so
+                return None
+            raise error_for("cannot read", exc) from None
+
+    async def close(self) -> None:
+        try:
+            await self._wrapper.close()
+        except CLIENT_ERRORS:
+            pass
 
 
 class Producer:
@@ -332,6 +368,14 @@ class Consumer:
     def connected(self) -> bool:
         """Connected to its broker now (False while the client reconnects)."""
         return bool(self._raw.is_connected())
+
+    async def last_message_id(self) -> MessageId:
+        """The id of the topic's last stored message (ledger -1 or entry -1 when it holds none)."""
+        assert self._wrapper is not None
+        try:
+            return await self._wrapper.get_last_message_id()
+        except CLIENT_ERRORS as exc:
+            raise error_for("cannot ask for the last message id", exc) from None
 
     def redeliver_unacknowledged(self) -> None:
         """Ask the broker to send again every message this consumer holds unacknowledged."""

@@ -62,8 +62,13 @@ class SubscriptionRunner:
         metrics: Metrics | None = None,
         tracing: Tracing | None = None,
         observer: Observer | None = None,
+        replays_for: str | None = None,
     ) -> None:
+        """`replays_for`: this runner consumes the retry topic of that main topic (dead letters sent back
+        by `eventbus dlq replay`): failures go to the main topic's dead-letter topic, and a retry topic
+        that cannot be subscribed (auto-creation off) is logged and left, not fatal."""
         self.sub = sub
+        self.replays_for = replays_for
         self.topic = topic
         self._client = client
         self._profile = profile
@@ -71,7 +76,10 @@ class SubscriptionRunner:
         self._settings = settings
         self._stopping = asyncio.Event()
         self._finished_handling = asyncio.Event()
-        self._handling = Handling(sub, topic, bus, dead_letters, self._finished_handling, metrics, tracing, observer)
+        self._handling = Handling(
+            sub, topic, bus, dead_letters, self._finished_handling, metrics, tracing, observer,
+            dead_letter_topic=sub.dead_letter_topic(replays_for) if replays_for else None,
+        )
         self._counts = metrics.subscription(topic, sub.group) if metrics is not None else None
         if self._counts is not None:
             self._counts.in_flight = lambda: self.in_flight
@@ -103,6 +111,8 @@ class SubscriptionRunner:
         self.duplicates = 0
         #: What killed the runner, if something did.
         self.failure: BaseException | None = None
+        # A retry topic that cannot be subscribed, left alone (see `replays_for`).
+        self._left = False
 
     # -- what others may read ------------------------------------------------------
 
@@ -133,7 +143,7 @@ class SubscriptionRunner:
     @property
     def ready(self) -> bool:
         """Standing by, or consuming on a connected consumer (what `/readyz` asks of each subscription)."""
-        if self._state == "standby":
+        if self._state == "standby" or self._left:
             return True
         consumer = self._consumer
         return self._state == "consuming" and consumer is not None and consumer.connected
@@ -153,6 +163,8 @@ class SubscriptionRunner:
             await self._subscribe()
         except EventBusError as exc:
             if classify(exc.result or "") is not Failure.TRANSIENT:
+                if self._leave(exc):
+                    return
                 raise
             # The broker is there (the handshake said so) but busy, restarting, or
             # holding the subscription for another member: run() keeps trying.
@@ -165,7 +177,9 @@ class SubscriptionRunner:
     async def run(self) -> None:
         """Consume until `stop()`; then finish in-flight handlers and close the consumer."""
         try:
-            if self._consumer is None and not (await self._take_lease() and await self._subscribe_until_stopped()):
+            if self._left or (
+                self._consumer is None and not (await self._take_lease() and await self._subscribe_until_stopped())
+            ):
                 return
             self._state = "consuming"
             async with anyio.create_task_group() as tg:
@@ -271,6 +285,8 @@ class SubscriptionRunner:
                 return True
             except EventBusError as exc:
                 if classify(exc.result or "") is not Failure.TRANSIENT:
+                    if self._leave(exc):
+                        return False
                     raise
                 if exc.result == "ConsumerBusy":
                     # Another member holds the exclusive subscription: take over as soon as it leaves.
@@ -291,6 +307,17 @@ class SubscriptionRunner:
                 break
             delay = min(delay * 2, _RETRY[1])
         return False
+
+    def _leave(self, exc: EventBusError) -> bool:
+        """For a retry topic that cannot be subscribed: say what replaying needs, and leave it (True)."""
+        if self.replays_for is None or exc.result in ("AuthenticationError", "AuthorizationError"):
+            return False
+        self._left = True
+        log.warning(
+            "cannot subscribe %s group=%s, where `eventbus dlq replay` sends this group's dead letters back (%s); "
+            "the group runs without it: create the topic to replay into it", self.topic, self.group, exc,
+        )
+        return True
 
     async def _subscribe(self) -> None:
         sub = self.sub

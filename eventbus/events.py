@@ -50,6 +50,8 @@ class DeadLettered:
     error: str
     attempts: int
     properties: dict[str, str]
+    #: Its id on the dead-letter topic.
+    message_id: MessageId
 
 
 Event = Published | Handled | DeadLettered

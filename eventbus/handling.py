@@ -24,14 +24,30 @@ from .registry import Subscription
 log = logging.getLogger("eventbus")
 
 _ERROR_TEXT_MAX = 2000
+#: The properties the bus adds to a dead letter (`Handling._give_up` writes them).
+DEAD_LETTER_PROPERTIES = {
+    "eventbus-dlq-reason": "handler-failed, rejected, undecodable or unreadable",
+    "eventbus-error-type": "the class name of what the handler raised",
+    "eventbus-error": "its message (at most 2,000 characters)",
+    "eventbus-attempts": "how many times the handler ran",
+    "eventbus-original-topic": "the topic the message came from",
+    "eventbus-original-message-id": "its id there, ledger:entry:partition:batch",
+    "eventbus-subscription": "the group that gave up on it",
+}
+
+
+#: The subscription that keeps a dead-letter topic's messages until `eventbus dlq replay` sends them back.
+REPLAY_SUBSCRIPTION = "eventbus-replay"
 
 
 class Sender(Protocol):
-    """Where dead letters go: bytes as they are, with their key and properties."""
+    """Where dead letters go: bytes as they are, with their key and properties, kept by a subscription."""
 
     async def send(
         self, topic: str, data: bytes, *, key: str | bytes | None, properties: Mapping[str, str]
     ) -> MessageId: ...
+
+    async def retain(self, topic: str, subscription: str) -> None: ...
 
 
 class HandlerTimeout(Exception):
@@ -72,8 +88,10 @@ class Handling:
         metrics: Metrics | None = None,
         tracing: Tracing | None = None,
         observer: Observer | None = None,
+        dead_letter_topic: str | None = None,
     ) -> None:
-        dead_letter_topic = sub.dead_letter_topic(topic)
+        """`dead_letter_topic`: where this topic's dead letters go, if not its own (a retry topic's: its main topic's)."""
+        dead_letter_topic = dead_letter_topic or sub.dead_letter_topic(topic)
         self.sub = sub
         self.dead_letter_topic = dead_letter_topic
         self._bus = bus
@@ -256,13 +274,15 @@ class Handling:
         delay = sub.retry_backoff or 0.5
         while True:
             try:
+                # Before the first dead letter: without a subscription Apache Pulsar would not keep it.
+                await self._dead_letters.retain(self.dead_letter_topic, REPLAY_SUBSCRIPTION)
                 if self._tracing is None:
-                    await self._dead_letters.send(
+                    dead_id = await self._dead_letters.send(
                         self.dead_letter_topic, message.data(), key=key_of(message) or None, properties=properties
                     )
                 else:
                     with self._tracing.send(self.dead_letter_topic, properties, **{"eventbus.dlq.reason": reason}) as (_, traced):
-                        await self._dead_letters.send(
+                        dead_id = await self._dead_letters.send(
                             self.dead_letter_topic, message.data(), key=key_of(message) or None, properties=traced
                         )
                 break
@@ -291,7 +311,7 @@ class Handling:
             self._observer.record(
                 DeadLettered(
                     self._topic, sub.group, self.dead_letter_topic, key or None, message.data(), reason,
-                    properties["eventbus-error-type"], properties["eventbus-error"], attempts, properties,
+                    properties["eventbus-error-type"], properties["eventbus-error"], attempts, properties, dead_id,
                 )
             )
         return True

@@ -326,6 +326,7 @@ class Producers:
         #: Producers ready to use, by the name publish was given (its fast path).
         self.ready: dict[str, TopicProducer] = {}
         self.closed = False
+        self._retained: set[str] = set()
 
     @property
     def topics(self) -> list[str]:
@@ -350,12 +351,37 @@ class Producers:
         return producer
 
     async def send(
-        self, topic: str, data: bytes, *, key: str | bytes | None, properties: Mapping[str, str]
+        self,
+        topic: str,
+        data: bytes,
+        *,
+        key: str | bytes | None,
+        properties: Mapping[str, str],
+        event_time: int | None = None,
+        sequence_id: int | None = None,
     ) -> MessageId:
-        """Publish bytes as they are (no content type added): dead letters keep the original's."""
+        """Publish bytes as they are (no content type added): dead letters, and their replays, keep the original's."""
         producer = await self.get(topic)
-        message, size = build_message(data, None, key=key, properties=properties)
+        message, size = build_message(
+            data, None, key=key, properties=properties, event_time=event_time, sequence_id=sequence_id
+        )
         return await producer.send(message, key, size)
+
+    async def retain(self, topic: str, subscription: str) -> None:
+        """Make sure `subscription` exists on `topic` (from its start), once per process, so the broker keeps its messages.
+
+        Apache Pulsar keeps no message of a topic without a subscription: with its defaults such a
+        topic is deleted a minute after its last producer leaves (brokerDeleteInactiveTopicsEnabled),
+        and its ledgers are trimmed. A dead-letter topic has none of its own.
+        """
+        if topic in self._retained:
+            return
+        consumer = await self._client.subscribe(
+            topic, subscription, subscription_type="shared", initial_position="earliest", receiver_queue_size=1,
+            consumer_name=f"{subscription}-retain", batch_index_ack=False,
+        )
+        await consumer.close()
+        self._retained.add(topic)
 
     async def close(self) -> None:
         """Refuse new publishes; settle every accepted one; close each producer once."""

@@ -53,6 +53,10 @@ class Subscription:
     def dead_letter_topic(self, full_topic: str) -> str:
         return f"{full_topic}-{self.group}-DLQ"
 
+    def retry_topic(self, full_topic: str) -> str:
+        """Where `eventbus dlq replay` sends this group's dead letters back: only this group consumes it."""
+        return f"{full_topic}-{self.group}-RETRY"
+
 
 @dataclass(frozen=True)
 class Publication:
