@@ -11,19 +11,10 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, TypeAdapter
 
 from .codec import BINARY, JSON
+from .handling import DEAD_LETTER_PROPERTIES
 from .registry import Router, Subscription
 from .settings import Settings
 
-#: The properties the bus adds to a dead letter (`handling.Handling._give_up` writes them).
-DEAD_LETTER_PROPERTIES = {
-    "eventbus-dlq-reason": "handler-failed, rejected, undecodable or unreadable",
-    "eventbus-error-type": "the class name of what the handler raised",
-    "eventbus-error": "its message (at most 2,000 characters)",
-    "eventbus-attempts": "how many times the handler ran",
-    "eventbus-original-topic": "the topic the message came from",
-    "eventbus-original-message-id": "its id there, ledger:entry:partition:batch",
-    "eventbus-subscription": "the group that gave up on it",
-}
 _PULSAR_BINDING = "0.1.0"
 
 

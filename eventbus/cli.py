@@ -1,12 +1,15 @@
-"""`eventbus run|docs|publish`: the worker, the app's AsyncAPI document, and a one-shot publisher."""
+"""`eventbus run|docs|dlq|publish`: the worker, the AsyncAPI document, dead-letter tools, a one-shot publisher."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import os
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
@@ -16,11 +19,14 @@ import orjson
 from pydantic import ValidationError
 
 from .app import load, resolve
+from . import deadletters
+from .admin import Admin
 from .asyncapi import document
 from .bus import EventBus
 from .client import id_text
 from .errors import ConfigError, EventBusError
 from .settings import Settings
+from .supervisor import Supervisor
 
 log = logging.getLogger("eventbus")
 
@@ -66,8 +72,15 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     run.add_argument("targets", nargs="*", metavar="MODULE[:ATTRIBUTE]")
     run.add_argument(
         "--metrics-port", type=_port, default=None, metavar="PORT",
-        help="serve /metrics, /livez and /readyz on PORT (as EVENTBUS_METRICS_PORT)",
+        help="serve /metrics, /livez and /readyz on PORT (as EVENTBUS_METRICS_PORT); with --workers, "
+        "worker i serves on PORT+i",
     )
+    run.add_argument(
+        "--workers", type=_positive, default=1, metavar="N",
+        help="run N worker processes of the app (started fresh, restarted when one dies, drained together)",
+    )
+    run.add_argument("--reload", action="store_true", help="restart the worker when a .py file here changes (development)")
+    run.add_argument("--supervised-by", type=int, default=None, help=argparse.SUPPRESS)
     docs = commands.add_parser(
         "docs", help="write the app's AsyncAPI 3.0 document",
         description="Import each target (as `run` takes them) and write an AsyncAPI 3.0 document: a channel per "
@@ -79,6 +92,42 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     docs.add_argument("--format", choices=("json", "yaml"), default=None, help="default: yaml for a .yaml/.yml FILE, else json")
     docs.add_argument("--title", default=None, help="info.title (default: the targets)")
     docs.add_argument("--app-version", default="0.1.0", help="info.version (default: 0.1.0)")
+    dlq = commands.add_parser(
+        "dlq", help="show or replay a group's dead letters", epilog=_settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
+    show = dlq_commands.add_parser(
+        "show", help="list a group's dead letters without consuming them",
+        description="List the dead letters of GROUP on TOPIC, oldest first, with a reader (no subscription moves).",
+    )
+    show.add_argument("topic")
+    show.add_argument("group")
+    show.add_argument("--limit", type=_positive, default=None, metavar="N", help="at most N")
+    show.add_argument("--json", action="store_true", help="one JSON array, for scripts")
+    replay = dlq_commands.add_parser(
+        "replay", help="send a group's dead letters back to that group only",
+        description="Send the dead letters of GROUP on TOPIC back to GROUP alone (its retry topic, which the "
+        "group's subscription consumes beside TOPIC), up to the last one there when the replay begins. Each is "
+        "acknowledged on the durable 'eventbus-replay' subscription once its resend is confirmed: run it again "
+        "after a crash and it resends the rest. Exits 1 if any resend failed.",
+    )
+    replay.add_argument("topic")
+    replay.add_argument("group")
+    replay.add_argument("--error-type", default=None, metavar="TYPE", help="only dead letters whose error type is TYPE")
+    replay.add_argument("--limit", type=_positive, default=None, metavar="N", help="at most N")
+    replay.add_argument("--dry-run", action="store_true", help="say what would be replayed; send and acknowledge nothing")
+    status = commands.add_parser(
+        "status", help="each subscription's backlog, unacknowledged messages, consumers and dead letters",
+        epilog=_settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="For each subscription of the app (or the --topic and --group given), what Apache Pulsar's "
+        "admin API (EVENTBUS_ADMIN_URL, EVENTBUS_ADMIN_TOKEN) says: backlog, unacknowledged messages, connected "
+        "consumers, rates, and the dead-letter topic. The embedded broker has no admin API: it shows the dead "
+        "letters and says what it cannot show.",
+    )
+    status.add_argument("targets", nargs="*", metavar="MODULE[:ATTRIBUTE]")
+    status.add_argument("--topic", default=None)
+    status.add_argument("--group", default=None)
     publish = commands.add_parser(
         "publish", help="publish one JSON message and print its id", epilog=_settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -88,6 +137,12 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     publish.add_argument("--key", default=None)
     publish.add_argument("--property", "-p", action="append", default=[], metavar="NAME=VALUE")
     return parser
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
 
 
 def _port(text: str) -> int:
@@ -134,13 +189,25 @@ def _setup_logging(level: str, form: str = "text") -> None:
             handler.setFormatter(_JsonFormatter())
     # The C++ client is chatty at INFO (every connection and lookup).
     logging.getLogger("eventbus.pulsar").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+    # httpx logs each request at INFO (eventbus status asks the admin API a few times per subscription).
+    logging.getLogger("httpx").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
 
 
-async def _run(bus: EventBus) -> None:
+async def _run(bus: EventBus, supervisor: int | None = None) -> None:
     async with bus:
         log.info("worker connected to %s", bus.url)
+        if supervisor is not None:
+            threading.Thread(target=_stop_when_orphaned, args=(bus, supervisor), daemon=True).start()
         await bus.run()
     log.info("worker stopped")
+
+
+def _stop_when_orphaned(bus: EventBus, supervisor: int) -> None:
+    """A supervised worker stops gracefully once its supervisor is gone (killed, say)."""
+    while os.getppid() == supervisor:
+        time.sleep(0.5)
+    log.warning("the supervisor (pid %d) is gone: stopping", supervisor)
+    bus.stop()
 
 
 def _payload_text(arg: str) -> str:
@@ -175,6 +242,75 @@ def _docs(settings: Settings, args: argparse.Namespace) -> None:
         raise _Fail(f"cannot write {args.out}: {exc.strerror}", EXIT_USAGE) from None
 
 
+def _key_text(key: str | bytes | None) -> str:
+    return repr(key.decode("utf-8", "backslashreplace") if isinstance(key, bytes) else key) if key else "-"
+
+
+async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
+    if args.dlq_command == "show":
+        found = await deadletters.show(settings, args.topic, args.group, args.limit)
+        if args.json:
+            print(orjson.dumps([d.as_json() for d in found], option=orjson.OPT_INDENT_2).decode())
+            return 0
+        for d in found:
+            when = d.publish_time.strftime("%Y-%m-%d %H:%M:%S") if d.publish_time else "?"
+            print(
+                f"{when}  {d.message_id}  key={_key_text(d.key)}  {d.reason}  {d.error_type}: {d.error}  "
+                f"attempts={d.attempts}  from {d.original_message_id}  {d.preview()}"
+            )
+        dead_letter_topic, _ = deadletters.topics(settings, args.topic, args.group)
+        print(f"{len(found)} dead letter(s) on {dead_letter_topic}", file=sys.stderr)
+        return 0
+
+    def said(dead: deadletters.DeadLetter, new_id: str | None) -> None:
+        done = f"-> {new_id}" if new_id is not None else "(dry run)"
+        print(f"replayed {dead.message_id} {done}  key={_key_text(dead.key)}  {dead.error_type}: {dead.error}", flush=True)
+
+    report = await deadletters.replay(
+        settings, args.topic, args.group, error_type=args.error_type, limit=args.limit, dry_run=args.dry_run,
+        progress=said,
+    )
+    for dead, error in report.failed:
+        print(f"failed {dead.message_id}: {error} (left in the dead-letter topic)", file=sys.stderr)
+    print(
+        f"{'would replay' if args.dry_run else 'replayed'} {len(report.replayed)} dead letter(s) of group "
+        f"{args.group!r} to {report.retry_topic}; {report.skipped} skipped by --error-type; {len(report.failed)} failed",
+        file=sys.stderr,
+    )
+    return EXIT_RUNTIME if report.failed else 0
+
+
+def _status(settings: Settings, args: argparse.Namespace) -> None:
+    if (args.topic is None) != (args.group is None):
+        raise _Fail("--topic and --group go together: name both, or the app's modules", EXIT_USAGE)
+    if args.topic is not None:
+        pairs = [(settings.topic(args.topic), args.group)]
+    else:
+        routers, _ = resolve(args.targets)
+        pairs = [(settings.topic(sub.topic), sub.group) for router in routers for sub in router.subscriptions]
+    if settings.uses_embedded:
+        print("the embedded broker has no admin API: backlog, unacknowledged messages, consumers and rates are "
+              "unknown here (Apache Pulsar shows them); dead letters are counted by reading them", file=sys.stderr)
+        print(f"{'topic':<40} {'group':<20} dead letters")
+        for topic, group in pairs:
+            found = asyncio.run(deadletters.show(settings, topic, group))
+            print(f"{topic:<40} {group:<20} {len(found)}")
+        return
+    api = Admin(settings)
+    try:
+        rows = [api.status(topic, group) for topic, group in pairs]
+    finally:
+        api.close()
+    print(f"{'topic':<40} {'group':<20} {'type':<10} {'backlog':>8} {'unacked':>8} {'consumers':>9} "
+          f"{'in/s':>8} {'out/s':>8}  dead letters")
+    for r in rows:
+        dead = "none" if not r.dead_letter_bytes else f"{r.dead_letter_bytes} B" + (
+            f", {r.dead_letters_not_replayed} not replayed" if r.dead_letters_not_replayed is not None else ", none replayed"
+        )
+        print(f"{r.topic:<40} {r.group:<20} {r.subscription_type:<10} {r.backlog:>8} {r.unacked:>8} {r.consumers:>9} "
+              f"{r.rate_in:>8.1f} {r.rate_out:>8.1f}  {dead}")
+
+
 async def _publish(settings: Settings, args: argparse.Namespace) -> None:
     settings.topic(args.topic)  # a name that cannot work fails before any broker starts
     try:
@@ -200,9 +336,21 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         if args.command == "run":
             if args.metrics_port is not None:
                 settings = settings.model_copy(update={"metrics_port": args.metrics_port})
-            asyncio.run(_run(load(args.targets, settings)))
+            if args.workers > 1 or args.reload:
+                if args.reload and importlib.util.find_spec("watchfiles") is None:
+                    raise _Fail("--reload needs watchfiles: pip install 'eventbus[reload]'", EXIT_USAGE)
+                supervisor = Supervisor(
+                    args.targets, args.workers, metrics_port=args.metrics_port, reload=args.reload,
+                    drain_timeout=settings.shutdown_drain_timeout,
+                )
+                return asyncio.run(supervisor.run())
+            asyncio.run(_run(load(args.targets, settings), args.supervised_by))
         elif args.command == "docs":
             _docs(settings, args)
+        elif args.command == "status":
+            _status(settings, args)
+        elif args.command == "dlq":
+            return asyncio.run(_dlq(settings, args))
         else:
             asyncio.run(_publish(settings, args))
     except _Fail as exc:

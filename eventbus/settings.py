@@ -116,6 +116,14 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(default=Path(".eventbus"), description="Embedded broker data directory.")
 
+    admin_url: str = Field(
+        default="",
+        description="Apache Pulsar's admin REST API, for `eventbus status`; empty: the broker's host, port 8080.",
+    )
+    admin_token: SecretStr | None = Field(
+        default=None, description="JWT for the admin API (default: EVENTBUS_TOKEN); needs admin rights on the tenant."
+    )
+
     tls_trust_certs_file: Path | None = None
     tls_validate_hostname: bool = True
 

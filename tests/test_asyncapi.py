@@ -14,7 +14,8 @@ import yaml
 from pydantic import BaseModel
 
 from eventbus import Router, Settings
-from eventbus.asyncapi import DEAD_LETTER_PROPERTIES, document
+from eventbus.asyncapi import document
+from eventbus.handling import DEAD_LETTER_PROPERTIES
 from eventbus.cli import main
 
 SCHEMA = json.loads((Path(__file__).parent / "asyncapi" / "asyncapi-3.0.0.json").read_text())

@@ -1,0 +1,110 @@
+"""Each subscription's backlog, unacknowledged messages, consumers and rates, from Apache Pulsar's admin REST API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import httpx
+
+from .errors import ConfigError, EventBusError
+from .settings import Settings
+
+#: Where the test kit's and compose's Pulsar serve the admin API beside the broker's 6650.
+_ADMIN_PORT = 8080
+
+
+@dataclass(frozen=True)
+class SubscriptionStatus:
+    """One group on one topic, as the broker counts it (partitions summed)."""
+
+    topic: str
+    group: str
+    subscription_type: str
+    backlog: int
+    unacked: int
+    consumers: int
+    rate_in: float
+    rate_out: float
+    #: Bytes stored on the group's dead-letter topic (0: none), and how many of them no replay has sent back.
+    dead_letter_bytes: int
+    dead_letters_not_replayed: int | None
+
+
+def admin_url(settings: Settings) -> str:
+    """The admin API's base URL: EVENTBUS_ADMIN_URL, else the first broker's host on port 8080."""
+    if settings.admin_url:
+        return settings.admin_url.rstrip("/")
+    host = urlsplit(settings.url.split(",")[0]).hostname or "localhost"
+    scheme = "https" if settings.url.startswith("pulsar+ssl://") else "http"
+    return f"{scheme}://{host}:{_ADMIN_PORT}"
+
+
+class Admin:
+    """A small client of the admin API; every failure is one `EventBusError` line naming the fix."""
+
+    def __init__(self, settings: Settings, timeout: float = 10.0) -> None:
+        self.base = admin_url(settings)
+        token = settings.admin_token.get_secret_value() if settings.admin_token else settings.jwt()
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        verify: Any = str(settings.tls_trust_certs_file) if settings.tls_trust_certs_file else True
+        self._http = httpx.Client(base_url=self.base, headers=headers, timeout=timeout, verify=verify)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def get(self, path: str, missing: str) -> Any:
+        """GET a JSON document; `missing` is the error for a 404."""
+        try:
+            response = self._http.get(path)
+        except httpx.HTTPError as exc:
+            raise EventBusError(
+                f"cannot reach the admin API at {self.base} ({type(exc).__name__}: {exc}): is EVENTBUS_ADMIN_URL right?"
+            ) from None
+        if response.status_code in (401, 403):
+            raise ConfigError(
+                f"the admin API at {self.base} refused the request (HTTP {response.status_code}): set "
+                "EVENTBUS_ADMIN_TOKEN (or EVENTBUS_TOKEN) to a token with admin rights on the tenant"
+            )
+        if response.status_code == 404:
+            raise ConfigError(missing)
+        if response.status_code >= 400:
+            raise EventBusError(f"the admin API answered HTTP {response.status_code} for {path}: {response.text[:200]}")
+        return response.json()
+
+    def topic_stats(self, topic: str) -> dict[str, Any]:
+        """The topic's stats (a partitioned topic's summed over its partitions)."""
+        path = "/admin/v2/" + quote(topic.replace("://", "/"), safe="/")
+        missing = f"topic {topic} does not exist on {self.base}: check the topic name, EVENTBUS_TENANT and EVENTBUS_NAMESPACE"
+        partitions = self.get(f"{path}/partitions", missing).get("partitions", 0)
+        stats: dict[str, Any] = self.get(f"{path}/partitioned-stats" if partitions else f"{path}/stats", missing)
+        return stats
+
+    def status(self, topic: str, group: str) -> SubscriptionStatus:
+        stats = self.topic_stats(topic)
+        subscription = stats.get("subscriptions", {}).get(group)
+        if subscription is None:
+            known = ", ".join(sorted(stats.get("subscriptions", {}))) or "none"
+            raise ConfigError(f"group {group!r} has no subscription on {topic} (its groups: {known})")
+        dead_bytes, not_replayed = 0, None
+        try:
+            dead = self.topic_stats(f"{topic}-{group}-DLQ")
+        except ConfigError:
+            pass  # nothing was ever dead-lettered
+        else:
+            dead_bytes = int(dead.get("storageSize", 0))
+            replay = dead.get("subscriptions", {}).get("eventbus-replay")
+            not_replayed = int(replay.get("msgBacklog", 0)) if replay is not None else None
+        return SubscriptionStatus(
+            topic=topic,
+            group=group,
+            subscription_type=str(subscription.get("type", "?")),
+            backlog=int(subscription.get("msgBacklog", 0)),
+            unacked=int(subscription.get("unackedMessages", 0)),
+            consumers=len(subscription.get("consumers", [])),
+            rate_in=float(stats.get("msgRateIn", 0.0)),
+            rate_out=float(subscription.get("msgRateOut", 0.0)),
+            dead_letter_bytes=dead_bytes,
+            dead_letters_not_replayed=not_replayed,
+        )

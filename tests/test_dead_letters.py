@@ -1,0 +1,211 @@
+"""`eventbus dlq show|replay` and `eventbus status`, run as an operator runs them, checked against what the broker stored."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from typing import Any
+
+import pytest
+
+from eventbus import EventBus, Message, Router, Settings, deadletters
+from eventbus.client import id_text
+from eventbus.testing import Harness
+
+from .conftest import read_stored
+from .pulsar_admin import admin
+from .test_worker_process import cli, one_line_error
+
+pytestmark = pytest.mark.slow
+
+
+def shop(topic: str, fixed: dict[str, bool], handled: dict[str, list[int]]) -> Router:
+    """Two groups on one topic: billing fails odd orders until fixed (and order 5 always); audit never fails."""
+    router = Router()
+
+    @router.subscribe(topic, "billing", max_retries=0)
+    async def billing(order: dict, msg: Message) -> None:
+        n = order["n"]
+        if n == 5 or (n % 2 and not fixed["billing"]):
+            raise ValueError(f"cannot bill order {n}")
+        handled["billing"].append(n)
+
+    @router.subscribe(topic, "audit")
+    async def audit(order: dict) -> None:
+        handled["audit"].append(order["n"])
+
+    return router
+
+
+async def test_a_replay_sends_dead_letters_back_to_their_group_only_and_ends(
+    settings: Settings, subprocess_env: dict[str, str], topic: str
+) -> None:
+    settings = settings.model_copy(update={"namespace": "dedup"}) if settings.url else settings
+    env = {**subprocess_env, "EVENTBUS_NAMESPACE": settings.namespace}
+    fixed = {"billing": False}
+    handled: dict[str, list[int]] = {"billing": [], "audit": []}
+    router = shop(topic, fixed, handled)
+    async with Harness(settings, [router]) as app:
+        for n in range(8):
+            await app.publish(topic, {"n": n}, key=f"k{n}", properties={"origin": "test"})
+        dead = await app.wait_dead_lettered(4, group="billing")
+        await app.wait_handled(8, group="audit")
+
+        shown = cli(env, "dlq", "show", topic, "billing", "--json")
+        assert shown.returncode == 0, shown.stderr
+        listed = json.loads(shown.stdout)
+        assert [(d["key"], d["reason"], d["error_type"], d["error"], d["attempts"]) for d in listed] == [
+            (d.key, "handler-failed", "ValueError", f"cannot bill order {n}", 1) for d, n in zip(dead, (1, 3, 5, 7))
+        ]
+        assert all(d["properties"] == {"content-type": "application/json", "origin": "test"} for d in listed)
+        assert cli(env, "dlq", "show", topic, "billing", "--json").stdout == shown.stdout  # a reader: nothing moved
+
+        dry = cli(env, "dlq", "replay", topic, "billing", "--dry-run")
+        assert dry.returncode == 0 and dry.stdout.count("(dry run)") == 4, dry.stdout + dry.stderr
+
+        fixed["billing"] = True
+        replay = cli(env, "dlq", "replay", topic, "billing")
+        assert replay.returncode == 0, replay.stderr
+        assert replay.stdout.count("replayed ") == 4
+        assert "replayed 4 dead letter(s) of group 'billing'" in replay.stderr
+        await app.wait_handled(3, group="billing", topic=f"{topic}-billing-RETRY")
+        # Order 5 fails again: dead-lettered again, after the replay's end, which the replay did not chase.
+        await app.wait_dead_lettered(5, group="billing")
+        again = cli(env, "dlq", "replay", topic, "billing")
+        assert again.returncode == 0 and again.stdout.count("replayed ") == 1, again.stdout + again.stderr
+        await app.wait_dead_lettered(6, group="billing")
+        url = app.bus.url
+
+    assert sorted(handled["billing"]) == [0, 1, 2, 3, 4, 6, 7]  # each once
+    assert sorted(handled["audit"]) == list(range(8))  # the other group saw nothing again
+    stored = read_stored(url, settings.jwt(), settings.topic(topic) + "-billing-RETRY")
+    assert sorted(p for p, ids in stored.items() for _ in ids) == [b'{"n":1}', b'{"n":3}', b'{"n":5}', b'{"n":5}', b'{"n":7}']
+
+
+async def test_a_replay_killed_half_way_and_run_again_resends_the_rest(
+    settings: Settings, subprocess_env: dict[str, str], topic: str
+) -> None:
+    """On Apache Pulsar with deduplication nothing is sent twice; elsewhere at least once."""
+    on_pulsar = bool(settings.url)
+    settings = settings.model_copy(update={"namespace": "dedup"}) if on_pulsar else settings
+    env = {**subprocess_env, "EVENTBUS_NAMESPACE": settings.namespace}
+    fixed = {"billing": False}
+    handled: dict[str, list[int]] = {"billing": [], "audit": []}
+    router = shop(topic, fixed, handled)
+    total = 400
+    async with Harness(settings, [router]) as app:
+        await app.bus.publish_batch(topic, [{"n": 2 * i + 1} for i in range(total)])
+        await app.wait_dead_lettered(total, group="billing", timeout=60)
+        fixed["billing"] = True
+
+        first = subprocess.Popen(
+            [sys.executable, "-m", "eventbus", "dlq", "replay", topic, "billing"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        assert first.stdout is not None
+        printed = [first.stdout.readline() for _ in range(20)]
+        first.send_signal(signal.SIGKILL)
+        printed += first.stdout.readlines()
+        assert first.wait() == -signal.SIGKILL
+        assert all(line.startswith("replayed ") for line in printed), printed
+        assert len(printed) < total, "killed half way"
+        again = cli(env, "dlq", "replay", topic, "billing")
+        assert again.returncode == 0, again.stderr
+        # Acknowledgements travel grouped (the client sends them every 100 ms): a kill loses the last
+        # ones, so some of what the killed replay sent is sent again; nothing is left out.
+        assert total - len(printed) <= again.stdout.count("replayed ") <= total
+        await app.wait_handled(total - 1, group="billing", topic=f"{topic}-billing-RETRY", timeout=60)  # order 5 fails
+        url = app.bus.url
+
+    stored = read_stored(url, settings.jwt(), settings.topic(topic) + "-billing-RETRY")
+    copies = {payload: len(ids) for payload, ids in stored.items()}
+    assert set(copies) == {f'{{"n":{2 * i + 1}}}'.encode() for i in range(total)}
+    if on_pulsar:
+        assert set(copies.values()) == {1}, "deduplication drops the resend of what the killed replay sent"
+    else:
+        # Only what the killed replay sent (and the one it was sending) can be there twice.
+        assert sum(copies.values()) - total <= len(printed) + 1
+
+
+async def test_status_shows_backlog_consumers_and_dead_letters(pulsar: dict, settings: Settings, topic: str) -> None:
+    if not settings.url:
+        pytest.skip("the admin API is Apache Pulsar's")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parent.parent), "EVENTBUS_URL": settings.url,
+           "EVENTBUS_TOKEN": pulsar["client_token"], "EVENTBUS_ADMIN_URL": pulsar["admin_url"],
+           "EVENTBUS_ADMIN_TOKEN": pulsar["admin_token"]}
+    router = Router()
+
+    @router.subscribe(topic, "billing", max_retries=0)
+    async def billing(order: dict) -> None:
+        raise ValueError("no")
+
+    async with Harness(settings, [router]) as app:
+        await app.publish(topic, {"n": 0})
+        await app.wait_dead_lettered()
+    async with EventBus(settings, routers=[]) as bus:
+        for n in range(7):
+            await bus.publish(topic, {"n": n})
+
+    shown = cli(env, "status", "--topic", topic, "--group", "billing")
+    assert shown.returncode == 0, shown.stderr
+    row = shown.stdout.splitlines()[1].split()
+    assert row[:6] == [settings.topic(topic), "billing", "Key_Shared", "7", "0", "0"], shown.stdout
+    assert "1 not replayed" in shown.stdout
+
+    for extra, args, code, words in [
+        ({}, ["--topic", topic, "--group", "nobody"], 2, "group 'nobody' has no subscription on"),
+        ({}, ["--topic", "no-such-topic", "--group", "g"], 2, "does not exist"),
+        ({"EVENTBUS_ADMIN_TOKEN": pulsar["client_token"] + "x"}, ["--topic", topic, "--group", "billing"], 2,
+         "refused the request (HTTP 401)"),
+        ({"EVENTBUS_ADMIN_URL": "http://127.0.0.1:1"}, ["--topic", topic, "--group", "billing"], 1,
+         "cannot reach the admin API at http://127.0.0.1:1"),
+        ({}, ["--topic", topic], 2, "--topic and --group go together"),
+    ]:
+        result = cli({**env, **extra}, "status", *args)
+        assert result.returncode == code and words in one_line_error(result), (args, result.stderr)
+
+
+async def test_status_on_the_embedded_broker_counts_dead_letters_and_says_what_it_cannot_show(
+    settings: Settings, subprocess_env: dict[str, str], topic: str
+) -> None:
+    if settings.url:
+        pytest.skip("the embedded broker's status")
+    router = Router()
+
+    @router.subscribe(topic, "billing", max_retries=0)
+    async def billing(order: dict) -> None:
+        raise ValueError("no")
+
+    async with Harness(settings, [router]) as app:
+        await app.publish(topic, {"n": 0})
+        await app.publish(topic, {"n": 1})
+        await app.wait_dead_lettered(2)
+    shown = cli(subprocess_env, "status", "--topic", topic, "--group", "billing")
+    assert shown.returncode == 0, shown.stderr
+    assert "the embedded broker has no admin API: backlog, unacknowledged messages" in shown.stderr
+    assert shown.stdout.splitlines()[1].split() == [settings.topic(topic), "billing", "2"]
+
+
+async def test_dead_letters_are_kept_by_a_subscription_of_their_own(
+    settings: Settings, topic: str, request: pytest.FixtureRequest
+) -> None:
+    """Apache Pulsar keeps no message of a topic without a subscription (it deletes such a topic once idle)."""
+    router = Router()
+
+    @router.subscribe(topic, "billing", max_retries=0)
+    async def billing(order: dict) -> None:
+        raise ValueError("no")
+
+    async with Harness(settings, [router]) as app:
+        await app.publish(topic, {"n": 0})
+        [dead] = await app.wait_dead_lettered()
+    if settings.url:
+        path = "/admin/v2/" + dead.dead_letter_topic.replace("://", "/") + "/stats"
+        stats: Any = admin(request.getfixturevalue("pulsar"), "GET", path)
+        assert stats["subscriptions"]["eventbus-replay"]["msgBacklog"] == 1
+    else:
+        assert [d.message_id for d in await deadletters.show(settings, topic, "billing")] == [id_text(dead.message_id)]
