@@ -17,7 +17,9 @@ import multiprocessing
 import os
 import platform
 import resource
+import signal
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -316,6 +318,39 @@ async def latency_rows(url: str, settings: Settings, rate: float, seconds: float
     }]
 
 
+async def workers_rows(url: str, settings: Settings, n: int, counts: tuple[int, ...] = (1, 2)) -> list[Row]:
+    """Consume a backlog with `eventbus run --workers N` (separate processes, key_shared), timed from the first handled."""
+    rows: list[Row] = []
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTBUS_")}
+    env.update(EVENTBUS_URL=url, EVENTBUS_TOKEN=settings.jwt() or "", PYTHONPATH=str(Path(__file__).parent.parent))
+    for count in counts:
+        t = topic()
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "handled"
+            out.touch()
+            await fill(url, settings, t, n, 100)
+            command = [sys.executable, "-m", "eventbus", "run", "bench.workers_app"]
+            if count > 1:
+                command += ["--workers", str(count)]
+            proc = await asyncio.create_subprocess_exec(
+                *command, env={**env, "EB_BENCH_TOPIC": t, "EB_BENCH_FILE": str(out)},
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            )
+            while out.stat().st_size == 0:
+                await asyncio.sleep(0.005)
+            start, first = time.perf_counter(), out.stat().st_size
+            while (size := out.stat().st_size) < n:
+                await asyncio.sleep(0.005)
+            rate = (size - first) / (time.perf_counter() - start)
+            proc.send_signal(signal.SIGTERM)
+            await proc.wait()
+        rows.append({"op": "consume", "path": f"eventbus run --workers {count}, dict, no-op (vs --workers 1)",
+                     "msg_s": rate, "size": 100})
+    for row in rows:
+        row["vs_raw"] = row["msg_s"] / rows[0]["msg_s"]
+    return rows
+
+
 def print_table(rows: list[Row], broker: str) -> None:
     print(f"\nbroker: {broker}")
     print(f"{'op':8} {'size':>6}  {'path':58} {'msg/s':>10} {'vs raw':>7}  extra")
@@ -340,12 +375,18 @@ async def amain(args: argparse.Namespace) -> None:
             url = holder.url
             broker = f"embedded ({holder.server_version})" if settings.uses_embedded else f"{holder.server_version} at {url}"
             rows: list[Row] = []
+            if args.only_workers:
+                rows += await workers_rows(url, settings, args.workers_messages or 4 * args.messages)
+                args.sizes, args.latency_seconds = [], 0
             for size in args.sizes:
                 rows += await publish_rows(url, settings, args.messages, size)
                 rows += await consume_rows(url, settings, args.messages, size)
-            rows += await latency_rows(url, settings, 1000, args.latency_seconds)
-            pub = max(r["msg_s"] for r in rows if r["path"].startswith("bus.publish,"))
-            rows += await latency_rows(url, settings, 0.8 * pub, args.latency_seconds)
+            if args.latency_seconds:
+                rows += await latency_rows(url, settings, 1000, args.latency_seconds)
+                pub = max(r["msg_s"] for r in rows if r["path"].startswith("bus.publish,"))
+                rows += await latency_rows(url, settings, 0.8 * pub, args.latency_seconds)
+            if not settings.uses_embedded and not args.only_workers:  # the embedded broker runs one consumer per subscription
+                rows += await workers_rows(url, settings, args.workers_messages or 4 * args.messages)
     print_table(rows, broker)
     if args.json:
         meta = {"broker": broker, "python": platform.python_version(), "pulsar_client": pulsar.__version__ if hasattr(pulsar, "__version__") else "", "date": time.strftime("%Y-%m-%d")}
@@ -361,4 +402,6 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 10_240])
     parser.add_argument("--latency-seconds", type=float, default=5.0)
     parser.add_argument("--json", default="")
+    parser.add_argument("--workers-messages", type=int, default=0, help="backlog for the --workers rows (default 4x --messages)")
+    parser.add_argument("--only-workers", action="store_true", help="only the --workers rows (Apache Pulsar)")
     asyncio.run(amain(parser.parse_args()))

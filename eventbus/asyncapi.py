@@ -143,6 +143,15 @@ class _Builder:
                 "summary": f"{sub.group} sends a message here after {sub.max_retries + 1} failed attempts, "
                 "or at once when it is rejected or cannot be decoded",
             }
+            retry = self.channel(
+                sub.retry_topic(topic), f"Dead letters of group {sub.group} on {topic}, sent back by `eventbus dlq replay`."
+            )
+            self.operations[_unique(self.operations, f"{channel_id}.{sub.group}.receive-replayed")] = {
+                "action": "receive",
+                "channel": {"$ref": f"#/channels/{retry}"},
+                "messages": [self.message(retry, sub.handler.payload_type)],
+                "summary": f"{sub.group}: {sub.name}, on its dead letters sent back to it",
+            }
 
     def send(self, topic: str, payload_type: Any, description: str | None) -> None:
         channel_id = self.channel(topic)

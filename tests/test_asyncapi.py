@@ -110,10 +110,13 @@ def test_channels_operations_and_schemas_say_what_the_app_does() -> None:
     assert addresses == {
         "orders": "persistent://shop/orders/orders",
         "orders-billing-DLQ": "persistent://shop/orders/orders-billing-DLQ",
+        "orders-billing-RETRY": "persistent://shop/orders/orders-billing-RETRY",
         "shop-eu-baskets": "persistent://shop/eu/baskets",
         "shop-eu-baskets-pricing-DLQ": "persistent://shop/eu/baskets-pricing-DLQ",
+        "shop-eu-baskets-pricing-RETRY": "persistent://shop/eu/baskets-pricing-RETRY",
         "raw": "persistent://shop/orders/raw",
         "raw-archive-DLQ": "persistent://shop/orders/raw-archive-DLQ",
+        "raw-archive-RETRY": "persistent://shop/orders/raw-archive-RETRY",
         "invoices": "persistent://shop/orders/invoices",
     }
     ops = doc["operations"]
@@ -128,6 +131,7 @@ def test_channels_operations_and_schemas_say_what_the_app_does() -> None:
     assert ops["orders.audit.receive"]["x-eventbus-subscription"]["deadLetterTopic"] is None
     assert "orders.audit.dead-letter" not in ops
     assert ops["orders.billing.dead-letter"]["action"] == "send"
+    assert ops["orders.billing.receive-replayed"]["channel"] == {"$ref": "#/channels/orders-billing-RETRY"}
     assert ops["invoices.send"] == {
         "action": "send", "channel": {"$ref": "#/channels/invoices"},
         "messages": [{"$ref": "#/channels/invoices/messages/Invoice"}], "description": "one per charged order",
@@ -159,7 +163,10 @@ def test_eventbus_docs_writes_the_example_apps_document_as_json_or_yaml(
     assert yaml.safe_load((tmp_path / "api.yaml").read_text()) == doc
     assert errors(doc) == []
     assert doc["info"] == {"title": "example", "version": "2.0.0"}
-    receives = {(op["x-eventbus-subscription"]["group"], op["channel"]["$ref"]) for op in doc["operations"].values() if op["action"] == "receive"}
+    receives = {
+        (op["x-eventbus-subscription"]["group"], op["channel"]["$ref"])
+        for op in doc["operations"].values() if "x-eventbus-subscription" in op
+    }
     assert receives == {
         ("agent-inbox", "#/channels/agent.messages"), ("pipeline-aggregator", "#/channels/pipeline.records"),
         ("workflow-runner", "#/channels/workflow.steps"), ("workflow-audit", "#/channels/workflow.events"),

@@ -94,6 +94,8 @@ async def test_worker_and_publisher_reconnect_and_nothing_confirmed_is_lost(
         if poller.is_alive():
             poller.join()
         worker.kill()
-    assert worker.text().count("subscribed") == 1, "the worker reconnected by itself, not by restarting"
+    # One subscribe per consumer (the topic's and the group's retry topic's): the client reconnected them by itself.
+    assert worker.text().count(f"subscribed {settings.topic(topic)} group") == 1, "reconnected, not restarted"
+    assert worker.text().count("subscribed ") == 2
     assert all(isinstance(e, PublishError) for e in failed.values())
     print(f"confirmed {len(confirmed)}, failed {len(failed)}, handled {len(done())}")
