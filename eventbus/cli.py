@@ -292,8 +292,7 @@ def _status(settings: Settings, args: argparse.Namespace) -> None:
         print("the embedded broker has no admin API: backlog, unacknowledged messages, consumers and rates are "
               "unknown here (Apache Pulsar shows them); dead letters are counted by reading them", file=sys.stderr)
         print(f"{'topic':<40} {'group':<20} dead letters")
-        for topic, group in pairs:
-            found = asyncio.run(deadletters.show(settings, topic, group))
+        for (topic, group), found in zip(pairs, asyncio.run(deadletters.show_many(settings, pairs))):
             print(f"{topic:<40} {group:<20} {len(found)}")
         return
     api = Admin(settings)

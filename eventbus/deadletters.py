@@ -5,14 +5,14 @@ from __future__ import annotations
 import collections
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 import anyio
 
-from .client import MessageId, RawMessage, id_text, ident_of, key_of
+from .client import Client, MessageId, RawMessage, id_text, ident_of, key_of
 from .connect import connect
 from .errors import ConfigError, EventBusError
 from .handling import DEAD_LETTER_PROPERTIES, REPLAY_SUBSCRIPTION
@@ -94,22 +94,33 @@ def topics(settings: Settings, topic: str, group: str) -> tuple[str, str]:
 
 async def show(settings: Settings, topic: str, group: str, limit: int | None = None) -> list[DeadLetter]:
     """The dead letters of `group` on `topic`, oldest first, read without moving any subscription."""
-    dead_letter_topic, _ = topics(settings, topic, group)
+    [found] = await show_many(settings, [(topic, group)], limit)
+    return found
+
+
+async def show_many(
+    settings: Settings, subscriptions: Sequence[tuple[str, str]], limit: int | None = None
+) -> list[list[DeadLetter]]:
+    """`show` for each (topic, group), over one connection."""
     connection = await connect(settings)
     try:
-        reader = await connection.client.reader(dead_letter_topic)
-        found: list[DeadLetter] = []
-        try:
-            while limit is None or len(found) < limit:
-                raw = await reader.next(5_000)
-                if raw is None:
-                    break
-                found.append(DeadLetter.of(raw))
-        finally:
-            await reader.close()
-        return found
+        return [await _read(connection.client, topics(settings, t, g)[0], limit) for t, g in subscriptions]
     finally:
         await connection.close()
+
+
+async def _read(client: Client, dead_letter_topic: str, limit: int | None) -> list[DeadLetter]:
+    reader = await client.reader(dead_letter_topic)
+    found: list[DeadLetter] = []
+    try:
+        while limit is None or len(found) < limit:
+            raw = await reader.next(5_000)
+            if raw is None:
+                break
+            found.append(DeadLetter.of(raw))
+    finally:
+        await reader.close()
+    return found
 
 
 def sequence_id(message_id: MessageId) -> int | None:
