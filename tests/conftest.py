@@ -66,11 +66,9 @@ def broker_kind(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="session")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
-    """The embedded broker, started once for the whole test session."""
-    lease = EmbeddedBroker.acquire(tmp_path_factory.mktemp("broker"))
-    yield lease
-    lease.release()
+def broker(eventbus_broker: EmbeddedBroker) -> EmbeddedBroker:
+    """The embedded broker, started once for the whole test session (the test kit's: one broker for both)."""
+    return eventbus_broker
 
 
 @pytest.fixture

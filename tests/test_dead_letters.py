@@ -41,6 +41,17 @@ def shop(topic: str, fixed: dict[str, bool], handled: dict[str, list[int]]) -> R
     return router
 
 
+def failing(topic: str) -> Router:
+    """Group billing on `topic` dead-letters every message at its first failure."""
+    router = Router()
+
+    @router.subscribe(topic, "billing", max_retries=0)
+    async def billing(order: dict) -> None:
+        raise ValueError("no")
+
+    return router
+
+
 async def test_a_replay_sends_dead_letters_back_to_their_group_only_and_ends(
     settings: Settings, subprocess_env: dict[str, str], topic: str
 ) -> None:
@@ -137,13 +148,7 @@ async def test_status_shows_backlog_consumers_and_dead_letters(pulsar: dict, set
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parent.parent), "EVENTBUS_URL": settings.url,
            "EVENTBUS_TOKEN": pulsar["client_token"], "EVENTBUS_ADMIN_URL": pulsar["admin_url"],
            "EVENTBUS_ADMIN_TOKEN": pulsar["admin_token"]}
-    router = Router()
-
-    @router.subscribe(topic, "billing", max_retries=0)
-    async def billing(order: dict) -> None:
-        raise ValueError("no")
-
-    async with Harness(settings, [router]) as app:
+    async with Harness(settings, [failing(topic)]) as app:
         await app.publish(topic, {"n": 0})
         await app.wait_dead_lettered()
     async with EventBus(settings, routers=[]) as bus:
@@ -174,13 +179,7 @@ async def test_status_on_the_embedded_broker_counts_dead_letters_and_says_what_i
 ) -> None:
     if settings.url:
         pytest.skip("the embedded broker's status")
-    router = Router()
-
-    @router.subscribe(topic, "billing", max_retries=0)
-    async def billing(order: dict) -> None:
-        raise ValueError("no")
-
-    async with Harness(settings, [router]) as app:
+    async with Harness(settings, [failing(topic)]) as app:
         await app.publish(topic, {"n": 0})
         await app.publish(topic, {"n": 1})
         await app.wait_dead_lettered(2)
@@ -194,13 +193,7 @@ async def test_dead_letters_are_kept_by_a_subscription_of_their_own(
     settings: Settings, topic: str, request: pytest.FixtureRequest
 ) -> None:
     """Apache Pulsar keeps no message of a topic without a subscription (it deletes such a topic once idle)."""
-    router = Router()
-
-    @router.subscribe(topic, "billing", max_retries=0)
-    async def billing(order: dict) -> None:
-        raise ValueError("no")
-
-    async with Harness(settings, [router]) as app:
+    async with Harness(settings, [failing(topic)]) as app:
         await app.publish(topic, {"n": 0})
         [dead] = await app.wait_dead_lettered()
     if settings.url:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import ast
 import os
 import signal
-import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -15,40 +13,24 @@ import pytest
 from eventbus import EventBus, Settings
 
 from .conftest import eventually
-from .test_worker_process import lines
+from .test_worker_process import Worker, lines
 
 pytestmark = pytest.mark.slow
 
 
-class Supervised:
-    def __init__(self, env: dict[str, str], log: Path, *args: str, cwd: Path | None = None) -> None:
-        self.log = log
-        self.out = open(log, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "eventbus", "run", *args], env=env, stdout=self.out, stderr=subprocess.STDOUT, cwd=cwd
-        )
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
+class Supervised(Worker):
+    """`eventbus run --workers N` or `--reload`: the supervisor, whose log names each worker it starts."""
 
     def pids(self) -> list[int]:
         return [int(line.rsplit("(pid ", 1)[1].rstrip(")")) for line in self.text().splitlines() if " started (pid " in line]
 
-    async def wait_exit(self, timeout: float = 60) -> int:
-        await eventually(lambda: self.proc.poll() is not None, timeout=timeout, what="the supervisor to exit")
-        self.out.close()
-        return self.proc.returncode
-
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        super().kill()
         for pid in self.pids():
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        self.out.close()
 
 
 def alive(pid: int) -> bool:

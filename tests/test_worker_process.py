@@ -22,11 +22,12 @@ pytestmark = pytest.mark.slow
 
 
 class Worker:
-    def __init__(self, env: dict[str, str], log: Path, *modules: str) -> None:
+    def __init__(self, env: dict[str, str], log: Path, *args: str, cwd: Path | None = None) -> None:
+        """`eventbus run ARGS` with its output in `log`."""
         self.log = log
         self.out = open(log, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "eventbus", "run", *modules], env=env, stdout=self.out, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "eventbus", "run", *args], env=env, stdout=self.out, stderr=subprocess.STDOUT, cwd=cwd
         )
 
     def text(self) -> str:

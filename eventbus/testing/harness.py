@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timedelta
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from ..bus import EventBus
 from ..events import DeadLettered, Event, Handled, Outcome, Published
-from ..message import MessageId
 from ..registry import Router
 from ..settings import Settings
 
@@ -68,6 +66,8 @@ class Harness:
     def __init__(self, settings: Settings, routers: Sequence[Router], *, run: bool = True) -> None:
         self.recorder = Recorder()
         self.bus = EventBus(settings, routers, observer=self.recorder)
+        #: `bus.publish`: publish as the app would.
+        self.publish = self.bus.publish
         self._run = run
         self._task: asyncio.Task[None] | None = None
 
@@ -127,21 +127,6 @@ class Harness:
     def topic(self, name: str) -> str:
         """The full name of a topic as this bus resolves it (its test namespace)."""
         return self.bus.settings.topic(name)
-
-    async def publish(
-        self,
-        topic: str,
-        payload: Any,
-        *,
-        key: str | bytes | None = None,
-        properties: Mapping[str, str] | None = None,
-        deliver_after: timedelta | float | None = None,
-        event_time: datetime | int | None = None,
-    ) -> MessageId:
-        """`bus.publish`: publish as the app would."""
-        return await self.bus.publish(
-            topic, payload, key=key, properties=properties, deliver_after=deliver_after, event_time=event_time
-        )
 
     def published_to(self, topic: str) -> list[Published]:
         """The confirmed publishes to `topic` (a short or a full name)."""
