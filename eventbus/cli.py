@@ -332,6 +332,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     try:
         settings = _settings()
         _setup_logging(settings.log_level, settings.log_format)
+        if args.command != "run" and settings.log_level != "DEBUG":
+            # A one-shot command's failure is our one line; the C++ client's warning about it is noise.
+            settings = settings.model_copy(update={"log_level": "ERROR"})
         if args.command == "run":
             if args.metrics_port is not None:
                 settings = settings.model_copy(update={"metrics_port": args.metrics_port})

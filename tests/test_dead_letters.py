@@ -202,3 +202,22 @@ async def test_dead_letters_are_kept_by_a_subscription_of_their_own(
         assert stats["subscriptions"]["eventbus-replay"]["msgBacklog"] == 1
     else:
         assert [d.message_id for d in await deadletters.show(settings, topic, "billing")] == [id_text(dead.message_id)]
+
+
+async def test_a_replay_whose_resends_are_refused_fails_in_one_line_and_leaves_the_dead_letters(
+    settings: Settings, subprocess_env: dict[str, str], topic: str, request: pytest.FixtureRequest
+) -> None:
+    if not settings.url:
+        pytest.skip("terminating a topic takes Apache Pulsar's admin API")
+    async with Harness(settings, [failing(topic)]) as app:
+        await app.publish(topic, {"n": 0})
+        await app.publish(topic, {"n": 1})
+        await app.wait_dead_lettered(2)
+    retry = settings.topic(topic) + "-billing-RETRY"
+    admin(request.getfixturevalue("pulsar"), "POST", "/admin/v2/" + retry.replace("://", "/") + "/terminate")
+
+    result = cli(subprocess_env, "dlq", "replay", topic, "billing")
+    assert result.returncode == 1 and "TopicTerminated" in one_line_error(result), result.stderr
+    assert len(await deadletters.show(settings, topic, "billing")) == 2
+    dry = cli(subprocess_env, "dlq", "replay", topic, "billing", "--dry-run")
+    assert dry.stdout.count("(dry run)") == 0 and dry.returncode == 1  # the producer comes first, even for a dry run
