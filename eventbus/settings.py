@@ -7,11 +7,12 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 _DEFAULT_PORTS = {"pulsar": 6650, "pulsar+ssl": 6651}
 
@@ -79,6 +80,28 @@ def broker_addresses(url: str) -> list[tuple[str, int]]:
         host, _, port = hostport.rpartition(":")
         out.append((host.strip("[]"), int(port)))
     return out
+
+
+class _CheckedDotEnv(PydanticBaseSettingsSource):
+    """The `.env` source, refusing an `EVENTBUS_*` key that is not a setting, as the environment does.
+
+    Only the prefixed keys are checked: a `.env` shared with other tools keeps their keys.
+    """
+
+    def __init__(self, inner: PydanticBaseSettingsSource) -> None:
+        super().__init__(inner.settings_cls)
+        self._inner = inner
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # __call__ hands over the inner source's values
+
+    def __call__(self) -> dict[str, Any]:
+        found: Mapping[str, str | None] = getattr(self._inner, "env_vars", {})
+        problems = unknown_variables({name.upper(): value or "" for name, value in found.items()})
+        if problems:
+            where = getattr(self._inner, "env_file", None) or ".env"
+            raise ValueError(f"in {where}: {'; '.join(problems)}")
+        return self._inner()
 
 
 class Settings(BaseSettings):
@@ -162,6 +185,17 @@ class Settings(BaseSettings):
     liveness_stall_seconds: float = Field(
         default=10.0, gt=0, description="/livez fails once the event loop has not run for this long."
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _CheckedDotEnv(dotenv_settings), file_secret_settings
 
     @field_validator("url", mode="before")
     @classmethod

@@ -72,6 +72,25 @@ def test_own_names_and_dotenv(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     assert settings.topic("non-persistent://x/y/z") == "non-persistent://x/y/z"
 
 
+def test_a_misspelt_key_in_the_env_file_is_an_error_naming_the_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, base_env: dict[str, str]
+) -> None:
+    (tmp_path / ".env").write_text("EVENTBUS_BROKR_URL=pulsar://prod:6650\nOTHER_TOOL_KEY=1\nEVENTBUS_NAMESPACE=orders\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"in \.env: EVENTBUS_BROKR_URL is not a setting \(did you mean EVENTBUS_URL\?\)"):
+        Settings()
+    assert Settings(_env_file=None).namespace == "default"  # the file's own problem, not the process's
+
+    result = subprocess.run(
+        [sys.executable, "-m", "eventbus", "publish", "t", "1"], cwd=tmp_path, env=base_env, capture_output=True, text=True
+    )
+    assert (result.returncode, result.stderr) == (
+        2, "error: in .env: EVENTBUS_BROKR_URL is not a setting (did you mean EVENTBUS_URL?)\n"
+    )
+    (tmp_path / ".env").write_text("OTHER_TOOL_KEY=1\nEVENTBUS_NAMESPACE=orders\n")  # a shared .env: others' keys are theirs
+    assert Settings().namespace == "orders"
+
+
 def test_seed_defaults() -> None:
     s = Settings()
     assert s.uses_embedded
