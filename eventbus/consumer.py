@@ -31,7 +31,8 @@ log = logging.getLogger("eventbus")
 
 State = Literal["starting", "standby", "consuming", "stopped"]
 _STOP = object()
-#: How long the receive thread blocks before it looks at the stop flag again.
+#: How long the receive thread blocks before it looks at the stop flag again: a stop waits up to this
+#: long. Idle, the example app's 8 consumers used 0.9 % of a core at 100 ms and 2.9 % at 25 ms.
 _POLL_MS = 100
 #: Messages the receive thread hands the loop per wake-up at most.
 _HANDOFF = 256
