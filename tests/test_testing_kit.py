@@ -319,3 +319,25 @@ async def test_call_handler_names_what_is_wrong_with_its_target() -> None:
     recorder = RecordingPublisher()
     with pytest.raises(TypeError, match="cannot encode payload of type object"):
         await recorder.publish("x", object())
+
+
+async def test_a_worker_started_later_takes_the_backlog_and_a_wait_fails_at_once_when_the_worker_stops(
+    eventbus_settings: Settings,
+) -> None:
+    router = Router()
+
+    @router.subscribe("orders", "billing", initial_position="earliest")
+    async def charge(order: Order, bus: EventBus) -> None:
+        if order.id == "last":
+            bus.stop()
+
+    async with Harness(eventbus_settings, [router], run=False) as app:
+        await app.publish("orders", Order(id="early", qty=1))
+        assert app.handled == []
+        await app.start_worker()
+        await app.wait_handled(where=lambda h: h.payload.id == "early")
+        await app.publish("orders", Order(id="last", qty=1))
+        started = time.monotonic()
+        with pytest.raises(AssertionError, match=r"the worker stopped \(None\) while waiting for 5 handled messages"):
+            await app.wait_handled(5, timeout=30)
+        assert time.monotonic() - started < 10
