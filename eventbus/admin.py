@@ -9,6 +9,8 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from .errors import ConfigError, EventBusError
+from .handling import REPLAY_SUBSCRIPTION
+from .registry import dead_letter_topic
 from .settings import Settings
 
 #: Where the test kit's and compose's Pulsar serve the admin API beside the broker's 6650.
@@ -89,12 +91,12 @@ class Admin:
             raise ConfigError(f"group {group!r} has no subscription on {topic} (its groups: {known})")
         dead_bytes, not_replayed = 0, None
         try:
-            dead = self.topic_stats(f"{topic}-{group}-DLQ")
+            dead = self.topic_stats(dead_letter_topic(topic, group))
         except ConfigError:
             pass  # nothing was ever dead-lettered
         else:
             dead_bytes = int(dead.get("storageSize", 0))
-            replay = dead.get("subscriptions", {}).get("eventbus-replay")
+            replay = dead.get("subscriptions", {}).get(REPLAY_SUBSCRIPTION)
             not_replayed = int(replay.get("msgBacklog", 0)) if replay is not None else None
         return SubscriptionStatus(
             topic=topic,

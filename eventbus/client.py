@@ -293,10 +293,12 @@ class Reader:
         try:
             if not await self._wrapper.has_message_available():
                 return None
-        except CLIENT_ERRORS:
-            # A topic with nothing stored yet answers with an error: Apache Pulsar 3.0 "Topic has
-            # no messages", pulsar-lite UnknownError; a broken connection fails read_next below.
-            return None
+        except CLIENT_ERRORS as exc:
+            # A topic with nothing stored yet answers UnknownError (Apache Pulsar 3.0: "Topic has
+            # no messages"; pulsar-lite); anything else (a lost connection) is not "empty".
+            if result_of(exc) == "UnknownError":
+                return None
+            raise error_for("cannot read", exc) from None
         try:
             message = await asyncio.wait_for(self._wrapper.read_next(), timeout_ms / 1000)
         except asyncio.TimeoutError:

@@ -12,11 +12,12 @@ from typing import Any
 
 import anyio
 
-from .client import Client, MessageId, RawMessage, id_text, ident_of, key_of
+from .client import Client, Consumer, MessageId, RawMessage, id_text, ident_of, key_of
 from .connect import connect
 from .errors import ConfigError, EventBusError
 from .handling import DEAD_LETTER_PROPERTIES, REPLAY_SUBSCRIPTION
 from .producers import Producers
+from .registry import dead_letter_topic, retry_topic
 from .settings import Settings
 
 #: Says on a replayed message where it came from: ``<dead-letter topic>@<its id there>``.
@@ -89,7 +90,7 @@ def topics(settings: Settings, topic: str, group: str) -> tuple[str, str]:
     if not group.strip():
         raise ConfigError("the group is empty: name the group whose dead letters to read")
     full = settings.topic(topic)
-    return f"{full}-{group}-DLQ", f"{full}-{group}-RETRY"
+    return dead_letter_topic(full, group), retry_topic(full, group)
 
 
 async def show(settings: Settings, topic: str, group: str, limit: int | None = None) -> list[DeadLetter]:
@@ -109,8 +110,8 @@ async def show_many(
         await connection.close()
 
 
-async def _read(client: Client, dead_letter_topic: str, limit: int | None) -> list[DeadLetter]:
-    reader = await client.reader(dead_letter_topic)
+async def _read(client: Client, topic: str, limit: int | None) -> list[DeadLetter]:
+    reader = await client.reader(topic)
     found: list[DeadLetter] = []
     try:
         while limit is None or len(found) < limit:
@@ -162,31 +163,31 @@ async def replay(
     deduplication on the namespace, a resend of one already confirmed is dropped by the broker
     (its sequence id is its dead-letter position). A dry run sends and acknowledges nothing.
     """
-    dead_letter_topic, retry_topic = topics(settings, topic, group)
-    report = ReplayReport(dead_letter_topic, retry_topic)
+    dead_letters, retries = topics(settings, topic, group)
+    report = ReplayReport(dead_letters, retries)
     # One producer name per filter: deduplication needs its sequence ids to grow, and a filtered
     # replay skips dead letters that a later unfiltered one sends.
     name = f"eventbus-replay-{group}" + (f"-{error_type}" if error_type else "")
     settings = settings.model_copy(update={"producer_name": name})
     connection = await connect(settings)
     profile = connection.profile
-    lease = profile.lease(dead_letter_topic, REPLAY_SUBSCRIPTION)
+    lease = profile.lease(dead_letters, REPLAY_SUBSCRIPTION)
     if lease is not None and not lease.acquire():
         await connection.close()
-        raise EventBusError(f"another replay of {dead_letter_topic} is running: wait for it to finish")
+        raise EventBusError(f"another replay of {dead_letters} is running: wait for it to finish")
     producers = Producers(connection.client, settings, connection.bridge)
     try:
         try:
             # The producer first: its name is the replay's, and Apache Pulsar lets one producer hold a name.
-            await producers.get(retry_topic)
+            await producers.get(retries)
         except EventBusError as exc:
             if exc.result == "ProducerBusy":
-                raise EventBusError(f"another replay of {dead_letter_topic} is running: wait for it to finish") from None
+                raise EventBusError(f"another replay of {dead_letters} is running: wait for it to finish") from None
             raise
         # Shared, as the worker's own keeping subscription (`Producers.retain`) is: the type may not differ
         # while a consumer is connected, and a worker may dead-letter during a replay.
         consumer = await connection.client.subscribe(
-            dead_letter_topic,
+            dead_letters,
             REPLAY_SUBSCRIPTION,
             subscription_type="shared",
             initial_position="earliest",
@@ -211,7 +212,7 @@ async def replay(
 
 async def _replay_to(
     end: tuple[int, int],
-    consumer: Any,
+    consumer: Consumer,
     producers: Producers,
     report: ReplayReport,
     error_type: str | None,

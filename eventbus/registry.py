@@ -51,11 +51,20 @@ class Subscription:
         return self.subscription_type in ORDERED_TYPES
 
     def dead_letter_topic(self, full_topic: str) -> str:
-        return f"{full_topic}-{self.group}-DLQ"
+        return dead_letter_topic(full_topic, self.group)
 
     def retry_topic(self, full_topic: str) -> str:
-        """Where `eventbus dlq replay` sends this group's dead letters back: only this group consumes it."""
-        return f"{full_topic}-{self.group}-RETRY"
+        return retry_topic(full_topic, self.group)
+
+
+def dead_letter_topic(full_topic: str, group: str) -> str:
+    """Where `group`'s messages on `full_topic` go when it gives up on them."""
+    return f"{full_topic}-{group}-DLQ"
+
+
+def retry_topic(full_topic: str, group: str) -> str:
+    """Where `eventbus dlq replay` sends `group`'s dead letters back: only that group consumes it."""
+    return f"{full_topic}-{group}-RETRY"
 
 
 @dataclass(frozen=True)
