@@ -14,6 +14,7 @@ import pytest
 
 from eventbus import EventBus, Message, Router, Settings, deadletters
 from eventbus.client import id_text
+from eventbus.embedded import SubscriptionLease
 from eventbus.testing import Harness
 
 from .conftest import read_stored
@@ -221,3 +222,56 @@ async def test_a_replay_whose_resends_are_refused_fails_in_one_line_and_leaves_t
     assert len(await deadletters.show(settings, topic, "billing")) == 2
     dry = cli(subprocess_env, "dlq", "replay", topic, "billing", "--dry-run")
     assert dry.stdout.count("(dry run)") == 0 and dry.returncode == 1  # the producer comes first, even for a dry run
+
+
+async def test_a_second_replay_of_a_group_at_once_is_refused(
+    settings: Settings, subprocess_env: dict[str, str], topic: str
+) -> None:
+    async with Harness(settings, [failing(topic)]) as app:
+        await app.publish(topic, {"n": 0})
+        await app.wait_dead_lettered()
+        url = app.bus.url
+    dead_letters, retries = deadletters.topics(settings, topic, "billing")
+    if settings.url:  # the running replay holds its producer name on the retry topic
+        import pulsar
+
+        client = pulsar.Client(url, authentication=pulsar.AuthenticationToken(settings.jwt() or ""))
+        holder = client.create_producer(retries, producer_name="eventbus-replay-billing")
+        release = client.close
+    else:  # the running replay holds the embedded broker's lease on the replay subscription
+        lease = SubscriptionLease(settings.data_dir, dead_letters, "eventbus-replay")
+        assert lease.acquire()
+        holder, release = lease, lease.release
+    try:
+        result = cli(subprocess_env, "dlq", "replay", topic, "billing")
+    finally:
+        release()
+    assert holder is not None
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    # Last: the embedded broker's start-up line, or the C++ client's own ERROR line, may come before it.
+    assert result.stderr.strip().splitlines()[-1] == f"error: another replay of {dead_letters} is running: wait for it to finish"
+    assert len(await deadletters.show(settings, topic, "billing")) == 1
+
+
+async def test_a_retry_topic_that_cannot_be_created_is_logged_and_left(
+    pulsar: dict, settings: Settings, topic: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    if not settings.url:
+        pytest.skip("topic auto-creation is an Apache Pulsar namespace policy")
+    namespace = f"noauto-{topic}"
+    admin(pulsar, "PUT", f"/admin/v2/namespaces/public/{namespace}")
+    admin(pulsar, "POST", f"/admin/v2/namespaces/public/{namespace}/autoTopicCreation", {"allowAutoTopicCreation": False})
+    admin(pulsar, "PUT", f"/admin/v2/persistent/public/{namespace}/{topic}")
+    settings = settings.model_copy(update={"namespace": namespace})
+    router = Router()
+
+    @router.subscribe(topic, "billing")
+    async def billing(order: dict) -> None: ...
+
+    async with Harness(settings, [router]) as app:
+        await app.publish(topic, {"n": 0})
+        await app.wait_handled()
+        states = {r.topic: r.state for r in app.bus.running}
+    assert states == {settings.topic(topic): "consuming", deadletters.topics(settings, topic, "billing")[1]: "stopped"}
+    assert "where `eventbus dlq replay` sends this group's dead letters back" in caplog.text
+    assert "create the topic to replay into it" in caplog.text
