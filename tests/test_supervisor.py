@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 import os
 import signal
+import socket
+import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
@@ -31,6 +33,29 @@ class Supervised(Worker):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def free_port_pair() -> int:
+    """A port P with P and P+1 free now."""
+    for _ in range(50):
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            with socket.socket() as second:
+                try:
+                    second.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+        return int(port)
+    raise RuntimeError("no two consecutive free ports")
+
+
+def answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/livez", timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
 
 
 def alive(pid: int) -> bool:
@@ -92,9 +117,12 @@ async def test_workers_stop_by_themselves_when_the_supervisor_is_killed(
     settings: Settings, topic: str, subprocess_env: dict[str, str], tmp_path: Path
 ) -> None:
     env = {**subprocess_env, "EB_TOPIC": topic, "EB_RECORD": str(tmp_path / "record.txt")}
-    sup = Supervised(env, tmp_path / "sup.log", "tests.apps.recorder", "--workers", "2")
+    port = free_port_pair()
+    sup = Supervised(env, tmp_path / "sup.log", "tests.apps.recorder", "--workers", "2", "--metrics-port", str(port))
     try:
         await eventually(lambda: len(sup.pids()) == 2 and "subscribed persistent" in sup.text(), what="the workers")
+        # Worker i serves its probes on PORT+i.
+        await eventually(lambda: answers(port) and answers(port + 1), what="both workers' probes")
         workers = sup.pids()
         sup.proc.send_signal(signal.SIGKILL)
         await eventually(lambda: not any(alive(pid) for pid in workers), timeout=30, what="the orphans to stop")
