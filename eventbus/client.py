@@ -6,6 +6,7 @@ import asyncio
 import collections
 import logging
 import re
+import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -17,6 +18,8 @@ import pulsar.asyncio
 
 from .codec import CONTENT_TYPE
 from .errors import EventBusError, broker_error
+
+log = logging.getLogger("eventbus")
 
 #: The id the broker gave a message: ``str(id)`` is readable, ``id.serialize()`` is stable bytes.
 MessageId: TypeAlias = _pulsar.MessageId
@@ -269,12 +272,57 @@ class Client:
             raise error_for(f"cannot subscribe {group!r} to {topic}", exc, topic) from None
         return Consumer(wrapper)
 
-    async def reader(self, topic: str) -> Reader:
-        """A reader of `topic` from its first message: it moves no subscription."""
+    async def read(self, topic: str, limit: int | None, *, by_subscription: bool) -> list[RawMessage]:
+        """The messages stored on `topic` (the first `limit`), oldest first; no existing subscription moves.
+
+        With a Reader, or `by_subscription`: a temporary shared subscription, removed afterwards.
+        """
+        if by_subscription:
+            return await self._read_by_subscription(topic, limit)
         try:
-            return Reader(await self._open().create_reader(topic, pulsar.MessageId.earliest))
+            reader = Reader(await self._open().create_reader(topic, pulsar.MessageId.earliest))
         except CLIENT_ERRORS as exc:
             raise error_for(f"cannot read {topic}", exc, topic) from None
+        found: list[RawMessage] = []
+        try:
+            while limit is None or len(found) < limit:
+                raw = await reader.next(5_000)
+                if raw is None:
+                    break
+                found.append(raw)
+        finally:
+            await reader.close()
+        return found
+
+    async def _read_by_subscription(self, topic: str, limit: int | None) -> list[RawMessage]:
+        name = f"eventbus-read-{uuid.uuid4().hex[:12]}"
+        consumer = await self.subscribe(
+            topic, name, subscription_type="shared", initial_position="earliest", receiver_queue_size=1000,
+            consumer_name=name, batch_index_ack=False,
+        )
+        try:
+            try:
+                last = await consumer.last_message_id()
+            except EventBusError as exc:
+                if exc.result == "UnknownError":  # a topic with nothing stored answers so
+                    return []
+                raise
+            end = (last.ledger_id(), last.entry_id())
+            found: list[RawMessage] = []
+            wait_ms = 5_000
+            while min(end) >= 0 and (limit is None or len(found) < limit):
+                # The consumer's receive blocks: a thread, never the event loop.
+                batch = await asyncio.to_thread(consumer.receive, 1_000, wait_ms)
+                if not batch:
+                    if wait_ms:
+                        raise EventBusError(f"cannot read {topic}: nothing came for 5 s before its last message")
+                    break  # the last entry came whole with the rest of its batch
+                found += batch
+                if any(ident_of(m)[1:3] >= end for m in batch):
+                    wait_ms = 0
+            return found[:limit]
+        finally:
+            await consumer.unsubscribe()
 
     async def close(self) -> None:
         client, self._client = self._client, None
@@ -283,7 +331,7 @@ class Client:
 
 
 class Reader:
-    """Reads a topic from the start, without a subscription."""
+    """Reads a topic from the start, without a subscription (`Client.read`)."""
 
     def __init__(self, wrapper: pulsar.asyncio.Reader) -> None:
         self._wrapper = wrapper
@@ -381,6 +429,16 @@ class Consumer:
             return await self._wrapper.get_last_message_id()
         except CLIENT_ERRORS as exc:
             raise error_for("cannot ask for the last message id", exc) from None
+
+    async def unsubscribe(self) -> None:
+        """Delete the subscription (a temporary one) and close the consumer."""
+        wrapper, self._wrapper = self._wrapper, None
+        if wrapper is not None:
+            try:
+                await wrapper.unsubscribe()
+            except CLIENT_ERRORS as exc:
+                log.warning("removing subscription %s: %s", wrapper.subscription_name(), exc)
+            await wrapper.close()
 
     def redeliver_unacknowledged(self) -> None:
         """Ask the broker to send again every message this consumer holds unacknowledged."""

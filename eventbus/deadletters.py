@@ -12,7 +12,7 @@ from typing import Any
 
 import anyio
 
-from .client import Client, Consumer, MessageId, RawMessage, id_text, ident_of, key_of
+from .client import Consumer, MessageId, RawMessage, id_text, ident_of, key_of
 from .connect import connect
 from .errors import ConfigError, EventBusError
 from .handling import DEAD_LETTER_PROPERTIES, REPLAY_SUBSCRIPTION
@@ -104,24 +104,14 @@ async def show_many(
 ) -> list[list[DeadLetter]]:
     """`show` for each (topic, group), over one connection."""
     connection = await connect(settings)
+    by_subscription = connection.profile.reads_by_subscription
     try:
-        return [await _read(connection.client, topics(settings, t, g)[0], limit) for t, g in subscriptions]
+        return [
+            [DeadLetter.of(raw) for raw in await connection.client.read(dead, limit, by_subscription=by_subscription)]
+            for dead, _ in (topics(settings, t, g) for t, g in subscriptions)
+        ]
     finally:
         await connection.close()
-
-
-async def _read(client: Client, topic: str, limit: int | None) -> list[DeadLetter]:
-    reader = await client.reader(topic)
-    found: list[DeadLetter] = []
-    try:
-        while limit is None or len(found) < limit:
-            raw = await reader.next(5_000)
-            if raw is None:
-                break
-            found.append(DeadLetter.of(raw))
-    finally:
-        await reader.close()
-    return found
 
 
 def sequence_id(message_id: MessageId) -> int | None:

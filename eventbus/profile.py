@@ -36,6 +36,16 @@ class BrokerProfile:
         """
         return not self.lite
 
+    @property
+    def reads_by_subscription(self) -> bool:
+        """Read a topic back through a temporary shared subscription rather than a Reader.
+
+        pulsar-lite 0.2's Reader (an exclusive subscription there) hands messages over again
+        and stalls: reading back a topic of 2,001 messages it returned 2,092 and then nothing,
+        at entry 1,299 of 1,456 (1 run in 12); a shared subscription read each once, 10 of 10.
+        """
+        return self.lite
+
     def subscription_type(self, requested: str) -> str:
         """The subscription type to ask of the broker for a subscription of type `requested`."""
         if self.embedded is not None:

@@ -119,34 +119,62 @@ async def running(bus: EventBus) -> AsyncIterator[EventBus]:
             bus.stop()
 
 
-def read_stored(url: str, token: str | None, topic: str, partitions: int = 0) -> dict[bytes, list[tuple[int, ...]]]:
-    """Every payload of a topic, as a raw Reader finds it: payload -> [(partition, ledger, entry, batch index)]."""
+def read_messages(client: Any, topic: str) -> list[Any]:
+    """Every message stored on one (non-partitioned) topic, with the raw client, oldest first.
+
+    Read through a fresh shared subscription from the earliest message, up to the last message id the
+    broker reports, then removed: pulsar-lite's Reader (an exclusive subscription there) hands
+    messages over again and stalls (eventbus.profile.reads_by_subscription).
+    """
+    import pulsar
+
+    consumer = client.subscribe(
+        topic, f"read-stored-{uuid.uuid4().hex[:8]}", consumer_type=pulsar.ConsumerType.Shared,
+        initial_position=pulsar.InitialPosition.Earliest,
+    )
+    try:
+        last = consumer.get_last_message_id()
+        end = (last.ledger_id(), last.entry_id())
+    except Exception:  # a topic with nothing stored: pulsar-lite answers with an error
+        end = (-1, -1)
+    messages = []
+    wait_ms = 10_000
+    while min(end) >= 0:
+        try:
+            message = consumer.receive(wait_ms)
+        except pulsar.Timeout:
+            assert wait_ms == 0, f"{topic}: nothing came for 10 s before its last message {end}"
+            break
+        messages.append(message)
+        mid = message.message_id()
+        if (mid.ledger_id(), mid.entry_id()) >= end:
+            wait_ms = 0  # the last entry's batch is in the receiver queue whole
+    consumer.unsubscribe()
+    return messages
+
+
+def raw_client(url: str, token: str | None) -> Any:
     import pulsar
 
     options: dict = {"logger": pulsar.FileLogger(pulsar.LoggerLevel.Error, "/dev/null")}
     if token:
         options["authentication"] = pulsar.AuthenticationToken(token)
-    client = pulsar.Client(url, **options)
+    return pulsar.Client(url, **options)
+
+
+def read_stored(url: str, token: str | None, topic: str, partitions: int = 0) -> dict[bytes, list[tuple[int, ...]]]:
+    """Every payload of a topic as the broker stored it: payload -> [(partition, ledger, entry, batch index)]."""
+    client = raw_client(url, token)
     names = [topic] if not partitions else [f"{topic}-partition-{i}" for i in range(partitions)]
     stored: dict[bytes, list[tuple[int, ...]]] = {}
     try:
         for partition, name in enumerate(names, 0 if partitions else -1):
-            reader = client.create_reader(name, pulsar.MessageId.earliest)
-            while _has_more(reader):
-                message = reader.read_next(10_000)
+            for message in read_messages(client, name):
                 mid = message.message_id()
                 stored.setdefault(message.data(), []).append((partition, mid.ledger_id(), mid.entry_id(), mid.batch_index()))
-            reader.close()
     finally:
         client.close()
     return stored
-
-
-def _has_more(reader: Any) -> bool:
-    try:
-        return bool(reader.has_message_available())
-    except Exception:  # Apache Pulsar 3.0 answers an empty topic with "Topic has no messages"
-        return False
 
 
 def id_of(message_id: object) -> tuple[int, ...]:

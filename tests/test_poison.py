@@ -14,7 +14,7 @@ import pytest
 
 from eventbus import EventBus, Message, Router, Settings, SubscriptionFailed
 
-from .conftest import eventually, running
+from .conftest import eventually, read_messages, running
 
 
 def _client(bus: EventBus) -> pulsar.Client:
@@ -51,20 +51,13 @@ def _key_of(message: Any) -> str | bytes:
 
 
 def _dead_letters(bus: EventBus, topic: str, group: str) -> list[tuple[str | bytes, dict[str, str], bytes]]:
-    """What the dead-letter topic holds, read back with a raw Reader: (key, properties, payload)."""
+    """What the dead-letter topic holds, read back with the raw client: (key, properties, payload)."""
     client = _client(bus)
-    out = []
     try:
-        reader = client.create_reader(bus.settings.topic(topic) + f"-{group}-DLQ", pulsar.MessageId.earliest)
-        while True:
-            try:
-                message = reader.read_next(1000)
-            except pulsar.Timeout:
-                break
-            out.append((_key_of(message), message.properties(), message.data()))
+        messages = read_messages(client, bus.settings.topic(topic) + f"-{group}-DLQ")
     finally:
         client.close()
-    return out
+    return [(_key_of(m), m.properties(), m.data()) for m in messages]
 
 
 class _StrRaises(Exception):
