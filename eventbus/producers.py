@@ -22,38 +22,63 @@ _GROUP_BYTES_MAX = 1024 * 1024
 
 
 class Slots:
-    """A counting semaphore whose free path is one comparison (asyncio's builds a generator)."""
+    """A first-come, first-served counting semaphore whose free path is one comparison.
+
+    Per-key publish order rests on it: a publish enqueues in the order it was handed a slot,
+    so a slot freed while publishes wait goes to the first of them, and nobody takes a free
+    slot past a waiter or past one handed a slot that has not run yet. (asyncio's Semaphore
+    builds a generator per acquire; the first cut of this one let a newcomer take a slot a
+    waiter had been woken for, and the waiter queue again at the back: 3,190 per-key
+    inversions in 5,000 publishes with 16 slots.)
+    """
 
     def __init__(self, count: int) -> None:
         self.free = self._count = count
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        #: Waiters handed a slot that have not resumed yet: they come before any newcomer.
+        self._handed = 0
         self._idle: asyncio.Future[None] | None = None
 
+    def take_nowait(self) -> bool:
+        """Take a slot if one is free and nobody is before us."""
+        if self.free > 0 and not self._waiters and not self._handed:
+            self.free -= 1
+            return True
+        return False
+
     async def acquire(self) -> None:
-        while self.free <= 0:
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            except BaseException:
-                if waiter.done() and not waiter.cancelled():
-                    self._wake()  # woken, then cancelled: pass the turn on
-                else:
+        if self.take_nowait():
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._handed -= 1  # handed a slot, then cancelled: pass it on
+                self.release()
+            else:
+                if waiter in self._waiters:  # not yet passed over by a hand-over
                     self._waiters.remove(waiter)
-                    self._check_idle()
-                raise
-        self.free -= 1
+                self._hand_over()
+            raise
+        self._handed -= 1
+        self._hand_over()  # slots freed while it was handed its own go to those queued behind it
 
     def release(self, count: int = 1) -> None:
         self.free += count
-        if self._waiters:
-            self._wake()
-        elif self._idle is not None:
-            self._check_idle()
+        self._hand_over()
 
-    def _check_idle(self) -> None:
+    def _hand_over(self) -> None:
+        waiters = self._waiters
+        while self.free > 0 and waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():  # a cancelled one is done
+                waiter.set_result(None)
+                self.free -= 1
+                self._handed += 1
         idle = self._idle
-        if idle is not None and self.free >= self._count and not self._waiters and not idle.done():
+        if idle is not None and self.free >= self._count and not waiters and not idle.done():
             idle.set_result(None)
 
     async def drained(self) -> None:
@@ -61,12 +86,6 @@ class Slots:
         while self.free < self._count or self._waiters:
             self._idle = asyncio.get_running_loop().create_future()
             await self._idle
-
-    def _wake(self) -> None:
-        for _ in range(min(self.free, len(self._waiters))):
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
 
 
 class TopicProducer:
@@ -142,11 +161,7 @@ class TopicProducer:
         """Take a pending slot if one is free; `enqueue` then uses it."""
         if self.closing:
             raise self.closed_error()
-        slots = self._slots
-        if slots.free > 0:
-            slots.free -= 1
-            return True
-        return False
+        return self._slots.take_nowait()
 
     async def reserve(self) -> None:
         """Wait for a pending slot; a publish waiting when `close()` begins is still sent."""
