@@ -25,6 +25,7 @@ from .asyncapi import document
 from .bus import EventBus
 from .client import id_text
 from .errors import ConfigError, EventBusError
+from .logs import printable, setup_logging
 from .settings import Settings
 from .supervisor import Supervisor
 
@@ -37,8 +38,6 @@ _MAIN_SETTINGS = (
     "url", "token", "tenant", "namespace", "embedded", "data_dir", "log_level", "log_format", "metrics_port",
     "metrics_host", "shutdown_drain_timeout",
 )
-#: Fields a handler's log lines carry (`extra=`), shown by the JSON format.
-_FIELDS = ("topic", "group", "message_id", "key", "attempt", "trace_id")
 
 
 class _Fail(Exception):
@@ -105,6 +104,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     show.add_argument("group")
     show.add_argument("--limit", type=_positive, default=None, metavar="N", help="at most N")
     show.add_argument("--json", action="store_true", help="one JSON array, for scripts")
+    show.add_argument("--all", action="store_true", help="every dead letter stored, the replayed ones marked")
     replay = dlq_commands.add_parser(
         "replay", help="send a group's dead letters back to that group only",
         description="Send the dead letters of GROUP on TOPIC back to GROUP alone (its retry topic, which the "
@@ -151,24 +151,6 @@ def _port(text: str) -> int:
     return int(text)
 
 
-class _JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, a handler line's fields, the traceback."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, object] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for name in _FIELDS:
-            if hasattr(record, name):
-                line[name] = getattr(record, name)
-        if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(line, default=str).decode()
-
-
 def _settings() -> Settings:
     try:
         return Settings()
@@ -178,19 +160,6 @@ def _settings() -> Settings:
             for e in exc.errors()
         )
         raise _Fail(f"invalid settings: {problems} (see .env.example)", EXIT_USAGE) from None
-
-
-def _setup_logging(level: str, form: str = "text") -> None:
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
-    )
-    if form == "json":
-        for handler in logging.getLogger().handlers:
-            handler.setFormatter(_JsonFormatter())
-    # The C++ client is chatty at INFO (every connection and lookup).
-    logging.getLogger("eventbus.pulsar").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
-    # httpx logs each request at INFO (eventbus status asks the admin API a few times per subscription).
-    logging.getLogger("httpx").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
 
 
 async def _run(bus: EventBus, supervisor: int | None = None) -> None:
@@ -248,33 +217,37 @@ def _key_text(key: str | bytes | None) -> str:
 
 async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
     if args.dlq_command == "show":
-        found = await deadletters.show(settings, args.topic, args.group, args.limit)
+        found = await deadletters.show(settings, args.topic, args.group, args.limit, every=args.all)
         if args.json:
             print(orjson.dumps([d.as_json() for d in found], option=orjson.OPT_INDENT_2).decode())
             return 0
         for d in found:
             when = d.publish_time.strftime("%Y-%m-%d %H:%M:%S") if d.publish_time else "?"
-            print(
-                f"{when}  {d.message_id}  key={_key_text(d.key)}  {d.reason}  {d.error_type}: {d.error}  "
-                f"attempts={d.attempts}  from {d.original_message_id}  {d.preview()}"
-            )
+            print(printable(
+                f"{when}  {d.message_id}{'  (replayed)' if d.replayed else ''}  key={_key_text(d.key)}  {d.reason}  "
+                f"{d.error_type}: {d.error}  attempts={d.attempts}  from {d.original_message_id}  {d.preview()}"
+            ))
         dead_letter_topic, _ = deadletters.topics(settings, args.topic, args.group)
-        print(f"{len(found)} dead letter(s) on {dead_letter_topic}", file=sys.stderr)
+        replayed = sum(d.replayed for d in found)
+        which = f"stored, {replayed} of them replayed" if args.all else "not replayed (--all: every one)"
+        print(f"{len(found)} dead letter(s) {which} on {dead_letter_topic}", file=sys.stderr)
         return 0
 
     def said(dead: deadletters.DeadLetter, new_id: str | None) -> None:
         done = f"-> {new_id}" if new_id is not None else "(dry run)"
-        print(f"replayed {dead.message_id} {done}  key={_key_text(dead.key)}  {dead.error_type}: {dead.error}", flush=True)
+        print(printable(f"replayed {dead.message_id} {done}  key={_key_text(dead.key)}  {dead.error_type}: {dead.error}"), flush=True)
 
     report = await deadletters.replay(
         settings, args.topic, args.group, error_type=args.error_type, limit=args.limit, dry_run=args.dry_run,
         progress=said,
     )
     for dead, error in report.failed:
-        print(f"failed {dead.message_id}: {error} (left in the dead-letter topic)", file=sys.stderr)
+        print(printable(f"failed {dead.message_id}: {error} (left in the dead-letter topic)"), file=sys.stderr)
+    already = f"; {report.already} found on the retry topic already (acknowledged)" if report.already else ""
     print(
         f"{'would replay' if args.dry_run else 'replayed'} {len(report.replayed)} dead letter(s) of group "
-        f"{args.group!r} to {report.retry_topic}; {report.skipped} skipped by --error-type; {len(report.failed)} failed",
+        f"{args.group!r} to {report.retry_topic}; {report.skipped} skipped by --error-type; "
+        f"{len(report.failed)} failed{already}",
         file=sys.stderr,
     )
     return EXIT_RUNTIME if report.failed else 0
@@ -331,7 +304,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     args = _parser(prog or Path(sys.argv[0]).name).parse_args(argv)
     try:
         settings = _settings()
-        _setup_logging(settings.log_level, settings.log_format)
+        setup_logging(settings.log_level, settings.log_format)
         if args.command != "run" and settings.log_level != "DEBUG":
             # A one-shot command's failure is our one line; the C++ client's warning about it is noise.
             settings = settings.model_copy(update={"log_level": "ERROR"})
@@ -356,19 +329,19 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         else:
             asyncio.run(_publish(settings, args))
     except _Fail as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(printable(f"error: {exc}"), file=sys.stderr)
         return exc.code
     except EventBusError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(printable(f"error: {exc}"), file=sys.stderr)
         return exc.exit_code
     except ValueError as exc:  # a topic name the settings cannot resolve
-        print(f"error: {exc}", file=sys.stderr)
+        print(printable(f"error: {exc}"), file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
         log.debug("unexpected error", exc_info=True)
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(printable(f"error: {type(exc).__name__}: {exc}"), file=sys.stderr)
         return EXIT_RUNTIME
     return 0
 

@@ -147,6 +147,16 @@ def new_message_id(ledger: int, entry: int, partition: int = -1, batch_index: in
     return _pulsar.MessageId(partition, ledger, entry, batch_index)
 
 
+def stored(message_id: MessageId) -> bool:
+    """Whether a receipt's id names a place in the topic.
+
+    Apache Pulsar with deduplication confirms a message it dropped as a duplicate with
+    ``-1:-1:-1:0``: no place, and no proof the message is stored (a higher sequence id
+    of the same producer name may have been all it saw).
+    """
+    return bool(message_id.ledger_id() >= 0 and message_id.entry_id() >= 0)
+
+
 def sibling_id(message_id: MessageId, batch_index: int) -> MessageId:
     """The id of another message of the same batch."""
     return _pulsar.MessageId(message_id.partition(), message_id.ledger_id(), message_id.entry_id(), batch_index)
@@ -372,6 +382,11 @@ class Producer:
         #: ``send(message, callback or None)``; the callback gets (result, message id) on a client thread.
         self.send: Callable[[RawMessage, Callable[[Result, MessageId], None] | None], None] = raw.send_async
         self._flush_async = raw.flush_async
+        self._raw = raw
+
+    def last_sequence_id(self) -> int:
+        """The highest sequence id the broker stored for this producer's name (-1: none, or no deduplication)."""
+        return int(self._raw.last_sequence_id())
 
     def flush_soon(self) -> None:
         """Ask the client to send what it holds in its batch container now."""

@@ -3,27 +3,29 @@
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 import anyio
 
-from .client import Consumer, MessageId, RawMessage, id_text, ident_of, key_of
-from .connect import connect
+from .client import Consumer, MessageId, RawMessage, build_message, id_text, ident_of, key_of, stored
+from .connect import Connection, connect
 from .errors import ConfigError, EventBusError
 from .handling import DEAD_LETTER_PROPERTIES, REPLAY_SUBSCRIPTION
-from .producers import Producers
+from .producers import Producers, TopicProducer
 from .registry import dead_letter_topic, retry_topic
 from .settings import Settings
 
 #: Says on a replayed message where it came from: ``<dead-letter topic>@<its id there>``.
 REPLAYED_FROM = "eventbus-replayed-from"
-#: How long a replay waits for the next dead letter before it counts the topic as read to its end.
-_QUIET_MS = 500
+#: How long a replay or `show` waits for the next dead letter before it counts the topic as read to its end.
+_QUIET_MS = 1000
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class DeadLetter:
     data: bytes
     #: The original message's properties (the `eventbus-` dead-letter ones taken out).
     properties: dict[str, str] = field(default_factory=dict)
+    #: Sent back by a replay already (`show(..., every=True)` lists those too).
+    replayed: bool = False
 
     @classmethod
     def of(cls, raw: RawMessage) -> DeadLetter:
@@ -82,6 +86,7 @@ class DeadLetter:
             "original_message_id": self.original_message_id,
             "properties": self.properties,
             "preview": self.preview(),
+            "replayed": self.replayed,
         }
 
 
@@ -93,25 +98,123 @@ def topics(settings: Settings, topic: str, group: str) -> tuple[str, str]:
     return dead_letter_topic(full, group), retry_topic(full, group)
 
 
-async def show(settings: Settings, topic: str, group: str, limit: int | None = None) -> list[DeadLetter]:
-    """The dead letters of `group` on `topic`, oldest first, read without moving any subscription."""
-    [found] = await show_many(settings, [(topic, group)], limit)
+async def show(
+    settings: Settings, topic: str, group: str, limit: int | None = None, *, every: bool = False
+) -> list[DeadLetter]:
+    """The dead letters of `group` on `topic` no replay has sent back, oldest first (`every`: all, marked).
+
+    Nothing moves: the waiting ones are read through the replay subscription and left unacknowledged.
+    """
+    [found] = await show_many(settings, [(topic, group)], limit, every=every)
     return found
 
 
 async def show_many(
-    settings: Settings, subscriptions: Sequence[tuple[str, str]], limit: int | None = None
+    settings: Settings, subscriptions: Sequence[tuple[str, str]], limit: int | None = None, *, every: bool = False
 ) -> list[list[DeadLetter]]:
     """`show` for each (topic, group), over one connection."""
     connection = await connect(settings)
-    by_subscription = connection.profile.reads_by_subscription
     try:
         return [
-            [DeadLetter.of(raw) for raw in await connection.client.read(dead, limit, by_subscription=by_subscription)]
-            for dead, _ in (topics(settings, t, g) for t, g in subscriptions)
+            await _listed(connection, dead, retries, limit, every)
+            for dead, retries in (topics(settings, t, g) for t, g in subscriptions)
         ]
     finally:
         await connection.close()
+
+
+async def _listed(
+    connection: Connection, dead_letters: str, retries: str, limit: int | None, every: bool
+) -> list[DeadLetter]:
+    replayed = await _replayed(connection, retries)
+    async with _replay_subscription(connection, dead_letters) as consumer:
+        # A replay's acknowledgement of part of a batch may not reach the broker (the client acknowledges
+        # a batch whole unless the broker takes batch-index acks): what the retry topic holds is replayed.
+        waiting = {
+            d.message_id: d
+            async for d in _dead_letters(_waiting(consumer, None))
+            if f"{dead_letters}@{d.message_id}" not in replayed
+        }
+    if not every:
+        return list(waiting.values())[:limit]
+    stored = await connection.client.read(dead_letters, limit, by_subscription=connection.profile.reads_by_subscription)
+    return [dataclasses.replace(d, replayed=d.message_id not in waiting) for d in map(DeadLetter.of, stored)]
+
+
+async def _dead_letters(raws: AsyncIterator[RawMessage]) -> AsyncIterator[DeadLetter]:
+    async for raw in raws:
+        yield DeadLetter.of(raw)
+
+
+async def _replayed(connection: Connection, retries: str) -> dict[str, str]:
+    """What replays stored on the retry topic and it still holds: ``eventbus-replayed-from`` -> the id there."""
+    found: dict[str, str] = {}
+    for raw in await connection.client.read(retries, None, by_subscription=connection.profile.reads_by_subscription):
+        try:
+            origin = dict(raw.properties()).get(REPLAYED_FROM)
+        except UnicodeDecodeError:
+            continue
+        if origin is not None:
+            found.setdefault(origin, id_text(raw.message_id()))
+    return found
+
+
+@contextlib.asynccontextmanager
+async def _replay_subscription(connection: Connection, dead_letters: str) -> AsyncIterator[Consumer]:
+    """The replay subscription, held: one replay (or `show`) of a dead-letter topic at a time.
+
+    Apache Pulsar holds the lock (an exclusive consumer, gone with its process); the embedded
+    broker's shared one is held under its lease.
+    """
+    busy = f"another replay of {dead_letters} is running: wait for it to finish"
+    profile = connection.profile
+    lease = profile.lease(dead_letters, REPLAY_SUBSCRIPTION)
+    if lease is not None and not lease.acquire():
+        raise EventBusError(busy)
+    try:
+        try:
+            consumer = await connection.client.subscribe(
+                dead_letters, REPLAY_SUBSCRIPTION, subscription_type=profile.replay_subscription_type,
+                initial_position="earliest", receiver_queue_size=100,
+                consumer_name=f"{socket.gethostname()}-{os.getpid()}-replay", batch_index_ack=profile.batch_index_ack,
+            )
+        except EventBusError as exc:
+            if exc.result == "ConsumerBusy":
+                raise EventBusError(busy) from None
+            raise
+        try:
+            yield consumer
+        finally:
+            await consumer.close()
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+async def _waiting(consumer: Consumer, limit: int | None) -> AsyncGenerator[RawMessage, None]:
+    """The subscription's unacknowledged messages, oldest first, up to the topic's last one now.
+
+    It ends at the last stored message when that one is unacknowledged; otherwise when nothing more
+    came for `_QUIET_MS` (the broker sends what a new consumer may have at once).
+    """
+    last = await consumer.last_message_id()
+    end = (last.ledger_id(), last.entry_id())
+    if min(end) < 0:
+        return
+    count, wait_ms = 0, _QUIET_MS
+    while limit is None or count < limit:
+        # The consumer's receive blocks: a thread of its own, as the worker's.
+        batch: list[RawMessage] = await anyio.to_thread.run_sync(consumer.receive, 100, wait_ms)
+        if not batch:
+            return
+        for raw in batch:
+            place = ident_of(raw)[1:3]
+            if place > end or (limit is not None and count >= limit):
+                return  # dead-lettered after we began (a replayed one failing again, say)
+            if place == end:
+                wait_ms = 0  # the rest of the last entry's batch is here already
+            count += 1
+            yield raw
 
 
 def sequence_id(message_id: MessageId) -> int | None:
@@ -134,6 +237,8 @@ class ReplayReport:
     replayed: list[tuple[DeadLetter, str | None]] = field(default_factory=list)
     skipped: int = 0
     failed: list[tuple[DeadLetter, str]] = field(default_factory=list)
+    #: Found on the retry topic already (stored by a replay whose acknowledgement was lost): acknowledged, not sent.
+    already: int = 0
 
 
 async def replay(
@@ -148,100 +253,124 @@ async def replay(
 ) -> ReplayReport:
     """Send `group`'s dead letters back to `group` alone (its retry topic), up to the last one there now.
 
-    Each is acknowledged on the durable `eventbus-replay` subscription only after the broker
-    confirmed its resend, so a replay stopped half way and run again resends the rest; with
-    deduplication on the namespace, a resend of one already confirmed is dropped by the broker
-    (its sequence id is its dead-letter position). A dry run sends and acknowledges nothing.
+    Each is acknowledged on the `eventbus-replay` subscription only once it is stored on the retry
+    topic: its resend confirmed, or (a resend the broker dropped as a duplicate) read back there. A
+    replay stopped half way and run again resends the rest; with deduplication on the namespace, a
+    resend of one already stored is dropped by the broker. A dry run sends and acknowledges nothing.
     """
     dead_letters, retries = topics(settings, topic, group)
     report = ReplayReport(dead_letters, retries)
-    # One producer name per filter: deduplication needs its sequence ids to grow, and a filtered
-    # replay skips dead letters that a later unfiltered one sends.
-    name = f"eventbus-replay-{group}" + (f"-{error_type}" if error_type else "")
-    settings = settings.model_copy(update={"producer_name": name})
+    # One producer name per group, whatever the filter: deduplication then drops the resend of a dead
+    # letter that any earlier replay of the group stored (a killed one's last sends).
+    settings = settings.model_copy(update={"producer_name": f"eventbus-replay-{group}"})
     connection = await connect(settings)
-    profile = connection.profile
-    lease = profile.lease(dead_letters, REPLAY_SUBSCRIPTION)
-    if lease is not None and not lease.acquire():
-        await connection.close()
-        raise EventBusError(f"another replay of {dead_letters} is running: wait for it to finish")
-    producers = Producers(connection.client, settings, connection.bridge)
     try:
-        try:
-            # The producer first: its name is the replay's, and Apache Pulsar lets one producer hold a name.
-            await producers.get(retries)
-        except EventBusError as exc:
-            if exc.result == "ProducerBusy":
-                raise EventBusError(f"another replay of {dead_letters} is running: wait for it to finish") from None
-            raise
-        # Shared, as the worker's own keeping subscription (`Producers.retain`) is: the type may not differ
-        # while a consumer is connected, and a worker may dead-letter during a replay.
-        consumer = await connection.client.subscribe(
-            dead_letters,
-            REPLAY_SUBSCRIPTION,
-            subscription_type="shared",
-            initial_position="earliest",
-            receiver_queue_size=100,
-            consumer_name=f"{socket.gethostname()}-{os.getpid()}-replay",
-            batch_index_ack=profile.batch_index_ack,
-        )
-        try:
-            last = await consumer.last_message_id()
-            end = (last.ledger_id(), last.entry_id())
-            if end[0] >= 0 and end[1] >= 0:
-                await _replay_to(end, consumer, producers, report, error_type, limit, dry_run, progress)
-        finally:
-            await consumer.close()
+        async with _replay_subscription(connection, dead_letters) as consumer:
+            producers = Producers(connection.client, settings, connection.bridge)
+            try:
+                # The producer first, even for a dry run: a retry topic that refuses it fails the replay at once.
+                producer = await producers.get(retries)
+                resend = _Resend(producer, dead_letters, await _replayed(connection, retries), settings.send_deadline_seconds)
+                async with contextlib.aclosing(_waiting(consumer, None)) as waiting:
+                    await _replay_each(waiting, consumer, resend, dry_run, report, error_type, limit, progress)
+            finally:
+                with anyio.move_on_after(settings.send_deadline_seconds):
+                    await producers.close()
     finally:
-        await producers.close()
-        if lease is not None:
-            lease.release()
         await connection.close()
     return report
 
 
-async def _replay_to(
-    end: tuple[int, int],
+async def _replay_each(
+    waiting: AsyncIterator[RawMessage],
     consumer: Consumer,
-    producers: Producers,
+    resend: _Resend,
+    dry_run: bool,
     report: ReplayReport,
     error_type: str | None,
     limit: int | None,
-    dry_run: bool,
     progress: Callable[[DeadLetter, str | None], None] | None,
 ) -> None:
+    """Resend and acknowledge each waiting dead letter the filter takes (a dry run: neither)."""
     acks: collections.deque[RawMessage] = collections.deque()
-    while True:
-        # The consumer's receive blocks: a thread of its own, as the worker's.
-        batch: list[RawMessage] = await anyio.to_thread.run_sync(consumer.receive, 100, _QUIET_MS)
-        if not batch:
-            return  # nothing more: every dead letter up to the end was sent, or acknowledged before
-        for raw in batch:
-            ident = ident_of(raw)
-            if (ident[1], ident[2]) > end:
-                return  # dead-lettered after the replay began (a replayed one failing again, say)
-            dead = DeadLetter.of(raw)
-            if error_type is not None and dead.error_type != error_type:
-                report.skipped += 1
-                continue
-            if limit is not None and len(report.replayed) >= limit:
-                return
-            new_id: str | None = None
+    async for raw in waiting:
+        dead = DeadLetter.of(raw)
+        if resend.stored_already(dead) is not None:
+            report.already += 1  # a replay before stored it; its acknowledgement did not reach the broker
             if not dry_run:
-                properties = dict(dead.properties)
-                properties[REPLAYED_FROM] = f"{report.dead_letter_topic}@{dead.message_id}"
-                event_time = raw.event_timestamp()
-                try:
-                    sent = await producers.send(
-                        report.retry_topic, dead.data, key=dead.key, properties=properties,
-                        event_time=event_time or None, sequence_id=sequence_id(raw.message_id()),
-                    )
-                except EventBusError as exc:
-                    report.failed.append((dead, str(exc)))  # not acknowledged: the next replay tries it again
-                    continue
-                new_id = id_text(sent)
                 acks.append(raw)
                 consumer.acknowledge(acks)
-            report.replayed.append((dead, new_id))
-            if progress is not None:
-                progress(dead, new_id)
+            continue
+        if error_type is not None and dead.error_type != error_type:
+            report.skipped += 1
+            continue
+        if limit is not None and len(report.replayed) >= limit:
+            return
+        new_id = None
+        if not dry_run:
+            try:
+                new_id = await resend(raw, dead)
+            except EventBusError as exc:
+                report.failed.append((dead, str(exc)))  # not acknowledged: the next replay tries it again
+                if isinstance(exc, SendDeadline):
+                    return  # the producer is stuck on it: the rest waits for the next replay
+                continue
+            acks.append(raw)
+            consumer.acknowledge(acks)
+        report.replayed.append((dead, new_id))
+        if progress is not None:
+            progress(dead, new_id)
+
+
+class SendDeadline(EventBusError):
+    """The broker did not confirm a resend within `send_deadline_seconds`."""
+
+
+class _Resend:
+    """Resends dead letters to the retry topic, and says where each is stored, or raises.
+
+    What replays stored is read from the retry topic first (`stored_already`): a killed replay's last
+    sends, and batches whose partial acknowledgement never reached the broker, are acknowledged, not
+    sent again. The sequence id is the dead letter's position, so the broker also drops the resend of
+    one stored but no longer on the retry topic. A filtered replay skips dead letters and sends later
+    ones, so a position at or below the highest sequence id stored under the group's producer name is
+    sent under the next id above it instead. A receipt that names no place is never taken for stored.
+    """
+
+    def __init__(self, producer: TopicProducer, dead_letters: str, replayed: dict[str, str], deadline: float) -> None:
+        self._producer = producer
+        self._dead_letters = dead_letters
+        self._replayed = replayed
+        self._deadline = deadline
+        self._highest = producer.last_sequence_id()
+
+    def stored_already(self, dead: DeadLetter) -> str | None:
+        """Its id on the retry topic, if a replay stored it there before."""
+        return self._replayed.get(f"{self._dead_letters}@{dead.message_id}")
+
+    async def __call__(self, raw: RawMessage, dead: DeadLetter) -> str:
+        sequence = sequence_id(raw.message_id())
+        if sequence is not None and sequence <= self._highest:
+            sequence = self._highest + 1
+        properties = {**dead.properties, REPLAYED_FROM: f"{self._dead_letters}@{dead.message_id}"}
+        message, size = build_message(
+            dead.data, None, key=dead.key, properties=properties, event_time=raw.event_timestamp() or None,
+            sequence_id=sequence,
+        )
+        try:
+            with anyio.fail_after(self._deadline):
+                sent = await self._producer.send(message, dead.key, size)
+        except TimeoutError:
+            raise SendDeadline(
+                f"the broker did not confirm the resend of {dead.message_id} to {self._producer.topic} within "
+                f"{self._deadline:g} s (EVENTBUS_SEND_DEADLINE_SECONDS): is it larger than the topic's "
+                "maxMessageSize? Left in the dead-letter topic"
+            ) from None
+        if not stored(sent):
+            raise EventBusError(
+                f"the broker dropped the resend of {dead.message_id} as a duplicate, and it is not on "
+                f"{self._producer.topic}: left in the dead-letter topic for the next replay"
+            )
+        if sequence is not None:
+            self._highest = max(self._highest, sequence)
+        return id_text(sent)

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from .bridge import LoopBridge
 from .client import OK, Client, MessageId, Producer, RawMessage, Result, build_message, sibling_id
-from .errors import PublishError
+from .errors import EventBusError, PublishError
 from .metrics import Metrics
 from .settings import Settings
 
@@ -168,6 +168,10 @@ class TopicProducer:
         if self.closing:
             raise self.closed_error()
         await self._slots.acquire()
+
+    def last_sequence_id(self) -> int:
+        """The highest sequence id stored under this producer's name (-1: none, or no deduplication)."""
+        return self._producer.last_sequence_id()
 
     def closed_error(self) -> PublishError:
         return PublishError(self.topic, "BusClosed", maybe_stored=False)
@@ -391,11 +395,17 @@ class Producers:
         """
         if topic in self._retained:
             return
-        consumer = await self._client.subscribe(
-            topic, subscription, subscription_type="shared", initial_position="earliest", receiver_queue_size=1,
-            consumer_name=f"{subscription}-retain", batch_index_ack=False,
-        )
-        await consumer.close()
+        try:
+            consumer = await self._client.subscribe(
+                topic, subscription, subscription_type="shared", initial_position="earliest", receiver_queue_size=1,
+                consumer_name=f"{subscription}-retain", batch_index_ack=False,
+            )
+        except EventBusError as exc:
+            if exc.result != "ConsumerBusy":
+                raise
+            # A replay holds it (an exclusive consumer): it exists, which is all this asks.
+        else:
+            await consumer.close()
         self._retained.add(topic)
 
     async def close(self) -> None:

@@ -46,6 +46,16 @@ class BrokerProfile:
         """
         return self.lite
 
+    @property
+    def replay_subscription_type(self) -> str:
+        """The type `eventbus dlq replay` takes the replay subscription with: the replays' lock on Apache Pulsar.
+
+        Exclusive there: the broker lets one replay (or `dlq show`) of a dead-letter topic hold it, and
+        frees it the moment that process dies. pulsar-lite's exclusive dispatcher hands messages over
+        again (see `reads_by_subscription`), so there it is shared, under the embedded broker's lease.
+        """
+        return "shared" if self.lite else "exclusive"
+
     def subscription_type(self, requested: str) -> str:
         """The subscription type to ask of the broker for a subscription of type `requested`."""
         if self.embedded is not None:

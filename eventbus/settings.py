@@ -166,6 +166,12 @@ class Settings(BaseSettings):
         description="A stable producer name: with broker deduplication on, a resent sequence id is stored once.",
     )
 
+    send_deadline_seconds: float = Field(
+        default=60.0, gt=0,
+        description="How long `eventbus publish` and each resend of `eventbus dlq replay` wait for the broker's "
+        "confirmation before the command gives up (exit 1).",
+    )
+
     consumer_receiver_queue_size: int = Field(default=1000, ge=1)
     consumer_max_in_flight: int = Field(
         default=1000, ge=1, description="Messages a subscription holds unacknowledged at most."

@@ -232,11 +232,11 @@ async def test_a_second_replay_of_a_group_at_once_is_refused(
         await app.wait_dead_lettered()
         url = app.bus.url
     dead_letters, retries = deadletters.topics(settings, topic, "billing")
-    if settings.url:  # the running replay holds its producer name on the retry topic
+    if settings.url:  # the running replay holds the replay subscription: an exclusive consumer
         import pulsar
 
         client = pulsar.Client(url, authentication=pulsar.AuthenticationToken(settings.jwt() or ""))
-        holder = client.create_producer(retries, producer_name="eventbus-replay-billing")
+        holder = client.subscribe(dead_letters, "eventbus-replay", consumer_type=pulsar.ConsumerType.Exclusive)
         release = client.close
     else:  # the running replay holds the embedded broker's lease on the replay subscription
         lease = SubscriptionLease(settings.data_dir, dead_letters, "eventbus-replay")

@@ -1,0 +1,90 @@
+"""Log lines and terminal text that never fail: the JSON formatter, the logging set-up, control characters escaped."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import Any
+
+import orjson
+
+#: Fields a handler's log lines carry (`extra=`), shown by the JSON format.
+FIELDS = ("topic", "group", "message_id", "key", "attempt", "trace_id")
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """`text` on one terminal line: control characters, newlines and lone surrogates escaped (``\\x1b``, ``\\n``)."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def safe_text(value: object) -> str:
+    """`str(value)` as valid UTF-8, whatever `value` is: a failing `__str__` or lone surrogates included."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    try:
+        text = value if isinstance(value, str) else str(value)
+    except Exception as exc:  # a __str__ that raises must not cost the record
+        text = f"<{type(value).__name__} whose str() raised {type(exc).__name__}>"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _field(value: object) -> Any:
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return safe_text(value)
+
+
+def message_of(record: logging.LogRecord) -> str:
+    """The record's message; when its arguments do not fit its format, the format and the arguments as they are."""
+    try:
+        return safe_text(record.getMessage())
+    except Exception:
+        return safe_text(f"{safe_text(record.msg)} {' '.join(safe_text(a) for a in _args(record))}")
+
+
+def _args(record: logging.LogRecord) -> tuple[object, ...]:
+    args = record.args
+    if isinstance(args, tuple):
+        return args
+    return () if args is None else (args,)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, a handler line's fields, the traceback.
+
+    Every value is made encodable first, so no record is lost to its contents (a handler's error text with a
+    lone surrogate from `os.fsdecode` made orjson refuse the line, and logging printed a traceback instead).
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": safe_text(record.levelname),
+            "logger": safe_text(record.name),
+            "message": message_of(record),
+        }
+        for name in FIELDS:
+            if hasattr(record, name):
+                line[name] = _field(getattr(record, name))
+        if record.exc_info:
+            try:
+                line["exception"] = safe_text(self.formatException(record.exc_info))
+            except Exception as exc:
+                line["exception"] = f"<the traceback could not be formatted: {type(exc).__name__}>"
+        return orjson.dumps(line).decode()
+
+
+def setup_logging(level: str, form: str = "text") -> None:
+    """Logging to stderr at `level`, as text or JSON lines; the client's and httpx's chatter held back."""
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
+    )
+    if form == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
+    # The C++ client is chatty at INFO (every connection and lookup).
+    logging.getLogger("eventbus.pulsar").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+    # httpx logs each request at INFO (eventbus status asks the admin API a few times per subscription).
+    logging.getLogger("httpx").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
