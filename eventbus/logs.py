@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from typing import Any
 
@@ -11,12 +10,13 @@ import orjson
 
 #: Fields a handler's log lines carry (`extra=`), shown by the JSON format.
 FIELDS = ("topic", "group", "message_id", "key", "attempt", "trace_id")
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def printable(text: str) -> str:
-    """`text` on one terminal line: control characters, newlines and lone surrogates escaped (``\\x1b``, ``\\n``)."""
-    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+    """`text` on one terminal line: control and format characters, newlines, lone surrogates escaped (``\\x1b``)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def safe_text(value: object) -> str:
