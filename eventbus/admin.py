@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -15,6 +17,17 @@ from .settings import Settings
 
 #: Where the test kit's and compose's Pulsar serve the admin API beside the broker's 6650.
 _ADMIN_PORT = 8080
+_REDIRECTS_MAX = 5
+
+
+def _reason(response: httpx.Response) -> str | None:
+    """Pulsar's reason in an error's JSON body (None: not Pulsar's answer)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    reason = body.get("reason") if isinstance(body, dict) else None
+    return str(reason) if reason is not None else None
 
 
 @dataclass(frozen=True)
@@ -57,31 +70,81 @@ class Admin:
         self._http.close()
 
     def get(self, path: str, missing: str) -> Any:
-        """GET a JSON document; `missing` is the error for a 404."""
-        try:
-            response = self._http.get(path)
-        except httpx.HTTPError as exc:
-            raise EventBusError(
-                f"cannot reach the admin API at {self.base} ({type(exc).__name__}: {exc}): is EVENTBUS_ADMIN_URL right?"
-            ) from None
+        """GET a JSON document; `missing` is the error for Pulsar's 404 (its reason is added)."""
+        response = self._follow(path)
         if response.status_code in (401, 403):
             raise ConfigError(
                 f"the admin API at {self.base} refused the request (HTTP {response.status_code}): set "
                 "EVENTBUS_ADMIN_TOKEN (or EVENTBUS_TOKEN) to a token with admin rights on the tenant"
             )
         if response.status_code == 404:
-            raise ConfigError(missing)
+            reason = _reason(response)
+            if reason is None:  # not Pulsar's answer: a web server's page for a path it does not serve
+                raise ConfigError(
+                    f"the admin API at {self.base} does not serve {path} (HTTP 404 without Pulsar's reason): "
+                    "set EVENTBUS_ADMIN_URL to the admin API's root, e.g. http://broker:8080"
+                )
+            raise ConfigError(f"{missing} ({reason})")
         if response.status_code >= 400:
             raise EventBusError(f"the admin API answered HTTP {response.status_code} for {path}: {response.text[:200]}")
-        return response.json()
+        try:
+            return response.json()
+        except ValueError:
+            raise EventBusError(
+                f"the admin API at {self.base} answered {path} with HTTP {response.status_code} and no JSON "
+                f"({response.text[:80]!r}): is EVENTBUS_ADMIN_URL Apache Pulsar's admin API?"
+            ) from None
+
+    def _follow(self, path: str) -> httpx.Response:
+        """GET `path`, following redirects with the token kept.
+
+        A broker that does not own a topic answers its stats with a redirect (HTTP 307) to the one that
+        does, often on another host or port, where httpx's own following drops the Authorization header.
+        """
+        url = path
+        for _ in range(_REDIRECTS_MAX):
+            try:
+                response = self._http.get(url)
+            except httpx.HTTPError as exc:
+                raise EventBusError(
+                    f"cannot reach the admin API at {self.base} ({type(exc).__name__}: {exc}): is EVENTBUS_ADMIN_URL right?"
+                ) from None
+            location = response.headers.get("location")
+            if not response.is_redirect or not location:
+                return response
+            url = str(response.url.join(location))
+        raise EventBusError(f"the admin API redirected {path} more than {_REDIRECTS_MAX} times: last to {url}")
 
     def topic_stats(self, topic: str) -> dict[str, Any]:
         """The topic's stats (a partitioned topic's summed over its partitions)."""
         path = "/admin/v2/" + quote(topic.replace("://", "/"), safe="/")
-        missing = f"topic {topic} does not exist on {self.base}: check the topic name, EVENTBUS_TENANT and EVENTBUS_NAMESPACE"
-        partitions = self.get(f"{path}/partitions", missing).get("partitions", 0)
+        missing = f"topic {topic} does not exist on {self.base}"
+        try:
+            partitions = self.get(f"{path}/partitions", missing).get("partitions", 0)
+        except ConfigError as exc:
+            if str(exc).startswith(missing):
+                raise ConfigError(f"{exc}: {self._neighbours(topic)}") from None
+            raise
         stats: dict[str, Any] = self.get(f"{path}/partitioned-stats" if partitions else f"{path}/stats", missing)
         return stats
+
+    def topics(self, namespace: str) -> list[str]:
+        """The persistent topics of `namespace` ("tenant/namespace"), partitions as their partitioned topic."""
+        found = self.get(f"/admin/v2/persistent/{quote(namespace)}", f"namespace {namespace} does not exist")
+        return sorted({re.sub(r"-partition-\d+$", "", t) for t in found})
+
+    def _neighbours(self, topic: str) -> str:
+        """What exists beside a topic that does not: its namespace's topics, the closest first."""
+        namespace = topic.split("://", 1)[-1].rsplit("/", 1)[0]
+        try:
+            names = self.topics(namespace)
+        except ConfigError:
+            return f"namespace {namespace} does not exist: check EVENTBUS_TENANT and EVENTBUS_NAMESPACE"
+        if not names:
+            return f"{namespace} has no topics: check the topic name, EVENTBUS_TENANT and EVENTBUS_NAMESPACE"
+        closest = difflib.get_close_matches(topic, names, n=5, cutoff=0) or names[:5]
+        more = f" and {len(names) - len(closest)} more" if len(names) > len(closest) else ""
+        return f"{namespace} has {', '.join(closest)}{more}"
 
     def status(self, topic: str, group: str) -> SubscriptionStatus:
         stats = self.topic_stats(topic)
