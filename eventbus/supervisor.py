@@ -48,6 +48,10 @@ class Supervisor:
         self._failed: int | None = None
         # Bumped by each reload: a worker that exits after one is started again at once.
         self._generation = 0
+        # Set by each reload (then replaced): a worker that failed under --reload waits for it.
+        self._reloaded = asyncio.Event()
+        # Workers not given up on: when none is left, the supervisor stops.
+        self._kept = workers
 
     def command(self, index: int) -> list[str]:
         command = [sys.executable, "-m", "eventbus", "run", *self.targets, "--supervised-by", str(os.getpid())]
@@ -86,7 +90,7 @@ class Supervisor:
         """Run worker `index`, restarting it when it dies, until the supervisor stops."""
         delay = _RESTART_DELAY[0]
         while not self._stopping.is_set():
-            generation = self._generation
+            generation, reloaded = self._generation, self._reloaded
             proc = await asyncio.create_subprocess_exec(*self.command(index), start_new_session=True)
             self._procs[index] = proc
             log.info("worker %d started (pid %d)", index, proc.pid)
@@ -100,19 +104,24 @@ class Supervisor:
                 return
             if generation != self._generation:
                 continue  # stopped for a reload: start the new code at once
+            if self.reload:
+                # A broken save (a syntax error, say): the fix is the next change, not a restart.
+                log.error("worker %d exited %d: waiting for the next change to a .py file", index, code)
+                await self._until(reloaded)
+                continue
             if code == _EXIT_USAGE:
-                log.error("worker %d exited %d (configuration): not restarting; stopping the others", index, code)
-                self._give_up(_EXIT_USAGE)
-                return
-            now = time.monotonic()
-            self._deaths = [t for t in self._deaths if now - t < _GIVE_UP_AFTER[1]] + [now]
-            if len(self._deaths) >= _GIVE_UP_AFTER[0]:
+                self._kept -= 1
                 log.error(
-                    "workers died %d times in %.0fs: giving up; stopping the others", len(self._deaths), _GIVE_UP_AFTER[1]
+                    "worker %d exited %d (configuration): not restarting; %d worker(s) still running",
+                    index, code, self._kept,
                 )
-                self._give_up(1)
+                self._failed = _EXIT_USAGE
+                if not self._kept:
+                    self._give_up(_EXIT_USAGE)
                 return
-            if now - started > _GIVE_UP_AFTER[1]:
+            if self._died():
+                return
+            if time.monotonic() - started > _GIVE_UP_AFTER[1]:
                 delay = _RESTART_DELAY[0]  # it had run a while: not a crash loop
             log.warning("worker %d (pid %d) exited %d: restarting in %.1fs", index, proc.pid, code, delay)
             try:
@@ -120,6 +129,25 @@ class Supervisor:
                 return
             except TimeoutError:
                 delay = min(delay * 2, _RESTART_DELAY[1])
+
+    def _died(self) -> bool:
+        """Count a death; True when there were too many lately and the supervisor gives up."""
+        now = time.monotonic()
+        self._deaths = [t for t in self._deaths if now - t < _GIVE_UP_AFTER[1]] + [now]
+        if len(self._deaths) < _GIVE_UP_AFTER[0]:
+            return False
+        log.error("workers died %d times in %.0fs: giving up; stopping the others", len(self._deaths), _GIVE_UP_AFTER[1])
+        self._give_up(1)
+        return True
+
+    async def _until(self, event: asyncio.Event) -> None:
+        """Wait for `event`, or the stop."""
+        waits = {asyncio.ensure_future(event.wait()), asyncio.ensure_future(self._stopping.wait())}
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
     async def _wait(self, proc: asyncio.subprocess.Process) -> int:
         """The worker's exit code; past the drain timeout after a stop, it is killed."""
@@ -158,5 +186,7 @@ class Supervisor:
             names = sorted({Path(path).name for _, path in changes})
             log.info("%s changed: restarting the worker(s) gracefully", ", ".join(names))
             self._generation += 1
+            self._reloaded.set()
+            self._reloaded = asyncio.Event()
             self._signal_all(signal.SIGTERM)
 

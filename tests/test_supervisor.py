@@ -183,3 +183,67 @@ async def test_reload_restarts_the_worker_with_the_edited_handler(
         assert await sup.wait_exit() == 0, sup.text()
     finally:
         sup.kill()
+
+
+async def test_reload_survives_a_broken_save_and_picks_up_the_fix(
+    settings: Settings, topic: str, subprocess_env: dict[str, str], tmp_path: Path
+) -> None:
+    if settings.url:
+        pytest.skip("--reload is for development: the embedded broker")
+    record = tmp_path / "record.txt"
+    app = tmp_path / "edited.py"
+    source = (
+        "import os\nfrom eventbus import subscribe\n"
+        f"@subscribe({topic!r}, 'dev', initial_position='earliest')\n"
+        "async def handle(n: int) -> None:\n"
+        f"    open({str(record)!r}, 'a').write(f'{{os.getpid()}} VERSION {{n}}\\n')\n"
+    )
+    app.write_text(source.replace("VERSION", "v1"))
+    env = {**subprocess_env, "PYTHONPATH": f"{tmp_path}:{subprocess_env['PYTHONPATH']}"}
+    sup = Supervised(env, tmp_path / "sup.log", "edited", "--reload", cwd=tmp_path)
+    try:
+        await eventually(lambda: "subscribed persistent" in sup.text(), what="the worker")
+        async with EventBus(settings, routers=[]) as bus:
+            await bus.publish(topic, 1)
+            await eventually(lambda: "v1 1" in lines(record), what="v1 to handle 1")
+            app.write_text(source.replace("VERSION", "v2").replace("async def handle", "async def handle(("))
+            await eventually(lambda: "waiting for the next change" in sup.text(), what="the broken save to fail")
+            await bus.publish(topic, 2)  # nobody consumes it now: it waits for the fixed worker
+            app.write_text(source.replace("VERSION", "v3"))
+            await eventually(lambda: "v3 2" in lines(record), timeout=30, what="the fix to handle 2")
+        assert lines(record) == ["v1 1", "v3 2"]
+        assert sup.proc.returncode is None, "the supervisor kept running through the broken save"
+        assert sup.text().count("waiting for the next change") == 1, "the error logged once"
+        sup.proc.send_signal(signal.SIGINT)
+        assert await sup.wait_exit() == 0, sup.text()
+    finally:
+        sup.kill()
+
+
+async def test_a_worker_that_cannot_start_is_not_restarted_and_the_others_go_on(
+    settings: Settings, topic: str, subprocess_env: dict[str, str], tmp_path: Path
+) -> None:
+    port = free_port_pair()
+    # Worker 1 (probes on PORT+1) cannot import the app; worker 0 can.
+    (tmp_path / "half.py").write_text(
+        "import sys\n"
+        f"if sys.argv[sys.argv.index('--metrics-port') + 1] == '{port + 1}':\n"
+        "    raise KeyError('SHOP_DATABASE_URL')\n"
+        "from tests.apps.recorder import *  # noqa\n"
+    )
+    record = tmp_path / "record.txt"
+    env = {**subprocess_env, "EB_TOPIC": topic, "EB_RECORD": str(record),
+           "PYTHONPATH": f"{tmp_path}:{subprocess_env['PYTHONPATH']}"}
+    sup = Supervised(env, tmp_path / "sup.log", "half", "--workers", "2", "--metrics-port", str(port), cwd=tmp_path)
+    try:
+        await eventually(lambda: "not restarting; 1 worker(s) still running" in sup.text(), what="worker 1 to fail")
+        await eventually(lambda: answers(port), what="worker 0's probes")
+        async with EventBus(settings, routers=[]) as bus:
+            await bus.publish(topic, 7, key="k")
+        await eventually(lambda: "done 7" in lines(record), what="worker 0 to handle it")
+        assert sup.proc.returncode is None
+        sup.proc.send_signal(signal.SIGTERM)
+        assert await sup.wait_exit() == 2, sup.text()  # it drained, and says a worker could not start
+    finally:
+        sup.kill()
+    assert sup.text().count("worker stopped") == 1
