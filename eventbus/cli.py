@@ -15,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import NoReturn
 
+import anyio
 import orjson
 from pydantic import ValidationError
 
@@ -31,6 +32,8 @@ from .supervisor import Supervisor
 
 log = logging.getLogger("eventbus")
 
+#: Seconds a one-shot command waits for its connection to close once it has failed or finished.
+_CLOSE_WAIT = 5.0
 EXIT_RUNTIME = EventBusError.exit_code
 EXIT_USAGE = ConfigError.exit_code
 #: The settings `--help` lists; .env.example has them all.
@@ -295,8 +298,20 @@ async def _publish(settings: Settings, args: argparse.Namespace) -> None:
         if not sep or not name:
             raise _Fail(f"--property {item!r} is not NAME=VALUE", EXIT_USAGE)
         properties[name] = value
-    async with EventBus(settings, routers=[]) as bus:
-        message_id = await bus.publish(args.topic, payload, key=args.key, properties=properties or None)
+    deadline = settings.send_deadline_seconds
+    bus = EventBus(settings, routers=[])
+    await bus.start()
+    try:
+        with anyio.fail_after(deadline):
+            message_id = await bus.publish(args.topic, payload, key=args.key, properties=properties or None)
+    except TimeoutError:
+        raise EventBusError(
+            f"the broker did not confirm the publish to {settings.topic(args.topic)} within {deadline:g} s "
+            "(EVENTBUS_SEND_DEADLINE_SECONDS): is the message larger than the topic's maxMessageSize? It may or may not be stored"
+        ) from None
+    finally:
+        with anyio.move_on_after(min(deadline, _CLOSE_WAIT)):  # a send the broker never answers keeps its producer open
+            await bus.close()
     print(id_text(message_id))
 
 

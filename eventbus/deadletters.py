@@ -26,6 +26,8 @@ from .settings import Settings
 REPLAYED_FROM = "eventbus-replayed-from"
 #: How long a replay or `show` waits for the next dead letter before it counts the topic as read to its end.
 _QUIET_MS = 1000
+#: Seconds a replay waits for its producer to close.
+_CLOSE_WAIT = 5.0
 
 
 @dataclass(frozen=True)
@@ -274,7 +276,8 @@ async def replay(
                 async with contextlib.aclosing(_waiting(consumer, None)) as waiting:
                     await _replay_each(waiting, consumer, resend, dry_run, report, error_type, limit, progress)
             finally:
-                with anyio.move_on_after(settings.send_deadline_seconds):
+                # A resend the broker never answered keeps its slot: closing would wait for it for good.
+                with anyio.move_on_after(min(settings.send_deadline_seconds, _CLOSE_WAIT)):
                     await producers.close()
     finally:
         await connection.close()

@@ -198,3 +198,48 @@ async def test_a_namespace_that_does_not_exist_is_named_at_once(psettings: Setti
             await bus.publish(topic, 1)
         with anyio.fail_after(20), pytest.raises(ConfigError, match="TopicNotFound"):
             await bus.run(handle_signals=False)  # not retried for ever: the worker stops with the reason
+
+
+def test_a_publish_and_a_resend_the_broker_never_answers_end_at_the_deadline_naming_it(
+    pulsar: dict, base_env: dict[str, str], topic: str
+) -> None:
+    # A message above a topic's maxMessageSize policy: Apache Pulsar drops the connection, and the client
+    # sends it again on each reconnect, for good. Random bytes: LZ4 would shrink anything else below the limit.
+    import secrets
+
+    from eventbus import deadletters
+
+    settings = Settings(_env_file=None, url=pulsar["service_url"], token=pulsar["client_token"])
+    dead_letters, retries = deadletters.topics(settings, topic, "billing")
+    for name in (topic, retries):
+        admin(pulsar, "PUT", f"/admin/v2/persistent/public/default/{name.rsplit('/', 1)[-1]}")
+        admin(pulsar, "POST", f"/admin/v2/persistent/public/default/{name.rsplit('/', 1)[-1]}/maxMessageSize", 1024)
+    big = '{"blob": "%s"}' % secrets.token_hex(2000)
+
+    async def dead_letter() -> None:
+        import pulsar as client_lib
+
+        async with EventBus(settings, routers=[]) as bus:
+            client = client_lib.Client(bus.url, authentication=client_lib.AuthenticationToken(settings.jwt() or ""))
+            client.subscribe(dead_letters, "eventbus-replay", initial_position=client_lib.InitialPosition.Earliest).close()
+            client.close()
+            await bus.publish(dead_letters, big.encode(), properties={"eventbus-error-type": "ValueError"})
+
+    anyio.run(dead_letter)
+    env = {**base_env, "EVENTBUS_URL": pulsar["service_url"], "EVENTBUS_TOKEN": pulsar["client_token"],
+           "EVENTBUS_SEND_DEADLINE_SECONDS": "3"}
+    started = time.monotonic()
+    published = subprocess.run([sys.executable, "-m", "eventbus", "publish", topic, big], env=env,
+                               capture_output=True, text=True, timeout=60)
+    replayed = subprocess.run([sys.executable, "-m", "eventbus", "dlq", "replay", topic, "billing"], env=env,
+                              capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - started < 40, "each gave up at its deadline (3 s) and closed within 5 s more"
+    assert published.returncode == 1 and published.stderr.strip().splitlines() == [
+        f"error: the broker did not confirm the publish to {settings.topic(topic)} within 3 s "
+        "(EVENTBUS_SEND_DEADLINE_SECONDS): is the message larger than the topic's maxMessageSize? "
+        "It may or may not be stored"
+    ], published.stderr
+    assert replayed.returncode == 1, replayed.stdout + replayed.stderr
+    assert "did not confirm the resend of" in replayed.stderr and "within 3 s" in replayed.stderr
+    assert "0 failed" not in replayed.stderr and "1 failed" in replayed.stderr
+    assert [d.data for d in anyio.run(deadletters.show, settings, topic, "billing")] == [big.encode()], "left in place"
