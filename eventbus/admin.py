@@ -10,6 +10,7 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
+from .embedded import stored_topics
 from .errors import ConfigError, EventBusError
 from .handling import REPLAY_SUBSCRIPTION
 from .registry import dead_letter_topic
@@ -173,3 +174,36 @@ class Admin:
             dead_letter_bytes=dead_bytes,
             dead_letters_not_replayed=not_replayed,
         )
+
+
+def namespace_topics(settings: Settings) -> list[str] | None:
+    """The topics of the configured namespace, asked without creating any (None: this broker cannot tell).
+
+    The embedded broker's from its data directory; Apache Pulsar's from the admin API (a lookup through the
+    client would create the topic it looks up).
+    """
+    namespace = f"{settings.tenant}/{settings.namespace}"
+    if settings.uses_embedded:
+        return stored_topics(settings.data_dir, settings.tenant, settings.namespace)
+    api = Admin(settings)
+    try:
+        return api.topics(namespace)
+    finally:
+        api.close()
+
+
+def check_dead_letters(settings: Settings, topic: str, group: str, known: list[str] | None) -> None:
+    """Raise `ConfigError` naming what exists unless `group` has a dead-letter topic on `topic` among `known`."""
+    full = settings.topic(topic)
+    dead = dead_letter_topic(full, group)
+    if known is None or dead in known:
+        return
+    if full not in known:
+        others = difflib.get_close_matches(full, [t for t in known if not t.endswith(("-DLQ", "-RETRY"))], n=5, cutoff=0)
+        where = f"its namespace has {', '.join(others)}" if others else "its namespace has no topics"
+        raise ConfigError(f"topic {full} does not exist ({where}): check the topic, EVENTBUS_TENANT and EVENTBUS_NAMESPACE")
+    groups = sorted(t[len(full) + 1 : -len("-DLQ")] for t in known if t.startswith(full + "-") and t.endswith("-DLQ"))
+    raise ConfigError(
+        f"group {group!r} never dead-lettered on {full} (no topic {dead}); groups with dead letters there: "
+        f"{', '.join(repr(g) for g in groups) or 'none'}"
+    )

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from .app import load, resolve
 from . import deadletters
-from .admin import Admin
+from .admin import Admin, check_dead_letters, namespace_topics
 from .asyncapi import document
 from .bus import EventBus
 from .client import id_text
@@ -265,11 +265,7 @@ def _status(settings: Settings, args: argparse.Namespace) -> None:
         routers, _ = resolve(args.targets)
         pairs = [(settings.topic(sub.topic), sub.group) for router in routers for sub in router.subscriptions]
     if settings.uses_embedded:
-        print("the embedded broker has no admin API: backlog, unacknowledged messages, consumers and rates are "
-              "unknown here (Apache Pulsar shows them); dead letters are counted by reading them", file=sys.stderr)
-        print(f"{'topic':<40} {'group':<20} dead letters")
-        for (topic, group), found in zip(pairs, asyncio.run(deadletters.show_many(settings, pairs))):
-            print(f"{topic:<40} {group:<20} {len(found)}")
+        _status_embedded(settings, pairs)
         return
     api = Admin(settings)
     try:
@@ -284,6 +280,22 @@ def _status(settings: Settings, args: argparse.Namespace) -> None:
         )
         print(f"{r.topic:<40} {r.group:<20} {r.subscription_type:<10} {r.backlog:>8} {r.unacked:>8} {r.consumers:>9} "
               f"{r.rate_in:>8.1f} {r.rate_out:>8.1f}  {dead}")
+
+
+def _status_embedded(settings: Settings, pairs: list[tuple[str, str]]) -> None:
+    known = namespace_topics(settings)
+    if known is not None:
+        for topic, _ in pairs:
+            if topic not in known:  # a group that never dead-lettered is fine; a topic that is not there is not
+                check_dead_letters(settings, topic, "", known)
+    print("the embedded broker has no admin API: backlog, unacknowledged messages, consumers and rates are "
+          "unknown here (Apache Pulsar shows them); dead letters are counted by reading them", file=sys.stderr)
+    # Only dead-letter topics that exist are read: reading one makes it.
+    dead = [(t, g) for t, g in pairs if known is None or deadletters.topics(settings, t, g)[0] in known]
+    counts = dict(zip(dead, map(len, asyncio.run(deadletters.show_many(settings, dead))))) if dead else {}
+    print(f"{'topic':<40} {'group':<20} dead letters")
+    for topic, group in pairs:
+        print(printable(f"{topic:<40} {group:<20} {counts.get((topic, group), 0)}"))
 
 
 async def _publish(settings: Settings, args: argparse.Namespace) -> None:
@@ -321,8 +333,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         settings = _settings()
         setup_logging(settings.log_level, settings.log_format)
         if args.command != "run" and settings.log_level != "DEBUG":
-            # A one-shot command's failure is our one line; the C++ client's warning about it is noise.
-            settings = settings.model_copy(update={"log_level": "ERROR"})
+            # A one-shot command's failure is our one line; the C++ client's ERROR line about it is noise.
+            settings = settings.model_copy(update={"log_level": "CRITICAL"})
         if args.command == "run":
             if args.metrics_port is not None:
                 settings = settings.model_copy(update={"metrics_port": args.metrics_port})
@@ -340,6 +352,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         elif args.command == "status":
             _status(settings, args)
         elif args.command == "dlq":
+            # A wrong topic or group is named before anything is made: a replay would create topics and a subscription.
+            check_dead_letters(settings, args.topic, args.group, namespace_topics(settings))
             return asyncio.run(_dlq(settings, args))
         else:
             asyncio.run(_publish(settings, args))

@@ -176,6 +176,8 @@ def _client_logger(level: str) -> Any:
     """
     if level == "DEBUG":
         return logging.getLogger("eventbus.pulsar")
+    if level == "CRITICAL":
+        return pulsar.FileLogger(pulsar.LoggerLevel.Error, "/dev/null")
     native = pulsar.LoggerLevel.Error if level == "ERROR" else pulsar.LoggerLevel.Warn
     return pulsar.FileLogger(native, "/dev/stderr")
 

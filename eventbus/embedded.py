@@ -136,6 +136,28 @@ class EmbeddedBroker:
         return SubscriptionLease(self.data_dir, topic, group)
 
 
+def stored_topics(data_dir: Path, tenant: str, namespace: str) -> list[str] | None:
+    """The persistent topics the embedded broker under `data_dir` has in `tenant/namespace` (None: cannot tell).
+
+    Read from pulsar-lite 0.2's metadata file (``db.metadata.json``, written as each topic is made),
+    because the embedded broker has no admin API; a layout this does not know answers None.
+    """
+    try:
+        metadata = json.loads((data_dir / "db.metadata.json").read_text())
+    except FileNotFoundError:
+        return []  # nothing was ever stored
+    except (OSError, ValueError):
+        return None
+    if not isinstance(metadata, dict) or metadata.get("version") != 2:
+        return None
+    stores = [v for k, v in metadata.items() if k not in ("version", "partitioned_topics") and isinstance(v, dict)]
+    found: set[str] = set()
+    for store in stores:
+        topics = store.get(tenant, {}).get(namespace, {}).get("persistent", {})
+        found.update(f"persistent://{tenant}/{namespace}/{name}" for name in topics)
+    return sorted(found)
+
+
 class SubscriptionLease:
     """One process at a time consumes a subscription of the embedded broker.
 

@@ -178,7 +178,9 @@ class Settings(BaseSettings):
     )
 
     shutdown_drain_timeout: float = Field(default=30.0, ge=0)
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        default="INFO", description="CRITICAL: nothing from the Pulsar client at all (the one-shot commands' level)."
+    )
     log_format: Literal["text", "json"] = Field(default="text", description="json: one JSON object per line.")
 
     metrics: bool = Field(default=False, description="Collect metrics (on by itself when EVENTBUS_METRICS_PORT is set).")

@@ -97,7 +97,7 @@ def base_env() -> dict[str, str]:
 
 
 @pytest.fixture
-def subprocess_env(base_env: dict[str, str], settings: Settings) -> dict[str, str]:
+def subprocess_env(base_env: dict[str, str], settings: Settings, request: pytest.FixtureRequest) -> dict[str, str]:
     """A child process's environment that reaches the same broker as `settings`."""
     env = dict(base_env)
     if settings.uses_embedded:
@@ -105,6 +105,10 @@ def subprocess_env(base_env: dict[str, str], settings: Settings) -> dict[str, st
     else:
         env["EVENTBUS_URL"] = settings.url
         env["EVENTBUS_TOKEN"] = settings.jwt() or ""
+        # The dlq commands ask the admin API whether a topic exists (a client lookup would create it).
+        pulsar = request.getfixturevalue("pulsar")
+        env["EVENTBUS_ADMIN_URL"] = pulsar["admin_url"]
+        env["EVENTBUS_ADMIN_TOKEN"] = pulsar["admin_token"]
     return env
 
 

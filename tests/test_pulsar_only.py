@@ -227,6 +227,7 @@ def test_a_publish_and_a_resend_the_broker_never_answers_end_at_the_deadline_nam
 
     anyio.run(dead_letter)
     env = {**base_env, "EVENTBUS_URL": pulsar["service_url"], "EVENTBUS_TOKEN": pulsar["client_token"],
+           "EVENTBUS_ADMIN_URL": pulsar["admin_url"], "EVENTBUS_ADMIN_TOKEN": pulsar["admin_token"],
            "EVENTBUS_SEND_DEADLINE_SECONDS": "3"}
     started = time.monotonic()
     published = subprocess.run([sys.executable, "-m", "eventbus", "publish", topic, big], env=env,
