@@ -225,6 +225,7 @@ class SubscriptionRunner:
                 for _ in range(len(queue) - keep):
                     self._active.discard(queue.pop()[1])
                     self._finished += 1
+                    self._not_handled("left_at_stop")
         waiting = []
         while not self._queued.empty():
             waiting.append(self._queued.get_nowait())
@@ -418,6 +419,10 @@ class SubscriptionRunner:
         except BaseException as exc:  # a bug: the batch's count can no longer be trusted
             self._die(exc)
 
+    def _not_handled(self, reason: str) -> None:
+        if self._counts is not None:
+            self._counts.not_handled[reason] += 1
+
     def _dispatch(self, batch: list[RawMessage]) -> None:
         if self._counts is not None:
             self._counts.received += len(batch)
@@ -430,6 +435,7 @@ class SubscriptionRunner:
             if ident in active or ident in self._acked:
                 self.duplicates += 1
                 self._finished += 1
+                self._not_handled("duplicate")
                 if ident not in active:
                     self._acks.append(message)  # acknowledged before, yet here again: once more
                 continue
@@ -438,6 +444,7 @@ class SubscriptionRunner:
             if stopping and (ident[:3] not in self._begun or lane in self._closed_lanes):
                 self._closed_lanes.add(lane)  # left for the broker to send again, and its lane's later ones
                 self._finished += 1
+                self._not_handled("left_at_stop")
                 continue
             active.add(ident)
             queue = lanes.get(lane)

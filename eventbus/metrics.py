@@ -46,6 +46,8 @@ class SubscriptionCounts:
 
     def __init__(self) -> None:
         self.received = 0
+        #: Received and never handed to the handler: a duplicate of one running or acknowledged, or left at a stop.
+        self.not_handled = {"duplicate": 0, "left_at_stop": 0}
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
         self.handler = Durations()
         self.dead_letters = {"ok": 0, "error": 0}
@@ -99,6 +101,12 @@ class Metrics:
         subscribes = CounterMetricFamily(
             "eventbus_consumer_subscribes", "Consumers created (first subscribe and re-subscribes).", labels=sub
         )
+        not_handled = CounterMetricFamily(
+            "eventbus_messages_not_handled",
+            "Messages received and never handed to the handler, by reason: duplicate (of one running or "
+            "acknowledged), left_at_stop (unacknowledged, for the broker to send again).",
+            labels=[*sub, "reason"],
+        )
         for (topic, group), counts in list(self.subscriptions.items()):
             labels = [topic, group]
             received.add_metric(labels, counts.received)
@@ -109,6 +117,8 @@ class Metrics:
             for result, value in counts.dead_letters.items():
                 dead.add_metric([*labels, result], value)
             subscribes.add_metric(labels, counts.subscribes)
+            for reason, value in counts.not_handled.items():
+                not_handled.add_metric([*labels, reason], value)
         published = CounterMetricFamily("eventbus_messages_published", "Messages the broker confirmed.", labels=["topic"])
         errors = CounterMetricFamily(
             "eventbus_publish_errors", "Messages the broker did not confirm, by result.", labels=["topic", "result"]
@@ -123,4 +133,6 @@ class Metrics:
             for result, value in list(counts_.errors.items()):
                 errors.add_metric([topic, result], value)
             publish_seconds.add_metric([topic], counts_.durations.cumulative(), counts_.durations.total)
-        yield from (received, handled, seconds, in_flight, dead, subscribes, published, errors, publish_seconds)
+        yield from (
+            received, handled, seconds, in_flight, dead, subscribes, not_handled, published, errors, publish_seconds
+        )

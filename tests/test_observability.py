@@ -14,6 +14,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from eventbus import EventBus, Message, Router, Settings
@@ -84,6 +85,38 @@ async def test_metrics_count_what_the_worker_did(settings: Settings, topic: str)
     assert _value(text, "eventbus_publish_duration_seconds_count", topic=full) >= 1
     assert _value(text, "eventbus_consumer_subscribes_total", **sub) == 1
     assert 'key="' not in text and "message_id" not in text, "no label per key or message"
+
+
+async def test_received_is_reconciled_with_outcomes_and_what_a_stop_left(settings: Settings, topic: str) -> None:
+    # One key, each message its own batch (each publish awaited): at the stop, the running one finishes
+    # and the received ones behind it are left for the broker: counted, so the received count adds up.
+    router = Router()
+    release = asyncio.Event()
+
+    @router.subscribe(topic, "g", initial_position="earliest")
+    async def handle(n: int) -> None:
+        if n == 0:
+            await release.wait()
+
+    observed = settings.model_copy(update={"metrics": True})
+    bus = EventBus(observed, routers=[router])
+    async with bus:
+        for n in range(20):
+            await bus.publish(topic, n, key="k")
+        assert bus.metrics is not None
+        counts = bus.metrics.subscription(settings.topic(topic), "g")
+        async with running(bus):
+            await eventually(lambda: counts.received == 20, what="all 20 received, 0 running")
+            bus.stop()
+            release.set()
+    text = generate_latest(bus.metrics.registry).decode()
+    sub = {"topic": settings.topic(topic), "group": "g"}
+    left = _value(text, "eventbus_messages_not_handled_total", **sub, reason="left_at_stop")
+    ok = _value(text, "eventbus_messages_handled_total", **sub, outcome="ok")
+    assert (ok, left) == (1, 19)
+    assert _value(text, "eventbus_messages_received_total", **sub) == ok + left + _value(
+        text, "eventbus_messages_not_handled_total", **sub, reason="duplicate"
+    )
 
 
 async def test_readyz_is_up_while_consuming_and_down_from_the_stop(settings: Settings, topic: str) -> None:
