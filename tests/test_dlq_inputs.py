@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import json
 import uuid
-from typing import Any
 
 import pytest
 from pydantic import SecretStr
 
-from eventbus import EventBus, Settings
+from eventbus import Settings
 from eventbus.admin import namespace_topics
 from eventbus.testing import Harness
 
@@ -85,3 +83,41 @@ def test_one_shot_errors_are_our_line_alone(pulsar: dict, base_env: dict[str, st
     missing = cli({**env, "EVENTBUS_NAMESPACE": f"no-such-{uuid.uuid4().hex[:6]}"}, "publish", topic, "1")
     assert busy.returncode == 1 and "ProducerBusy" in one_line_error(busy)
     assert missing.returncode == 2 and "namespaces create public/no-such-" in one_line_error(missing)
+
+
+async def test_show_status_and_metrics_agree_on_what_waits_after_a_filtered_replay(
+    settings: Settings, subprocess_env: dict[str, str], topic: str, request: pytest.FixtureRequest
+) -> None:
+    from eventbus import Router
+
+    router = Router()
+
+    @router.subscribe(topic, "billing", max_retries=0)
+    async def billing(order: dict) -> None:
+        raise (KeyError if order["n"] else ValueError)(f"order {order['n']}")
+
+    observed = settings.model_copy(update={"metrics": True})
+    async with Harness(observed, [router]) as app:
+        await app.publish(topic, {"n": 0})
+        await app.publish(topic, {"n": 1})
+        await app.wait_dead_lettered(2)
+        assert app.bus.metrics is not None
+        dead_lettered = app.bus.metrics.subscription(settings.topic(topic), "billing").dead_letters["ok"]
+    replay = cli(subprocess_env, "dlq", "replay", topic, "billing", "--error-type", "KeyError")
+    assert replay.returncode == 0 and replay.stdout.count("replayed ") == 1, replay.stderr
+
+    shown = json.loads(cli(subprocess_env, "dlq", "show", topic, "billing", "--json").stdout)
+    every = json.loads(cli(subprocess_env, "dlq", "show", topic, "billing", "--json", "--all").stdout)
+    assert [(d["error_type"], d["replayed"]) for d in shown] == [("ValueError", False)]
+    assert sorted((d["error_type"], d["replayed"]) for d in every) == [("KeyError", True), ("ValueError", False)]
+    assert len(every) == dead_lettered == 2, "every one the worker counted is stored"
+    text = cli(subprocess_env, "dlq", "show", topic, "billing", "--all")
+    assert text.stdout.count("(replayed)") == 1 and "2 dead letter(s) stored, 1 of them replayed" in text.stderr
+
+    env = dict(subprocess_env)
+    status = cli(env, "status", "--topic", topic, "--group", "billing")
+    assert status.returncode == 0, status.stderr
+    if settings.url:
+        assert "1 not replayed" in status.stdout, status.stdout
+    else:
+        assert status.stdout.splitlines()[1].split()[-1] == "1", status.stdout
