@@ -147,6 +147,67 @@ def new_message_id(ledger: int, entry: int, partition: int = -1, batch_index: in
     return _pulsar.MessageId(partition, ledger, entry, batch_index)
 
 
+def batch_size(message_id: MessageId) -> int:
+    """How many messages the entry of a received message holds (1: not batched).
+
+    The client keeps it in the id (protobuf `MessageIdData.batch_size`, field 6), which only
+    `serialize()` shows. A reader needs it to know it has a whole entry: the client unpacks a
+    batch into its receiver queue one message at a time, so an empty queue can still be short
+    of the rest of the batch (a read-back that stopped there lost the end of the last batch).
+    """
+    data, i, found = message_id.serialize(), 0, 0
+    while i < len(data):
+        key, i = _varint(data, i)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(data, i)
+            if field == 6:
+                found = value
+        elif wire == 2:
+            length, i = _varint(data, i)
+            i += length
+        else:
+            i += 8 if wire == 1 else 4
+    return max(1, found)
+
+
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        byte = data[i]
+        value |= (byte & 0x7F) << shift
+        i += 1
+        if byte < 0x80:
+            return value, i
+        shift += 7
+
+
+class LastEntry:
+    """Tells a reader when it has every message of a topic's last entry, as it stood when asked."""
+
+    def __init__(self, last: MessageId) -> None:
+        self.end = (int(last.ledger_id()), int(last.entry_id()))
+        self._seen: set[int] = set()
+        self._size = 0
+
+    @property
+    def empty(self) -> bool:
+        """The topic held nothing."""
+        return min(self.end) < 0
+
+    def past(self, message: RawMessage) -> bool:
+        """Stored after the last entry (a reader that began before it came)."""
+        return ident_of(message)[1:3] > self.end
+
+    def reached(self, message: RawMessage) -> bool:
+        """Count `message`; True once every message of the last entry has been counted."""
+        ident = ident_of(message)
+        if ident[1:3] == self.end:
+            self._seen.add(ident[3])
+            self._size = batch_size(message.message_id())
+        return bool(self._seen) and len(self._seen) >= self._size
+
+
 def stored(message_id: MessageId) -> bool:
     """Whether a receipt's id names a place in the topic.
 
@@ -319,19 +380,16 @@ class Client:
                 if exc.result == "UnknownError":  # a topic with nothing stored answers so
                     return []
                 raise
-            end = (last.ledger_id(), last.entry_id())
+            end = LastEntry(last)
             found: list[RawMessage] = []
-            wait_ms = 5_000
-            while min(end) >= 0 and (limit is None or len(found) < limit):
+            done = end.empty
+            while not done and (limit is None or len(found) < limit):
                 # The consumer's receive blocks: a thread, never the event loop.
-                batch = await asyncio.to_thread(consumer.receive, 1_000, wait_ms)
+                batch = await asyncio.to_thread(consumer.receive, 1_000, 5_000)
                 if not batch:
-                    if wait_ms:
-                        raise EventBusError(f"cannot read {topic}: nothing came for 5 s before its last message")
-                    break  # the last entry came whole with the rest of its batch
+                    raise EventBusError(f"cannot read {topic}: nothing came for 5 s before its last message")
                 found += batch
-                if any(ident_of(m)[1:3] >= end for m in batch):
-                    wait_ms = 0
+                done = any([end.reached(m) for m in batch])  # every one counted: a list, not a generator
             return found[:limit]
         finally:
             await consumer.unsubscribe()

@@ -14,7 +14,7 @@ from typing import Any
 
 import anyio
 
-from .client import Consumer, MessageId, RawMessage, build_message, id_text, ident_of, key_of, stored
+from .client import Consumer, LastEntry, MessageId, RawMessage, build_message, id_text, key_of, stored
 from .connect import Connection, connect
 from .errors import ConfigError, EventBusError
 from .handling import DEAD_LETTER_PROPERTIES, REPLAY_SUBSCRIPTION
@@ -134,7 +134,7 @@ async def _listed(
         # a batch whole unless the broker takes batch-index acks): what the retry topic holds is replayed.
         waiting = {
             d.message_id: d
-            async for d in _dead_letters(_waiting(consumer, None))
+            async for d in _dead_letters(_waiting(consumer))
             if f"{dead_letters}@{d.message_id}" not in replayed
         }
     if not every:
@@ -193,30 +193,27 @@ async def _replay_subscription(connection: Connection, dead_letters: str) -> Asy
             lease.release()
 
 
-async def _waiting(consumer: Consumer, limit: int | None) -> AsyncGenerator[RawMessage, None]:
+async def _waiting(consumer: Consumer) -> AsyncGenerator[RawMessage, None]:
     """The subscription's unacknowledged messages, oldest first, up to the topic's last one now.
 
-    It ends at the last stored message when that one is unacknowledged; otherwise when nothing more
-    came for `_QUIET_MS` (the broker sends what a new consumer may have at once).
+    It ends once it has every message of the last stored entry, when those are unacknowledged;
+    otherwise when nothing more came for `_QUIET_MS` (the broker sends what a new consumer may have at once).
     """
-    last = await consumer.last_message_id()
-    end = (last.ledger_id(), last.entry_id())
-    if min(end) < 0:
+    end = LastEntry(await consumer.last_message_id())
+    if end.empty:
         return
-    count, wait_ms = 0, _QUIET_MS
-    while limit is None or count < limit:
+    while True:
         # The consumer's receive blocks: a thread of its own, as the worker's.
-        batch: list[RawMessage] = await anyio.to_thread.run_sync(consumer.receive, 100, wait_ms)
+        batch: list[RawMessage] = await anyio.to_thread.run_sync(consumer.receive, 100, _QUIET_MS)
         if not batch:
             return
         for raw in batch:
-            place = ident_of(raw)[1:3]
-            if place > end or (limit is not None and count >= limit):
+            if end.past(raw):
                 return  # dead-lettered after we began (a replayed one failing again, say)
-            if place == end:
-                wait_ms = 0  # the rest of the last entry's batch is here already
-            count += 1
+            reached = end.reached(raw)
             yield raw
+            if reached:
+                return
 
 
 def sequence_id(message_id: MessageId) -> int | None:
@@ -256,9 +253,8 @@ async def replay(
     """Send `group`'s dead letters back to `group` alone (its retry topic), up to the last one there now.
 
     Each is acknowledged on the `eventbus-replay` subscription only once it is stored on the retry
-    topic: its resend confirmed, or (a resend the broker dropped as a duplicate) read back there. A
-    replay stopped half way and run again resends the rest; with deduplication on the namespace, a
-    resend of one already stored is dropped by the broker. A dry run sends and acknowledges nothing.
+    topic: found there (a replay before stored it) or its resend confirmed with a place (`_Resend`).
+    A replay stopped half way and run again resends the rest. A dry run sends and acknowledges nothing.
     """
     dead_letters, retries = topics(settings, topic, group)
     report = ReplayReport(dead_letters, retries)
@@ -273,7 +269,7 @@ async def replay(
                 # The producer first, even for a dry run: a retry topic that refuses it fails the replay at once.
                 producer = await producers.get(retries)
                 resend = _Resend(producer, dead_letters, await _replayed(connection, retries), settings.send_deadline_seconds)
-                async with contextlib.aclosing(_waiting(consumer, None)) as waiting:
+                async with contextlib.aclosing(_waiting(consumer)) as waiting:
                     await _replay_each(waiting, consumer, resend, dry_run, report, error_type, limit, progress)
             finally:
                 # A resend the broker never answered keeps its slot: closing would wait for it for good.

@@ -14,6 +14,7 @@ import anyio
 import pytest
 
 from eventbus import EventBus, Settings
+from eventbus.client import LastEntry
 from eventbus.embedded import EmbeddedBroker
 
 
@@ -126,9 +127,9 @@ async def running(bus: EventBus) -> AsyncIterator[EventBus]:
 def read_messages(client: Any, topic: str) -> list[Any]:
     """Every message stored on one (non-partitioned) topic, with the raw client, oldest first.
 
-    Read through a fresh shared subscription from the earliest message, up to the last message id the
-    broker reports, then removed: pulsar-lite's Reader (an exclusive subscription there) hands
-    messages over again and stalls (eventbus.profile.reads_by_subscription).
+    Read through a fresh shared subscription from the earliest message, until every message of the last
+    entry the broker reports (its batch counted) is in, then removed: pulsar-lite's Reader (an exclusive
+    subscription there) hands messages over again and stalls (eventbus.profile.reads_by_subscription).
     """
     import pulsar
 
@@ -137,24 +138,24 @@ def read_messages(client: Any, topic: str) -> list[Any]:
         initial_position=pulsar.InitialPosition.Earliest,
     )
     try:
-        last = consumer.get_last_message_id()
-        end = (last.ledger_id(), last.entry_id())
-    except Exception:  # a topic with nothing stored: pulsar-lite answers with an error
-        end = (-1, -1)
-    messages = []
-    wait_ms = 10_000
-    while min(end) >= 0:
         try:
-            message = consumer.receive(wait_ms)
-        except pulsar.Timeout:
-            assert wait_ms == 0, f"{topic}: nothing came for 10 s before its last message {end}"
-            break
-        messages.append(message)
-        mid = message.message_id()
-        if (mid.ledger_id(), mid.entry_id()) >= end:
-            wait_ms = 0  # the last entry's batch is in the receiver queue whole
-    consumer.unsubscribe()
-    return messages
+            end = LastEntry(consumer.get_last_message_id())
+        except Exception:  # a topic with nothing stored: pulsar-lite answers with an error
+            return []
+        messages: list[Any] = []
+        done = end.empty
+        while not done:
+            try:
+                message = consumer.receive(10_000)
+            except pulsar.Timeout:
+                raise AssertionError(f"{topic}: nothing came for 10 s before its last entry {end.end}") from None
+            messages.append(message)
+            # Whole: the client unpacks a batch into its queue one message at a time, so an empty queue after
+            # the last entry's first message is not its end (that lost the end of a batch on a busy machine).
+            done = end.reached(message)
+        return messages
+    finally:
+        consumer.unsubscribe()
 
 
 def raw_client(url: str, token: str | None) -> Any:

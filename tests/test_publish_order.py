@@ -169,3 +169,30 @@ async def test_a_keys_publishes_are_stored_in_call_order_across_a_stopped_broker
             os.kill(pulsar["pid"], signal.SIGCONT)
         await asyncio.gather(*tasks)
     _check(settings, topic, ids, 8)
+
+
+def test_the_read_back_helper_gets_a_last_entry_whole_on_a_busy_machine(settings: Settings, topic: str) -> None:
+    # A topic whose last entry is a batch of 1,000 (one key, one loop turn), read back 50 times on a
+    # machine kept busy: every time, every message.
+    import subprocess
+    import sys
+
+    async def publish() -> tuple[str, list[Any]]:
+        async with EventBus(settings, routers=[]) as bus:
+            await bus.publish(topic, -1)
+            ids = await asyncio.gather(*(bus.publish(topic, n, key="one") for n in range(1000)))
+            return bus.url, ids
+
+    url, ids = asyncio.run(publish())
+    assert len({id_of(i)[1:3] for i in ids}) == 1, "the last entry is one batch of 1,000"
+    # Four spinning processes on two cores: the old helper, which took an empty queue after the last entry's
+    # first message for its end, then lost up to 980 of the batch on Apache Pulsar in 200 reads.
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(4)]
+    try:
+        for _ in range(50):
+            stored = read_stored(url, settings.jwt(), settings.topic(topic))
+            assert len(stored) == 1001 and [stored[str(n).encode()] for n in range(1000)] == [[id_of(i)] for i in ids]
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
