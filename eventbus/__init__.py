@@ -28,6 +28,7 @@ from .errors import (
     SubscriptionFailed,
 )
 from .consumer import RunningSubscription
+from .context import UnawaitedPublish
 from .handler import Publisher
 from .message import Message, MessageId
 from .registry import Publication, Router, Subscription, SubscriptionType, default_router, publisher, subscribe
@@ -53,6 +54,7 @@ __all__ = [
     "Subscription",
     "SubscriptionFailed",
     "SubscriptionType",
+    "UnawaitedPublish",
     "default_router",
     "publisher",
     "subscribe",

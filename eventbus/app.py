@@ -7,12 +7,18 @@ import importlib
 import inspect
 import re
 import sys
+import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
 from .bus import EventBus
 from .errors import ConfigError
 from .registry import Router, default_router
 from .settings import Settings
+
+_PACKAGE = Path(__file__).resolve().parent
+#: The checkout's example app, relative to the directory a command runs in.
+_EXAMPLE_APP = Path("handlers") / "demo.py"
 
 
 def import_target(module: str) -> object:
@@ -22,12 +28,36 @@ def import_target(module: str) -> object:
         raise ConfigError(f"{module!r} is a path: name the module instead, `{dotted}`")
     try:
         return importlib.import_module(module)
-    except ValueError as exc:  # bad @subscribe options
-        raise ConfigError(f"cannot load handlers from {module!r}: {exc}") from None
-    except TypeError as exc:
-        raise ConfigError(f"cannot load handlers from {module!r}: {exc}{_subscribe_hint(str(exc))}") from None
+    except (ValueError, TypeError) as exc:
+        # Bad @subscribe options (refused by registration, or by Python calling the decorator): our line says it all.
+        if _raised_by_us(exc) or "subscribe()" in str(exc):
+            hint = _subscribe_hint(str(exc)) if isinstance(exc, TypeError) else ""
+            raise ConfigError(f"cannot load handlers from {module!r}: {exc}{hint}") from None
+        raise _import_failed(module, exc) from None
     except Exception as exc:
-        raise ConfigError(f"cannot import handler module {module!r}: {type(exc).__name__}: {exc}") from None
+        raise _import_failed(module, exc) from None
+
+
+def _import_failed(module: str, exc: Exception) -> ConfigError:
+    """The error for a module that failed to import, with the user's traceback unless the module is not there."""
+    error = ConfigError(f"cannot import handler module {module!r}: {type(exc).__name__}: {exc}")
+    if not (isinstance(exc, ModuleNotFoundError) and exc.name is not None and module.startswith(exc.name)):
+        error.details = _user_traceback(exc)
+    return error
+
+
+def _raised_by_us(exc: BaseException) -> bool:
+    """Whether the innermost frame of the traceback is in this package (registration refusing an option)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(_PACKAGE)
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """The traceback from the user's module down, without the import machinery's frames or ours."""
+    found = traceback.TracebackException.from_exception(exc)
+    machinery = (str(Path(importlib.__file__).parent), "<frozen importlib", __file__)
+    found.stack = traceback.StackSummary.from_list([f for f in found.stack if not f.filename.startswith(machinery)])
+    return "".join(found.format())
 
 
 def _subscribe_hint(error: str) -> str:
@@ -51,9 +81,10 @@ def load(targets: Sequence[str], settings: Settings) -> EventBus:
 def resolve(targets: Sequence[str]) -> tuple[list[Router], EventBus | None]:
     """Import the targets: their routers, and the EventBus when a target names one (its routers are the app's)."""
     if not targets:
+        example = "; in this checkout, the example app: `handlers handlers.demo`" if _EXAMPLE_APP.exists() else ""
         raise ConfigError(
             "name the app: `myapp.handlers` (a module using @subscribe) or `myapp:router` "
-            "(a Router, a list of routers, or an EventBus); the example app: `run handlers handlers.demo`"
+            f"(a Router, a list of routers, or an EventBus){example}"
         )
     if "" not in sys.path:
         sys.path.insert(0, "")  # the current directory, as `python -m` has it

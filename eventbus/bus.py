@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from contextlib import AbstractContextManager, nullcontext
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -14,6 +14,7 @@ import anyio.abc
 
 from .codec import encode
 from .connect import Connection, connect
+from .context import CURRENT, Caller, caller, tracked, watch_unawaited
 from .consumer import RunningSubscription, SubscriptionRunner
 from .client import MessageId, build_message, id_text
 from .errors import ConfigError, PublishBatchError
@@ -113,6 +114,8 @@ class EventBus(Publisher):
     async def start(self) -> None:
         """Connect: start or join the embedded broker, or check the configured one answers."""
         self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
+        watch_unawaited(EventBus._publish.__code__)
+        watch_unawaited(EventBus._publish_many.__code__)
         connection = await connect(self.settings)
         self._connection = connection
         self._tracing = Tracing.for_provider(self._tracer_provider)
@@ -142,7 +145,7 @@ class EventBus(Publisher):
 
     # -- publishing -----------------------------------------------------------------
 
-    async def publish(
+    def publish(
         self,
         topic: str,
         payload: Any,
@@ -152,8 +155,8 @@ class EventBus(Publisher):
         deliver_after: timedelta | float | None = None,
         event_time: datetime | int | None = None,
         sequence_id: int | None = None,
-    ) -> MessageId:
-        """Publish one event; returns its id once the broker has stored it.
+    ) -> Coroutine[Any, Any, MessageId]:
+        """Publish one event; awaited, returns its id once the broker has stored it.
 
         >>> await bus.publish("orders", {"id": "o-1"}, key="o-1")
 
@@ -164,8 +167,26 @@ class EventBus(Publisher):
         the namespace, makes a resend of the same id a no-op at the broker.
 
         Raises `TypeError` before sending when the payload cannot be encoded,
-        and `PublishError` when the broker did not confirm it.
+        and `PublishError` when the broker did not confirm it. Not awaited, nothing is sent: inside a
+        handler that fails the attempt, elsewhere it is logged at ERROR naming the caller.
         """
+        where = caller()
+        coroutine = self._publish(topic, payload, key, properties, deliver_after, event_time, sequence_id, where)
+        if CURRENT.get() is not None:
+            tracked(coroutine, "publish", topic, where)
+        return coroutine
+
+    async def _publish(
+        self,
+        topic: str,
+        payload: Any,
+        key: str | bytes | None,
+        properties: Mapping[str, str] | None,
+        deliver_after: timedelta | float | None,
+        event_time: datetime | int | None,
+        sequence_id: int | None,
+        _caller: Caller,  # read when it is never awaited (context.watch_unawaited)
+    ) -> MessageId:
         if self._instrumented:
             return await self._publish_instrumented(
                 topic, payload, key=key, properties=properties, deliver_after=deliver_after, event_time=event_time,
@@ -225,7 +246,7 @@ class EventBus(Publisher):
             return nullcontext((None, properties))
         return self._tracing.send(topic, properties, **attributes)
 
-    async def publish_batch(
+    def publish_batch(
         self,
         topic: str,
         payloads: Iterable[Any],
@@ -234,12 +255,28 @@ class EventBus(Publisher):
         properties: Mapping[str, str] | None = None,
         deliver_after: timedelta | float | None = None,
         event_time: datetime | int | None = None,
-    ) -> list[MessageId]:
-        """Publish many events at once; returns their ids in order.
+    ) -> Coroutine[Any, Any, list[MessageId]]:
+        """Publish many events at once; awaited, returns their ids in order.
 
         Every payload is encoded before the first is sent. When some are not
         confirmed, raises `PublishBatchError` naming each failure by index.
         """
+        where = caller()
+        coroutine = self._publish_many(topic, payloads, key, properties, deliver_after, event_time, where)
+        if CURRENT.get() is not None:
+            tracked(coroutine, "publish_batch", topic, where)
+        return coroutine
+
+    async def _publish_many(
+        self,
+        topic: str,
+        payloads: Iterable[Any],
+        key: str | bytes | None,
+        properties: Mapping[str, str] | None,
+        deliver_after: timedelta | float | None,
+        event_time: datetime | int | None,
+        _caller: Caller,  # read when it is never awaited (context.watch_unawaited)
+    ) -> list[MessageId]:
         if self._instrumented:
             payloads = list(payloads)
             full = self.settings.topic(topic)

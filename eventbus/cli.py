@@ -17,7 +17,6 @@ from typing import NoReturn
 
 import anyio
 import orjson
-from pydantic import ValidationError
 
 from .app import load, resolve
 from . import deadletters
@@ -152,17 +151,6 @@ def _port(text: str) -> int:
     if not text.isdigit() or not 0 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port (0-65535)")
     return int(text)
-
-
-def _settings() -> Settings:
-    try:
-        return Settings()
-    except ValidationError as exc:
-        problems = "; ".join(
-            (f"EVENTBUS_{str(e['loc'][0]).upper()}: " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
-            for e in exc.errors()
-        )
-        raise _Fail(f"invalid settings: {problems} (see .env.example)", EXIT_USAGE) from None
 
 
 async def _run(bus: EventBus, supervisor: int | None = None) -> None:
@@ -330,7 +318,7 @@ async def _publish(settings: Settings, args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     args = _parser(prog or Path(sys.argv[0]).name).parse_args(argv)
     try:
-        settings = _settings()
+        settings = Settings()
         setup_logging(settings.log_level, settings.log_format)
         if args.command != "run" and settings.log_level != "DEBUG":
             # A one-shot command's failure is our one line; the C++ client's ERROR line about it is noise.
@@ -361,6 +349,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         print(printable(f"error: {exc}"), file=sys.stderr)
         return exc.code
     except EventBusError as exc:
+        if exc.details:
+            sys.stderr.write(exc.details)  # the user's traceback, then our line last
         print(printable(f"error: {exc}"), file=sys.stderr)
         return exc.exit_code
     except ValueError as exc:  # a topic name the settings cannot resolve

@@ -91,8 +91,10 @@ def build_message(
     if properties:
         for name, value in properties.items():
             if not isinstance(name, str) or not isinstance(value, str):
+                bad = value if isinstance(name, str) else name
                 raise TypeError(
-                    f"message property {name!r}={value!r} is not str=str: convert property values to strings"
+                    f"message property {name!r}={value!r}: names and values must be str, and {bad!r} is of type "
+                    f"{type(bad).__name__}; convert it with str()"
                 )
             try:
                 builder.property(name, value)
@@ -140,6 +142,10 @@ def key_of(message: RawMessage) -> str | bytes:
 def id_text(message_id: MessageId) -> str:
     """``ledger:entry:partition:batch``, as Pulsar's own tools print an id."""
     return f"{message_id.ledger_id()}:{message_id.entry_id()}:{message_id.partition()}:{message_id.batch_index()}"
+
+
+# str() of an id is what Pulsar's own tools, our logs and the CLI print; pybind11's was a tuple, "(3,-1,0,0)".
+_pulsar.MessageId.__str__ = id_text
 
 
 def new_message_id(ledger: int, entry: int, partition: int = -1, batch_index: int = -1) -> MessageId:

@@ -13,6 +13,8 @@ class EventBusError(Exception):
     exit_code: ClassVar[int] = 1
     #: The client's result name when the broker or the client refused ("ConsumerBusy", "Timeout", ...).
     result: str | None = None
+    #: What the CLI shows above the error's one line: the traceback of the user's code that failed, if any.
+    details: str = ""
 
 
 class ConfigError(EventBusError):

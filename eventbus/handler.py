@@ -6,7 +6,7 @@ import abc
 import functools
 import inspect
 import typing
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -20,7 +20,7 @@ class Publisher(abc.ABC):
     """The bus as a handler sees it; `EventBus` is one. Annotate a parameter with either to receive it."""
 
     @abc.abstractmethod
-    async def publish(
+    def publish(
         self,
         topic: str,
         payload: Any,
@@ -30,10 +30,10 @@ class Publisher(abc.ABC):
         deliver_after: timedelta | float | None = None,
         event_time: datetime | int | None = None,
         sequence_id: int | None = None,
-    ) -> MessageId: ...
+    ) -> Coroutine[Any, Any, MessageId]: ...
 
     @abc.abstractmethod
-    async def publish_batch(
+    def publish_batch(
         self,
         topic: str,
         payloads: Iterable[Any],
@@ -42,7 +42,7 @@ class Publisher(abc.ABC):
         properties: Mapping[str, str] | None = None,
         deliver_after: timedelta | float | None = None,
         event_time: datetime | int | None = None,
-    ) -> list[MessageId]: ...
+    ) -> Coroutine[Any, Any, list[MessageId]]: ...
 
     @abc.abstractmethod
     def stop(self) -> None: ...
@@ -70,9 +70,11 @@ class Handler:
         self.name = handler_name(func)
         self.decode, self.payload_type, positional, payload_name, message_name, bus_name = _analyse(func, where)
         self.wants_message = message_name is not None
-        target = inspect.unwrap(func)
-        self.is_async = inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
-            getattr(target, "__call__", None)
+        # Async if the function called is, or what it wraps is: an async decorator around a sync function
+        # (functools.wraps) was run in a thread, its coroutine never awaited and the handler never run.
+        self.is_async = any(
+            inspect.iscoroutinefunction(f) or inspect.iscoroutinefunction(getattr(f, "__call__", None))
+            for f in (func, inspect.unwrap(func))
         )
         self.parameters = tuple(
             (name, role)
@@ -123,7 +125,14 @@ def _build_call(
     async def call_in_thread(payload: Any, message: Message | None, bus: Publisher) -> None:
         args, kwargs = arguments(payload, message, bus)
         # A thread cannot be stopped: cancelled (timeout, drain), it runs on, abandoned.
-        await anyio.to_thread.run_sync(functools.partial(func, *args, **kwargs), abandon_on_cancel=True)
+        result = await anyio.to_thread.run_sync(functools.partial(func, *args, **kwargs), abandon_on_cancel=True)
+        if inspect.isawaitable(result):
+            if inspect.iscoroutine(result):
+                result.close()
+            raise TypeError(
+                f"{handler_name(func)} is a plain function that returned {type(result).__name__}, which nobody "
+                "awaits: make it `async def`, or give its decorator functools.wraps of an async function"
+            )
 
     return call_in_thread
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -13,6 +14,7 @@ import anyio
 
 from .client import MessageId, RawMessage, id_text, key_of
 from .codec import DecodeError
+from .context import CURRENT, Attempt
 from .errors import Reject
 from .events import DeadLettered, Handled, Observer, Outcome
 from .handler import Publisher
@@ -130,10 +132,18 @@ class Handling:
             metadata = None
             try:
                 metadata = Message.of(message, earlier + attempt) if handler.wants_message else None
-                if self._tracing is None:
-                    await self._call(payload, metadata)
-                else:
-                    await self._call_traced(self._tracing, payload, metadata, message, earlier + attempt)
+                # The handler's own log lines carry the message's fields; its publishes must be awaited.
+                current = Attempt(sub.name, functools.partial(self._fields, message, earlier + attempt))
+                token = CURRENT.set(current)
+                try:
+                    if self._tracing is None:
+                        await self._call(payload, metadata)
+                    else:
+                        await self._call_traced(self._tracing, payload, metadata, message, earlier + attempt)
+                finally:
+                    CURRENT.reset(token)
+                if current.publishes:
+                    current.check()
                 if self._counts is not None:
                     self._counts.outcomes["ok"] += 1
                 if self._observer is not None:

@@ -8,6 +8,8 @@ from typing import Any
 
 import orjson
 
+from .context import CURRENT
+
 #: Fields a handler's log lines carry (`extra=`), shown by the JSON format.
 FIELDS = ("topic", "group", "message_id", "key", "attempt", "trace_id")
 
@@ -76,6 +78,21 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line).decode()
 
 
+class MessageFields(logging.Filter):
+    """Gives a record made during a handler attempt that message's fields (topic, group, message_id, key, attempt).
+
+    So a handler's own `log.info(...)` lines tell which message they are about, as the bus's lines do.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        attempt = CURRENT.get()
+        if attempt is not None:
+            for name, value in attempt.fields().items():
+                if not hasattr(record, name):
+                    setattr(record, name, value)
+        return True
+
+
 def setup_logging(level: str, form: str = "text") -> None:
     """Logging to stderr at `level`, as text or JSON lines; the client's and httpx's chatter held back."""
     logging.basicConfig(
@@ -84,6 +101,7 @@ def setup_logging(level: str, form: str = "text") -> None:
     if form == "json":
         for handler in logging.getLogger().handlers:
             handler.setFormatter(JsonFormatter())
+            handler.addFilter(MessageFields())
     # The C++ client is chatty at INFO (every connection and lookup).
     logging.getLogger("eventbus.pulsar").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
     # httpx logs each request at INFO (eventbus status asks the admin API a few times per subscription).

@@ -81,7 +81,7 @@ class Publication:
         if isinstance(expected, type) and not isinstance(payload, expected):
             raise TypeError(
                 f"publish to {self.topic!r}: the app declares {expected.__qualname__} payloads there "
-                f"(Router.publisher), not {type(payload).__qualname__}; publish a {expected.__qualname__}"
+                f"(Router.publisher), not {type(payload).__qualname__}: pass {expected.__qualname__}(...) instead"
             )
 
 

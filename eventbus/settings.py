@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from .errors import ConfigError
 
 _DEFAULT_PORTS = {"pulsar": 6650, "pulsar+ssl": 6651}
 
@@ -194,6 +196,16 @@ class Settings(BaseSettings):
         default=10.0, gt=0, description="/livez fails once the event loop has not run for this long."
     )
 
+    def __init__(self, **values: Any) -> None:
+        """Raises `ConfigError` naming each bad setting, as the command line does: an unknown name too."""
+        unknown = [name for name in values if not name.startswith("_") and name not in _accepted_names()]
+        if unknown:
+            raise ConfigError("; ".join(f"Settings({name}=...): {_closest(name)}" for name in unknown))
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigError(settings_problem(exc)) from None
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -260,6 +272,28 @@ class Settings(BaseSettings):
         if "://" in name:
             return name
         return f"persistent://{self.tenant}/{self.namespace}/{name}"
+
+
+def settings_problem(exc: ValidationError) -> str:
+    """One line for what pydantic found wrong, each problem naming its variable."""
+    problems = "; ".join(
+        (f"EVENTBUS_{str(e['loc'][0]).upper()}: " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
+        for e in exc.errors()
+    )
+    return f"invalid settings: {problems} (see .env.example)"
+
+
+def _accepted_names() -> set[str]:
+    names = set(Settings.model_fields)
+    for info in Settings.model_fields.values():
+        if isinstance(info.validation_alias, AliasChoices):
+            names.update(a for a in info.validation_alias.choices if isinstance(a, str))
+    return names
+
+
+def _closest(name: str) -> str:
+    close = difflib.get_close_matches(name.lower(), list(Settings.model_fields), n=1, cutoff=0.6)
+    return f"not a setting (did you mean {close[0]}?)" if close else "not a setting (see .env.example for the settings)"
 
 
 def variable_names() -> dict[str, str]:

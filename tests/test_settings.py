@@ -5,9 +5,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
 
-from eventbus import EventBus, Settings
+from eventbus import ConfigError, EventBus, Settings
 from eventbus.settings import normalize_service_url
 
 
@@ -113,8 +112,22 @@ def test_unreadable_token_file_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_bad_numbers_name_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EVENTBUS_CONSUMER_RECEIVER_QUEUE_SIZE", "0")
-    with pytest.raises(ValidationError, match="consumer_receiver_queue_size"):
+    with pytest.raises(ConfigError, match="EVENTBUS_CONSUMER_RECEIVER_QUEUE_SIZE: Input should be greater than or equal to 1"):
         Settings()
+
+
+def test_a_misspelt_setting_from_python_is_one_line_naming_the_closest(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Settings(urll=...) was ignored without a word; a typo in the environment gave pydantic's boilerplate.
+    with pytest.raises(ConfigError) as caught:
+        Settings(_env_file=None, urll="pulsar://b:6650")
+    assert str(caught.value) == "Settings(urll=...): not a setting (did you mean url?)"
+    assert Settings(_env_file=None, MQ_NAME_SERVER="pulsar://b:6650").url == "pulsar://b:6650", "aliases still work"
+    monkeypatch.setenv("EVENTBUS_URLL", "pulsar://b:6650")
+    with pytest.raises(ConfigError) as env_caught:
+        Settings(_env_file=None)
+    assert str(env_caught.value) == (
+        "invalid settings: EVENTBUS_URLL is not a setting (did you mean EVENTBUS_URL?) (see .env.example)"
+    )
 
 
 def test_token_stays_out_of_logs(settings: Settings, subprocess_env: dict[str, str], topic: str) -> None:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Literal
 
 import anyio
 
-from ..client import new_message_id
+from ..client import id_text, new_message_id
 from ..codec import DecodeError, encode
+from ..context import CURRENT, Attempt, caller, tracked
 from ..events import Published
 from ..handler import Publisher
 from ..handling import HandlerTimeout, backoff, cancelled_by_us, verdict
@@ -38,7 +39,7 @@ class RecordingPublisher(Publisher):
             raise ValueError(problem)
         return name if "://" in name else f"persistent://{self._tenant}/{self._namespace}/{name}"
 
-    async def publish(
+    def publish(
         self,
         topic: str,
         payload: Any,
@@ -48,13 +49,12 @@ class RecordingPublisher(Publisher):
         deliver_after: timedelta | float | None = None,
         event_time: datetime | int | None = None,
         sequence_id: int | None = None,
-    ) -> MessageId:
-        data, _ = encode(payload)  # raises TypeError as the bus would
-        message_id = new_message_id(0, next(self._entries))
-        self.published.append(Published(self.topic(topic), key, payload, dict(properties or {}), data, message_id))
-        return message_id
+    ) -> Coroutine[Any, Any, MessageId]:
+        coroutine = self._record_one(topic, payload, key, properties)
+        tracked(coroutine, "publish", topic, caller())
+        return coroutine
 
-    async def publish_batch(
+    def publish_batch(
         self,
         topic: str,
         payloads: Iterable[Any],
@@ -63,11 +63,26 @@ class RecordingPublisher(Publisher):
         properties: Mapping[str, str] | None = None,
         deliver_after: timedelta | float | None = None,
         event_time: datetime | int | None = None,
+    ) -> Coroutine[Any, Any, list[MessageId]]:
+        coroutine = self._record(topic, list(payloads), key, properties)
+        tracked(coroutine, "publish_batch", topic, caller())
+        return coroutine
+
+    async def _record_one(
+        self, topic: str, payload: Any, key: str | bytes | None, properties: Mapping[str, str] | None
+    ) -> MessageId:
+        return (await self._record(topic, [payload], key, properties))[0]
+
+    async def _record(
+        self, topic: str, payloads: list[Any], key: str | bytes | None, properties: Mapping[str, str] | None
     ) -> list[MessageId]:
-        payloads = list(payloads)
-        for payload in payloads:
-            encode(payload)
-        return [await self.publish(topic, payload, key=key, properties=properties) for payload in payloads]
+        encoded = [encode(payload)[0] for payload in payloads]  # raises TypeError as the bus would, before any is kept
+        ids = []
+        for payload, data in zip(payloads, encoded):
+            message_id = new_message_id(0, next(self._entries))
+            self.published.append(Published(self.topic(topic), key, payload, dict(properties or {}), data, message_id))
+            ids.append(message_id)
+        return ids
 
     def stop(self) -> None:
         self.stopped += 1
@@ -176,11 +191,19 @@ async def call_handler(
         decoded = sub.handler.decode(data)
     except DecodeError as exc:
         return result("dead_letter" if sub.dead_letter else "drop", error=exc, reason="undecodable")
+    fields: dict[str, object] = {"topic": full_topic, "group": sub.group, "message_id": id_text(message.message_id), "key": key,
+              "attempt": attempt}
+    current = Attempt(sub.name, lambda: fields)
     try:
-        with anyio.move_on_after(sub.timeout) as scope:
-            await sub.handler.call(decoded, message if sub.handler.wants_message else None, publisher)
+        token = CURRENT.set(current)
+        try:
+            with anyio.move_on_after(sub.timeout) as scope:
+                await sub.handler.call(decoded, message if sub.handler.wants_message else None, publisher)
+        finally:
+            CURRENT.reset(token)
         if scope.cancelled_caught:
             raise HandlerTimeout(f"the handler did not finish within {sub.timeout:g}s (subscribe(timeout=...))")
+        current.check()
     except BaseException as exc:
         if cancelled_by_us(exc):
             raise
