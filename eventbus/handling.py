@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import random
 import time
@@ -133,15 +132,18 @@ class Handling:
             try:
                 metadata = Message.of(message, earlier + attempt) if handler.wants_message else None
                 # The handler's own log lines carry the message's fields; its publishes must be awaited.
-                current = Attempt(sub.name, functools.partial(self._fields, message, earlier + attempt))
-                token = CURRENT.set(current)
+                current = CURRENT.get()
+                if current is None or current.owner is not self:
+                    current = Attempt(sub.name, self._fields, owner=self)
+                    CURRENT.set(current)  # in the lane task running this, for all its messages
+                current.begin(message, earlier + attempt)
                 try:
                     if self._tracing is None:
                         await self._call(payload, metadata)
                     else:
                         await self._call_traced(self._tracing, payload, metadata, message, earlier + attempt)
                 finally:
-                    CURRENT.reset(token)
+                    current.active = False
                 if current.publishes:
                     current.check()
                 if self._counts is not None:

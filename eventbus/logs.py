@@ -86,7 +86,7 @@ class MessageFields(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         attempt = CURRENT.get()
-        if attempt is not None:
+        if attempt is not None and attempt.active:
             for name, value in attempt.fields().items():
                 if not hasattr(record, name):
                     setattr(record, name, value)

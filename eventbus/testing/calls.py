@@ -193,7 +193,8 @@ async def call_handler(
         return result("dead_letter" if sub.dead_letter else "drop", error=exc, reason="undecodable")
     fields: dict[str, object] = {"topic": full_topic, "group": sub.group, "message_id": id_text(message.message_id), "key": key,
               "attempt": attempt}
-    current = Attempt(sub.name, lambda: fields)
+    current = Attempt(sub.name, lambda _message, _number: fields)
+    current.begin(message, attempt)
     try:
         token = CURRENT.set(current)
         try:
