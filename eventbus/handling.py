@@ -132,10 +132,7 @@ class Handling:
             try:
                 metadata = Message.of(message, earlier + attempt) if handler.wants_message else None
                 # The handler's own log lines carry the message's fields; its publishes must be awaited.
-                current = CURRENT.get()
-                if current is None or current.owner is not self:
-                    current = Attempt(sub.name, self._fields, owner=self)
-                    CURRENT.set(current)  # in the lane task running this, for all its messages
+                current = self._attempts()
                 current.begin(message, earlier + attempt)
                 try:
                     if self._tracing is None:
@@ -177,6 +174,14 @@ class Handling:
                 if await sleep_unless(self._finished, delay):
                     return False  # unacknowledged: redelivered
                 payload = handler.decode(data)  # a fresh copy: the handler may have changed it
+
+    def _attempts(self) -> Attempt:
+        """The attempt context of the lane task running this: made once per task, for all its messages."""
+        current = CURRENT.get()
+        if current is None or current.owner is not self:
+            current = Attempt(self.sub.name, self._fields, owner=self)
+            CURRENT.set(current)
+        return current
 
     def _observe(
         self, message: RawMessage, payload: Any, metadata: Message | None, attempt: int, outcome: Outcome,

@@ -110,6 +110,25 @@ class CallResult:
         return self.outcome == "ok"
 
 
+async def _attempt(sub: Subscription, decoded: Any, message: Message, publisher: Publisher) -> None:
+    """The handler's call as the worker makes it: in an attempt context (log fields, publishes awaited), timed out."""
+    fields: dict[str, object] = {
+        "topic": message.topic, "group": sub.group, "message_id": id_text(message.message_id), "key": message.key,
+        "attempt": message.attempt,
+    }
+    current = Attempt(sub.name, lambda _message, _number: fields)
+    current.begin(message, message.attempt)
+    token = CURRENT.set(current)
+    try:
+        with anyio.move_on_after(sub.timeout) as scope:
+            await sub.handler.call(decoded, message if sub.handler.wants_message else None, publisher)
+    finally:
+        CURRENT.reset(token)
+    if scope.cancelled_caught:
+        raise HandlerTimeout(f"the handler did not finish within {sub.timeout:g}s (subscribe(timeout=...))")
+    current.check()
+
+
 def find_subscription(
     handler: Callable[..., Any] | Subscription,
     *,
@@ -191,20 +210,8 @@ async def call_handler(
         decoded = sub.handler.decode(data)
     except DecodeError as exc:
         return result("dead_letter" if sub.dead_letter else "drop", error=exc, reason="undecodable")
-    fields: dict[str, object] = {"topic": full_topic, "group": sub.group, "message_id": id_text(message.message_id), "key": key,
-              "attempt": attempt}
-    current = Attempt(sub.name, lambda _message, _number: fields)
-    current.begin(message, attempt)
     try:
-        token = CURRENT.set(current)
-        try:
-            with anyio.move_on_after(sub.timeout) as scope:
-                await sub.handler.call(decoded, message if sub.handler.wants_message else None, publisher)
-        finally:
-            CURRENT.reset(token)
-        if scope.cancelled_caught:
-            raise HandlerTimeout(f"the handler did not finish within {sub.timeout:g}s (subscribe(timeout=...))")
-        current.check()
+        await _attempt(sub, decoded, message, publisher)
     except BaseException as exc:
         if cancelled_by_us(exc):
             raise
