@@ -7,10 +7,11 @@ import collections
 import logging
 import re
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, Protocol, cast
 
 import _pulsar
 import pulsar
@@ -21,14 +22,42 @@ from .errors import EventBusError, broker_error
 
 log = logging.getLogger("eventbus")
 
-#: The id the broker gave a message: ``str(id)`` is readable, ``id.serialize()`` is stable bytes.
-MessageId: TypeAlias = _pulsar.MessageId
-#: A message as the client hands it over (read it through the functions below).
-RawMessage: TypeAlias = _pulsar.Message
-Result: TypeAlias = _pulsar.Result
+
+class MessageId(Protocol):
+    """The id the broker gave a message: ``str(id)`` is ``ledger:entry:partition:batch``, ``serialize()`` stable bytes."""
+
+    def ledger_id(self) -> int: ...
+    def entry_id(self) -> int: ...
+    def partition(self) -> int: ...
+    def batch_index(self) -> int: ...
+    def serialize(self) -> bytes: ...
+
+
+class RawMessage(Protocol):
+    """A message as the client hands it over (or as `build_message` made it to send)."""
+
+    def data(self) -> bytes: ...
+    def properties(self) -> dict[str, str]:
+        """Raises UnicodeDecodeError when a property is not UTF-8: read it through `properties_of`."""
+    def partition_key(self) -> str:
+        """Raises UnicodeDecodeError when the key is not UTF-8: read it through `key_of`."""
+    def message_id(self) -> MessageId: ...
+    def redelivery_count(self) -> int: ...
+    def topic_name(self) -> str: ...
+    def publish_timestamp(self) -> int: ...
+    def event_timestamp(self) -> int: ...
+
+
+class Result(Protocol):
+    """The client's outcome of a send (`OK` or a failure named by `name`)."""
+
+    @property
+    def name(self) -> str: ...
+
+
 #: A message's place in its topic: (partition, ledger, entry, batch index).
 Ident = tuple[int, int, int, int]
-OK = _pulsar.Result.Ok
+OK: Result = _pulsar.Result.Ok
 CLIENT_ERRORS: tuple[type[Exception], ...] = (_pulsar.PulsarException, pulsar.asyncio.PulsarException)
 
 #: Bytes a batch spends per message and per property besides their contents (an upper bound).
@@ -62,6 +91,15 @@ def error_for(what: str, exc: BaseException, topic: str | None = None) -> EventB
     """The project's error for a client failure while doing `what` (on `topic`)."""
     detail = re.sub(r"^-?\d+ ", "", str(exc))  # pulsar.asyncio prefixes the result's number
     return broker_error(what, result_of(exc), detail, topic)
+
+
+@contextmanager
+def map_client_errors(what: str, topic: str | None = None) -> Iterator[None]:
+    """Raise the client's failures inside as the project's error for doing `what`, the client's one as its cause."""
+    try:
+        yield
+    except CLIENT_ERRORS as exc:
+        raise error_for(what, exc, topic) from exc
 
 
 # -- messages ---------------------------------------------------------------------
@@ -122,7 +160,15 @@ def build_message(
         builder.event_timestamp(event_time)
     if sequence_id is not None:
         builder.sequence_id(sequence_id)
-    return builder.build(), size
+    return cast(RawMessage, builder.build()), size
+
+
+def properties_of(message: RawMessage) -> dict[str, str] | None:
+    """The message's properties, or None when one is not UTF-8 (the client cannot hand them over then)."""
+    try:
+        return dict(message.properties())
+    except UnicodeDecodeError:
+        return None
 
 
 def ident_of(message: RawMessage) -> Ident:
@@ -150,7 +196,7 @@ _pulsar.MessageId.__str__ = id_text
 
 def new_message_id(ledger: int, entry: int, partition: int = -1, batch_index: int = -1) -> MessageId:
     """An id with these parts (for a message that no broker stored: the test kit's)."""
-    return _pulsar.MessageId(partition, ledger, entry, batch_index)
+    return cast(MessageId, _pulsar.MessageId(partition, ledger, entry, batch_index))
 
 
 def batch_size(message_id: MessageId) -> int:
@@ -226,7 +272,7 @@ def stored(message_id: MessageId) -> bool:
 
 def sibling_id(message_id: MessageId, batch_index: int) -> MessageId:
     """The id of another message of the same batch."""
-    return _pulsar.MessageId(message_id.partition(), message_id.ledger_id(), message_id.entry_id(), batch_index)
+    return cast(MessageId, _pulsar.MessageId(message_id.partition(), message_id.ledger_id(), message_id.entry_id(), batch_index))
 
 
 # -- the client -------------------------------------------------------------------
@@ -289,10 +335,8 @@ class Client:
 
     async def partitions(self, topic: str) -> list[str]:
         """The topic's partitions; a partitioned topic of one names it "...-partition-0"."""
-        try:
+        with map_client_errors(f"cannot look up {topic}", topic):
             return list(await self._open().get_topic_partitions(topic))
-        except CLIENT_ERRORS as exc:
-            raise error_for(f"cannot look up {topic}", exc, topic) from None
 
     async def create_producer(
         self,
@@ -321,10 +365,8 @@ class Client:
         )
         if producer_name:
             options["producer_name"] = producer_name
-        try:
+        with map_client_errors(f"cannot create a producer for {topic}", topic):
             return Producer(await self._open().create_producer(topic, **options))
-        except CLIENT_ERRORS as exc:
-            raise error_for(f"cannot create a producer for {topic}", exc, topic) from None
 
     async def subscribe(
         self,
@@ -337,7 +379,7 @@ class Client:
         consumer_name: str,
         batch_index_ack: bool,
     ) -> Consumer:
-        try:
+        with map_client_errors(f"cannot subscribe {group!r} to {topic}", topic):
             wrapper = await self._open().subscribe(
                 topic,
                 group,
@@ -347,8 +389,6 @@ class Client:
                 consumer_name=consumer_name,
                 batch_index_ack_enabled=batch_index_ack,
             )
-        except CLIENT_ERRORS as exc:
-            raise error_for(f"cannot subscribe {group!r} to {topic}", exc, topic) from None
         return Consumer(wrapper)
 
     async def read(self, topic: str, limit: int | None, *, by_subscription: bool) -> list[RawMessage]:
@@ -358,10 +398,8 @@ class Client:
         """
         if by_subscription:
             return await self._read_by_subscription(topic, limit)
-        try:
+        with map_client_errors(f"cannot read {topic}", topic):
             reader = Reader(await self._open().create_reader(topic, pulsar.MessageId.earliest))
-        except CLIENT_ERRORS as exc:
-            raise error_for(f"cannot read {topic}", exc, topic) from None
         found: list[RawMessage] = []
         try:
             while limit is None or len(found) < limit:
@@ -422,15 +460,13 @@ class Reader:
             # no messages"; pulsar-lite); anything else (a lost connection) is not "empty".
             if result_of(exc) == "UnknownError":
                 return None
-            raise error_for("cannot read", exc) from None
+            raise error_for("cannot read", exc) from exc
         try:
-            message = await asyncio.wait_for(self._wrapper.read_next(), timeout_ms / 1000)
+            with map_client_errors("cannot read"):
+                message = await asyncio.wait_for(self._wrapper.read_next(), timeout_ms / 1000)
         except asyncio.TimeoutError:
             return None
-        except CLIENT_ERRORS as exc:
-            raise error_for("cannot read", exc) from None
-        raw: RawMessage = message._message
-        return raw
+        return cast(RawMessage, message._message)
 
     async def close(self) -> None:
         try:
@@ -506,10 +542,8 @@ class Consumer:
     async def last_message_id(self) -> MessageId:
         """The id of the topic's last stored message (ledger -1 or entry -1 when it holds none)."""
         assert self._wrapper is not None
-        try:
-            return await self._wrapper.get_last_message_id()
-        except CLIENT_ERRORS as exc:
-            raise error_for("cannot ask for the last message id", exc) from None
+        with map_client_errors("cannot ask for the last message id"):
+            return cast(MessageId, await self._wrapper.get_last_message_id())
 
     async def unsubscribe(self) -> None:
         """Delete the subscription (a temporary one) and close the consumer."""
@@ -528,7 +562,5 @@ class Consumer:
     async def close(self) -> None:
         wrapper, self._wrapper = self._wrapper, None
         if wrapper is not None:
-            try:
+            with map_client_errors("closing a consumer"):
                 await wrapper.close()
-            except CLIENT_ERRORS as exc:
-                raise error_for("closing a consumer", exc) from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from .client import MessageId, RawMessage, key_of
+from .client import MessageId, RawMessage, key_of, properties_of
 
 __all__ = ["Message", "MessageId", "UnreadableMessage"]
 
@@ -41,12 +41,9 @@ class Message:
     @classmethod
     def of(cls, raw: RawMessage, attempt: int) -> Message:
         """Read a received message; a key that is not UTF-8 is shown with backslash escapes."""
-        try:
-            properties = dict(raw.properties())
-        except UnicodeDecodeError as exc:
-            raise UnreadableMessage(
-                f"a property is not UTF-8 ({exc.object!r}): Message.properties cannot hold it"
-            ) from None
+        properties = properties_of(raw)
+        if properties is None:
+            raise UnreadableMessage("a property is not UTF-8: Message.properties cannot hold it")
         key = key_of(raw)
         return cls(
             topic=raw.topic_name(),
