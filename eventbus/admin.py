@@ -12,8 +12,7 @@ import httpx
 
 from .embedded import stored_topics
 from .errors import ConfigError, EventBusError
-from .handling import REPLAY_SUBSCRIPTION
-from .registry import dead_letter_topic
+from .dlq import REPLAY_SUBSCRIPTION, dead_letter_topic
 from .settings import Settings
 
 #: Where the test kit's and compose's Pulsar serve the admin API beside the broker's 6650.

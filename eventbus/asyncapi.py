@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, TypeAdapter
 
 from .codec import BINARY, JSON
-from .handling import DEAD_LETTER_PROPERTIES
+from .dlq import DEAD_LETTER_PROPERTIES
 from .registry import Router, Subscription
 from .settings import Settings
 

@@ -20,7 +20,8 @@ from .embedded import SubscriptionLease
 from .errors import EventBusError, Failure, SubscriptionFailed, classify
 from .events import Observer
 from .handler import Publisher
-from .handling import Handling, Sender, cancelled_by_us, sleep_unless, text
+from .errors import text
+from .handling import Handling, Sender, cancelled_by_us, sleep_unless
 from .metrics import Metrics
 from .tracing import Tracing
 from .profile import BrokerProfile

@@ -14,16 +14,14 @@ from typing import Any
 
 import anyio
 
-from .client import Consumer, LastEntry, MessageId, RawMessage, build_message, id_text, key_of, stored
+from .client import Consumer, LastEntry, MessageId, RawMessage, build_message, id_text, key_of, properties_of, stored
 from .connect import Connection, connect
 from .errors import ConfigError, EventBusError
-from .handling import DEAD_LETTER_PROPERTIES, REPLAY_SUBSCRIPTION
+from .dlq import DEAD_LETTER_PROPERTIES, REPLAY_SUBSCRIPTION, REPLAYED_FROM, dead_letter_topic, retry_topic
 from .producers import Producers, TopicProducer
-from .registry import dead_letter_topic, retry_topic
 from .settings import Settings
 
 #: Says on a replayed message where it came from: ``<dead-letter topic>@<its id there>``.
-REPLAYED_FROM = "eventbus-replayed-from"
 #: How long a replay or `show` waits for the next dead letter before it counts the topic as read to its end.
 _QUIET_MS = 1000
 #: Seconds a replay waits for its producer to close.
@@ -51,10 +49,7 @@ class DeadLetter:
 
     @classmethod
     def of(cls, raw: RawMessage) -> DeadLetter:
-        try:
-            written = dict(raw.properties())
-        except UnicodeDecodeError:
-            written = {}
+        written = properties_of(raw) or {}
         attempts = written.get("eventbus-attempts", "")
         millis = raw.publish_timestamp()
         return cls(
@@ -152,10 +147,7 @@ async def _replayed(connection: Connection, retries: str) -> dict[str, str]:
     """What replays stored on the retry topic and it still holds: ``eventbus-replayed-from`` -> the id there."""
     found: dict[str, str] = {}
     for raw in await connection.client.read(retries, None, by_subscription=connection.profile.reads_by_subscription):
-        try:
-            origin = dict(raw.properties()).get(REPLAYED_FROM)
-        except UnicodeDecodeError:
-            continue
+        origin = (properties_of(raw) or {}).get(REPLAYED_FROM)
         if origin is not None:
             found.setdefault(origin, id_text(raw.message_id()))
     return found

@@ -155,3 +155,17 @@ _HINTS = {
     "AlreadyClosed": " (the producer was closed with this message unconfirmed)",
     "BusClosed": " (the bus is closed: publish before `close()`, or open a new EventBus)",
 }
+
+
+def detail(exc: BaseException) -> str:
+    """``str(exc)``, even for an exception whose ``__str__`` raises."""
+    try:
+        return str(exc)
+    except BaseException:
+        return "<str() of the exception raised>"
+
+
+def text(exc: BaseException) -> str:
+    """``Type: message`` for any exception."""
+    message = detail(exc)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__

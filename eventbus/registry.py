@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from .codec import decoder_for
+from .dlq import dead_letter_topic, retry_topic
 from .handler import Handler, Publisher, handler_name
 from .settings import topic_problem
 
@@ -55,16 +56,6 @@ class Subscription:
 
     def retry_topic(self, full_topic: str) -> str:
         return retry_topic(full_topic, self.group)
-
-
-def dead_letter_topic(full_topic: str, group: str) -> str:
-    """Where `group`'s messages on `full_topic` go when it gives up on them."""
-    return f"{full_topic}-{group}-DLQ"
-
-
-def retry_topic(full_topic: str, group: str) -> str:
-    """Where `eventbus dlq replay` sends `group`'s dead letters back: only that group consumes it."""
-    return f"{full_topic}-{group}-RETRY"
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from eventbus import Router, Settings
 from eventbus.asyncapi import document
-from eventbus.handling import DEAD_LETTER_PROPERTIES
+from eventbus.dlq import DEAD_LETTER_PROPERTIES
 from eventbus.cli import main
 
 SCHEMA = json.loads((Path(__file__).parent / "asyncapi" / "asyncapi-3.0.0.json").read_text())
