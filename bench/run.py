@@ -204,16 +204,18 @@ async def consume_rows(url: str, settings: Settings, n: int, size: int) -> list[
     await fill(url, settings, t, n, size)
     client = pulsar.Client(url, logger=log, **AUTH)
 
+    # The raw loops decode into the same pydantic model as the worker's model rows, as a hand-written loop would.
     def raw() -> float:
         start = time.perf_counter()
         c = client.subscribe(t, "bench", consumer_type=pulsar.ConsumerType.Shared, initial_position=pulsar.InitialPosition.Earliest)
         for _ in range(n):
             m = c.receive(10_000)
+            Event.model_validate_json(m.data())
             c.acknowledge(m)
         return n / (time.perf_counter() - start)
 
     raw_rate = await anyio.to_thread.run_sync(raw)
-    rows.append({"op": "consume", "path": "raw blocking receive+ack (limit)", "msg_s": raw_rate})
+    rows.append({"op": "consume", "path": "raw blocking receive+decode+ack (limit)", "msg_s": raw_rate})
     client.close()
 
     t = topic()
@@ -224,9 +226,10 @@ async def consume_rows(url: str, settings: Settings, n: int, size: int) -> list[
         ac = await aclient.subscribe(t, "bench", consumer_type=pulsar.ConsumerType.Shared, initial_position=pulsar.InitialPosition.Earliest)
         for _ in range(n):
             m = await ac.receive()
+            Event.model_validate_json(m.data())
             await ac.acknowledge(m)
 
-    rows.append({"op": "consume", "path": "pulsar.asyncio receive+ack", "msg_s": await timed(n, asyncio_consume)})
+    rows.append({"op": "consume", "path": "pulsar.asyncio receive+decode+ack", "msg_s": await timed(n, asyncio_consume)})
     await aclient.close()
 
     variants = [(kind, annotation, c, "") for kind, annotation in (("dict", dict), ("pydantic model", Event)) for c in (1, 64)]
@@ -288,7 +291,7 @@ def _paced_publisher(url: str, token: str, t: str, rate: float, n: int) -> None:
     os._exit(0)  # skip the client's teardown race, as __main__ does
 
 
-async def latency_rows(url: str, settings: Settings, rate: float, seconds: float) -> list[Row]:
+async def latency_rows(url: str, settings: Settings, rate: float, seconds: float, label: str = "") -> list[Row]:
     """Publisher and worker in two processes, as they run in production; wall-clock stamps."""
     t = topic()
     router = Router()
@@ -313,7 +316,7 @@ async def latency_rows(url: str, settings: Settings, rate: float, seconds: float
             await anyio.to_thread.run_sync(proc.join, 30)
     q = statistics.quantiles(sorted(lat), n=1000)
     return [{
-        "op": "latency", "path": f"publish->handler at {rate:.0f} msg/s", "size": 100,
+        "op": "latency", "path": f"publish->handler at {label or f'{rate:.0f} msg/s'}", "size": 100, "rate": rate,
         "p50_ms": q[499] * 1000, "p99_ms": q[989] * 1000, "p999_ms": q[998] * 1000, "count": len(lat),
     }]
 
@@ -351,16 +354,34 @@ async def workers_rows(url: str, settings: Settings, n: int, counts: tuple[int, 
     return rows
 
 
+def medians(runs: list[list[Row]]) -> list[Row]:
+    """One row per path: the median of each number over the runs, and the spread (min-max) of `vs_raw`."""
+    out = []
+    for first in runs[0]:
+        same = [row for rows in runs for row in rows if (row["op"], row["size"], row["path"]) == (first["op"], first["size"], first["path"])]
+        merged = dict(first)
+        for name, value in first.items():
+            if isinstance(value, (int, float)) and name != "size":
+                merged[name] = statistics.median(row[name] for row in same)
+        if "vs_raw" in first:
+            merged["spread"] = (min(row["vs_raw"] for row in same), max(row["vs_raw"] for row in same))
+        merged["runs"] = len(same)
+        out.append(merged)
+    return out
+
+
 def print_table(rows: list[Row], broker: str) -> None:
     print(f"\nbroker: {broker}")
-    print(f"{'op':8} {'size':>6}  {'path':58} {'msg/s':>10} {'vs raw':>7}  extra")
+    print(f"{'op':8} {'size':>6}  {'path':62} {'msg/s':>10} {'vs raw':>7}  extra")
     for r in rows:
         if r["op"] == "latency":
             extra = f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  p99.9 {r['p999_ms']:.2f} ms  (n={r['count']})"
-            print(f"{r['op']:8} {r['size']:>6}  {r['path']:58} {'':>10} {'':>7}  {extra}")
+            print(f"{r['op']:8} {r['size']:>6}  {r['path']:62} {'':>10} {'':>7}  {extra}")
         else:
-            extra = f"peak RSS {r['rss_mb']:.0f} MB" if "rss_mb" in r else ""
-            print(f"{r['op']:8} {r['size']:>6}  {r['path']:58} {r['msg_s']:>10,.0f} {r['vs_raw']:>7.2f}  {extra}")
+            extra = f"peak RSS {r['rss_mb']:.0f} MB " if "rss_mb" in r else ""
+            if r.get("runs", 1) > 1:
+                extra += f"vs raw {r['spread'][0]:.2f}-{r['spread'][1]:.2f} over {r['runs']} runs"
+            print(f"{r['op']:8} {r['size']:>6}  {r['path']:62} {r['msg_s']:>10,.0f} {r['vs_raw']:>7.2f}  {extra}")
 
 
 async def amain(args: argparse.Namespace) -> None:
@@ -374,23 +395,29 @@ async def amain(args: argparse.Namespace) -> None:
         async with EventBus(settings, routers=[]) as holder:  # keeps one broker up for the run
             url = holder.url
             broker = f"embedded ({holder.server_version})" if settings.uses_embedded else f"{holder.server_version} at {url}"
-            rows: list[Row] = []
-            if args.only_workers:
-                rows += await workers_rows(url, settings, args.workers_messages or 4 * args.messages)
-                args.sizes, args.latency_seconds = [], 0
-            for size in args.sizes:
-                rows += await publish_rows(url, settings, args.messages, size)
-                rows += await consume_rows(url, settings, args.messages, size)
-            if args.latency_seconds:
-                rows += await latency_rows(url, settings, 1000, args.latency_seconds)
-                pub = max(r["msg_s"] for r in rows if r["path"].startswith("bus.publish,"))
-                rows += await latency_rows(url, settings, 0.8 * pub, args.latency_seconds)
-            if not settings.uses_embedded and not args.only_workers:  # the embedded broker runs one consumer per subscription
-                rows += await workers_rows(url, settings, args.workers_messages or 4 * args.messages)
+            runs = [await one_run(args, url, settings) for _ in range(args.runs)]
+    rows = medians(runs) if args.runs > 1 else runs[0]
     print_table(rows, broker)
     if args.json:
-        meta = {"broker": broker, "python": platform.python_version(), "pulsar_client": pulsar.__version__ if hasattr(pulsar, "__version__") else "", "date": time.strftime("%Y-%m-%d")}
+        meta = {"broker": broker, "python": platform.python_version(), "pulsar_client": pulsar.__version__ if hasattr(pulsar, "__version__") else "", "date": time.strftime("%Y-%m-%d"), "runs": runs}
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+
+
+async def one_run(args: argparse.Namespace, url: str, settings: Settings) -> list[Row]:
+    rows: list[Row] = []
+    if args.only_workers:
+        rows += await workers_rows(url, settings, args.workers_messages or 4 * args.messages)
+        args.sizes, args.latency_seconds = [], 0
+    for size in args.sizes:
+        rows += await publish_rows(url, settings, args.messages, size)
+        rows += await consume_rows(url, settings, args.messages, size)
+    if args.latency_seconds:
+        rows += await latency_rows(url, settings, 1000, args.latency_seconds)
+        pub = max(r["msg_s"] for r in rows if r["path"].startswith("bus.publish,"))
+        rows += await latency_rows(url, settings, 0.8 * pub, args.latency_seconds, "0.8 x bus.publish's rate")
+    if not settings.uses_embedded and not args.only_workers:  # the embedded broker runs one consumer per subscription
+        rows += await workers_rows(url, settings, args.workers_messages or 4 * args.messages)
+    return rows
 
 
 def main() -> None:
@@ -402,6 +429,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 10_240])
     parser.add_argument("--latency-seconds", type=float, default=5.0)
     parser.add_argument("--json", default="")
+    parser.add_argument("--runs", type=int, default=1, help="repeat every row; print medians and the spread of vs raw")
     parser.add_argument("--workers-messages", type=int, default=0, help="backlog for the --workers rows (default 4x --messages)")
     parser.add_argument("--only-workers", action="store_true", help="only the --workers rows (Apache Pulsar)")
     asyncio.run(amain(parser.parse_args()))
