@@ -400,9 +400,8 @@ class EventBus(Publisher):
             handle_signals = threading.current_thread() is threading.main_thread()
         def runner(sub: Subscription, topic: str, replays_for: str | None = None) -> SubscriptionRunner:
             return SubscriptionRunner(
-                sub, topic, client=connection.client, profile=connection.profile, bridge=connection.bridge,
-                settings=self.settings, bus=self, dead_letters=producers, metrics=self.metrics, tracing=self._tracing,
-                observer=self._observer, replays_for=replays_for,
+                sub, topic, connection, self.settings, bus=self, dead_letters=producers, metrics=self.metrics,
+                tracing=self._tracing, observer=self._observer, replays_for=replays_for,
             )
 
         # Each group that dead-letters also consumes its retry topic, where `eventbus dlq replay` sends them back.

@@ -1,42 +1,33 @@
-"""Running one subscription: lease, subscribe, receive, dispatch by key, acknowledge, drain and close."""
+"""Running one subscription: lease, subscribe, hand received messages to its lanes, handle, drain and close."""
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import itertools
 import logging
 import os
 import socket
-import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Literal, Protocol
 
 import anyio
 
-from .bridge import LoopBridge
-from .client import Client, Consumer, ConsumerClosed, Ident, RawMessage, ident_of, key_of
-from .embedded import SubscriptionLease
-from .errors import EventBusError, Failure, SubscriptionFailed, classify
+from .client import Consumer, Ident, RawMessage, ident_of, key_of
+from .connect import Connection
+from .errors import EventBusError, Failure, SubscriptionFailed, classify, text
 from .events import Observer
 from .handler import Publisher
-from .errors import text
 from .handling import Handling, Sender, cancelled_by_us, sleep_unless
+from .intake import Intake
+from .lanes import Lanes
 from .metrics import Metrics
-from .tracing import Tracing
-from .profile import BrokerProfile
 from .registry import Subscription
 from .settings import Settings
+from .tracing import Tracing
 
 log = logging.getLogger("eventbus")
 
 State = Literal["starting", "standby", "consuming", "stopped"]
-_STOP = object()
-#: How long the receive thread blocks before it looks at the stop flag again: a stop waits up to this
-#: long. Idle, the example app's 8 consumers used 0.9 % of a core at 100 ms and 2.9 % at 25 ms.
-_POLL_MS = 100
-#: Messages the receive thread hands the loop per wake-up at most.
-_HANDOFF = 256
 #: How often a standby process looks whether the subscription's lease is free.
 _LEASE_POLL = 0.25
 #: How often a standby member asks Apache Pulsar for the exclusive subscription: first, and at most.
@@ -47,34 +38,23 @@ _RETRY = (1.0, 30.0)
 _REMEMBER_ACKED = 100_000
 
 
+def _batch(ident: Ident) -> Hashable:
+    return ident[:3]  # (partition, ledger, entry)
+
+
 class SubscriptionRunner:
     """Consumes one (topic, group) for the life of `EventBus.run()`; read its state, not its insides."""
 
     def __init__(
-        self,
-        sub: Subscription,
-        topic: str,
-        *,
-        client: Client,
-        profile: BrokerProfile,
-        bridge: LoopBridge,
-        settings: Settings,
-        bus: Publisher,
-        dead_letters: Sender,
-        metrics: Metrics | None = None,
-        tracing: Tracing | None = None,
-        observer: Observer | None = None,
-        replays_for: str | None = None,
+        self, sub: Subscription, topic: str, connection: Connection, settings: Settings, *, bus: Publisher,
+        dead_letters: Sender, metrics: Metrics | None = None, tracing: Tracing | None = None,
+        observer: Observer | None = None, replays_for: str | None = None,
     ) -> None:
         """`replays_for`: this runner consumes the retry topic of that main topic (dead letters sent back
         by `eventbus dlq replay`): failures go to the main topic's dead-letter topic, and a retry topic
         that cannot be subscribed (auto-creation off) is logged and left, not fatal."""
-        self.sub = sub
-        self.replays_for = replays_for
-        self.topic = topic
-        self._client = client
-        self._profile = profile
-        self._bridge = bridge
+        self.sub, self.topic, self.replays_for = sub, topic, replays_for
+        self._connection = connection
         self._settings = settings
         self._stopping = asyncio.Event()
         self._finished_handling = asyncio.Event()
@@ -85,36 +65,19 @@ class SubscriptionRunner:
         self._counts = metrics.subscription(topic, sub.group) if metrics is not None else None
         if self._counts is not None:
             self._counts.in_flight = lambda: self.in_flight
-        # Read by the receive thread: after stop it takes only the rest of the batches already begun.
-        self._draining = False
-        self._begun: frozenset[tuple[int, int, int]] = frozenset()
-        self._intake_done = False
-        self._closed_lanes: set[object] = set()
-        self._consumer: Consumer | None = None
-        self._lease: SubscriptionLease | None = profile.lease(topic, sub.group)
-        self._state: State = "starting"
-        # A lane is a key (ordered subscriptions) or a single message (shared);
-        # a lane is in _lanes while it is queued in _queued or being handled.
-        self._lanes: dict[object, collections.deque[tuple[RawMessage, Ident]]] = {}
-        self._queued: asyncio.Queue[object] = asyncio.Queue()
+        self._lanes: Lanes[RawMessage, Ident] = Lanes(_batch, _REMEMBER_ACKED)
+        self._idle: list[asyncio.Future[None]] = []  # workers waiting for a ready lane
         self._unique = itertools.count()
-        # Written by one thread each, so their difference is safe to read anywhere.
-        self._received = 0
-        self._finished = 0
-        self._room = threading.Event()
-        self._acks: collections.deque[RawMessage] = collections.deque()
-        # Ids being handled, and ids acknowledged lately: a broker may hand a
-        # message over again (after a reconnect, or pulsar-lite's single-active
-        # dispatchers, which replay), and a second copy must not run twice.
-        self._active: set[Ident] = set()
-        self._acked: set[Ident] = set()
-        self._acked_order: collections.deque[Ident] = collections.deque()
+        self._intake: Intake | None = None
+        self._intake_done = False
+        self._consumer: Consumer | None = None
+        self._lease = connection.profile.lease(topic, sub.group)
+        self._state: State = "starting"
+        self._left = False  # a retry topic that cannot be subscribed, left alone (see `replays_for`)
         #: Copies of messages already in flight or acknowledged, dropped unhandled.
         self.duplicates = 0
         #: What killed the runner, if something did.
         self.failure: BaseException | None = None
-        # A retry topic that cannot be subscribed, left alone (see `replays_for`).
-        self._left = False
 
     # -- what others may read ------------------------------------------------------
 
@@ -130,12 +93,12 @@ class SubscriptionRunner:
     @property
     def subscription_type(self) -> str:
         """The subscription type asked of the broker (see `BrokerProfile.subscription_type`)."""
-        return self._profile.subscription_type(self.sub.subscription_type)
+        return self._connection.profile.subscription_type(self.sub.subscription_type)
 
     @property
     def in_flight(self) -> int:
         """Messages received and not yet finished (handled, dead-lettered, or dropped as copies)."""
-        return self._received - self._finished
+        return self._intake.in_flight if self._intake is not None else 0
 
     @property
     def dead_letter_failures(self) -> int:
@@ -201,61 +164,37 @@ class SubscriptionRunner:
     def stop(self) -> None:
         """Stop taking messages; handlers already running finish and are acknowledged. Loop thread only.
 
-        The client acknowledges a batch to the broker only once every message of it is
-        acknowledged, and forgets a partial one when the consumer closes: the broker then
-        sends the whole batch again, the messages handled before the stop included. So the
-        rest of every batch begun (a message of it handled or running) is handled too;
-        everything else queued is left unacknowledged, for the broker to send again.
+        The rest of every batch begun is handled too, everything else queued is left for the broker
+        to send again (`Lanes.stop` says why).
         """
         if self._stopping.is_set():
             return
         self._stopping.set()
-        queued = {ident for queue in self._lanes.values() for _, ident in queue}
-        running = self._active - queued  # a lane's running message is no longer in its queue
-        begun = {ident[:3] for ident in itertools.chain(running, self._acked) if ident[3] >= 0}
-        self._begun = frozenset(begun)
-        for lane, queue in self._lanes.items():
-            keep = 0
-            for _, ident in queue:
-                if ident[:3] not in begun:
-                    break
-                keep += 1
-            if keep < len(queue):
-                # A lane stays in order: the rest of a begun batch behind a message left over is left too.
-                self._closed_lanes.add(lane)
-                for _ in range(len(queue) - keep):
-                    self._active.discard(queue.pop()[1])
-                    self._finished += 1
-                    self._not_handled("left_at_stop")
-        waiting = []
-        while not self._queued.empty():
-            waiting.append(self._queued.get_nowait())
-        for lane in waiting:
-            if self._lanes[lane]:
-                self._queued.put_nowait(lane)
-            else:
-                del self._lanes[lane]
-        self._draining = True
-        self._room.set()
+        left = self._lanes.stop()
+        self._not_handled("left_at_stop", left)
+        if self._intake is not None:
+            self._intake.finish(left)
+            self._intake.drain()
+        else:
+            self._intake_done = True  # never consumed
         self._finish_if_drained()
 
     def _finish_if_drained(self) -> None:
         """Once stopped, nothing more to take and nothing left to handle: the workers end."""
-        if self._intake_done and not self._lanes and not self._finished_handling.is_set():
+        if self._intake_done and self._lanes.empty and not self._finished_handling.is_set():
             self._finished_handling.set()
-            for _ in range(self.sub.concurrency):
-                self._queued.put_nowait(_STOP)
+            self._wake(len(self._idle))
 
     async def close(self) -> None:
         """Acknowledge what is done, close the consumer, then give up the lease."""
         if self._consumer is not None:
             consumer, self._consumer = self._consumer, None
-            self._send_acks(consumer)  # what came after the receive thread ended
+            if self._intake is not None:
+                self._intake.send_acks()  # what came after the receive thread ended
             try:
                 await consumer.close()
             except EventBusError as exc:
                 log.warning("closing consumer %s/%s: %s", self.topic, self.group, exc)
-            self._lanes.clear()
         # Only once the consumer is closed: the next holder must find it gone.
         if self._lease is not None:
             self._lease.release()
@@ -294,8 +233,7 @@ class SubscriptionRunner:
                 if exc.result == "ConsumerBusy":
                     # Another member holds the exclusive subscription: take over as soon as it leaves.
                     if not busy:
-                        busy = True
-                        self._state = "standby"
+                        busy, self._state = True, "standby"
                         log.info(
                             "standby: another member consumes %s group=%s (%s); taking over when it leaves",
                             self.topic, self.group, self.subscription_type,
@@ -323,20 +261,22 @@ class SubscriptionRunner:
         return True
 
     async def _subscribe(self) -> None:
-        sub = self.sub
-        self._consumer = await self._client.subscribe(
-            self.topic,
-            sub.group,
-            subscription_type=self.subscription_type,
-            initial_position=sub.initial_position,
+        sub, profile = self.sub, self._connection.profile
+        self._consumer = await self._connection.client.subscribe(
+            self.topic, sub.group, subscription_type=self.subscription_type, initial_position=sub.initial_position,
             receiver_queue_size=self._settings.consumer_receiver_queue_size,
-            consumer_name=f"{socket.gethostname()}-{os.getpid()}-{sub.group}",
-            batch_index_ack=self._profile.batch_index_ack,
+            consumer_name=f"{socket.gethostname()}-{os.getpid()}-{sub.group}", batch_index_ack=profile.batch_index_ack,
         )
+        self._intake = Intake(
+            self._consumer, self._connection.bridge, self._settings.consumer_max_in_flight, self._deliver,
+            self._lanes.begun,
+        )
+        if self._stopping.is_set():  # stopped while subscribing: take nothing
+            self._intake.drain()
         if self._counts is not None:
             self._counts.subscribes += 1
         asked = self.subscription_type
-        shown = asked if asked == sub.subscription_type else f"{asked} (for {sub.subscription_type} on {self._profile.server_version})"
+        shown = asked if asked == sub.subscription_type else f"{asked} (for {sub.subscription_type} on {profile.server_version})"
         log.info(
             "subscribed %s group=%s subscription_type=%s concurrency=%d -> %s",
             self.topic, sub.group, shown, sub.concurrency, sub.name,
@@ -360,138 +300,84 @@ class SubscriptionRunner:
             )
         self.stop()
 
-    # -- receiving (a thread of its own: the client's receive blocks) -----------
+    # -- receiving and handling ---------------------------------------------------
 
     async def _receive(self) -> None:
+        assert self._intake is not None
         try:
-            await anyio.to_thread.run_sync(self._receive_thread, limiter=anyio.CapacityLimiter(1))
+            await anyio.to_thread.run_sync(self._intake.run, limiter=anyio.CapacityLimiter(1))
         finally:
             # Through the bridge: after the last batch the thread handed over.
-            self._bridge.call(self._intake_finished)
+            self._connection.bridge.call(self._intake_finished)
 
     def _intake_finished(self) -> None:
         self._intake_done = True
         if self._stopping.is_set():
             self._finish_if_drained()
 
-    def _receive_thread(self) -> None:
-        consumer = self._consumer
-        assert consumer is not None
-        call = self._bridge.call
-        limit = self._settings.consumer_max_in_flight
-        room = self._room
-        while True:
-            self._send_acks(consumer)
-            if self._draining:
-                self._receive_rest(consumer)
-                return
-            free = limit - (self._received - self._finished)
-            if free <= 0:
-                room.clear()
-                if self._received - self._finished >= limit:
-                    room.wait(_POLL_MS / 1000)
-                continue
-            try:
-                batch = consumer.receive(min(free, _HANDOFF), _POLL_MS)
-            except ConsumerClosed:
-                return
-            if batch:
-                self._received += len(batch)
-                call(self._enqueue, batch)
+    def _not_handled(self, reason: str, count: int = 1) -> None:
+        if self._counts is not None:
+            self._counts.not_handled[reason] += count
 
-    def _receive_rest(self, consumer: Consumer) -> None:
-        """After stop: take the messages of begun batches still in the client's queue (a batch arrives whole)."""
-        begun = self._begun
-        while True:
-            try:
-                batch = consumer.receive(_HANDOFF, 0)
-            except ConsumerClosed:
-                return
-            rest = list(itertools.takewhile(lambda m: ident_of(m)[:3] in begun, batch))
-            if rest:
-                self._received += len(rest)
-                self._bridge.call(self._enqueue, rest)
-            if len(rest) < len(batch) or not batch:
-                return  # the rest of the queue is left unacknowledged: the broker sends it again
-
-    def _enqueue(self, batch: list[RawMessage]) -> None:
+    def _deliver(self, batch: list[RawMessage]) -> None:
+        """A batch from the receive thread: into the lanes, and a worker woken per lane made ready."""
         try:
-            self._dispatch(batch)
+            self._admit(batch)
         except BaseException as exc:  # a bug: the batch's count can no longer be trusted
             self._die(exc)
 
-    def _not_handled(self, reason: str) -> None:
-        if self._counts is not None:
-            self._counts.not_handled[reason] += 1
-
-    def _dispatch(self, batch: list[RawMessage]) -> None:
+    def _admit(self, batch: list[RawMessage]) -> None:
+        assert self._intake is not None
         if self._counts is not None:
             self._counts.received += len(batch)
-        stopping = self._stopping.is_set()
-        ordered = self.sub.ordered
-        lanes = self._lanes
-        active = self._active
+        admit, ordered, unique = self._lanes.admit, self.sub.ordered, self._unique
         for message in batch:
-            ident = ident_of(message)
-            if ident in active or ident in self._acked:
-                self.duplicates += 1
-                self._finished += 1
-                self._not_handled("duplicate")
-                if ident not in active:
-                    self._acks.append(message)  # acknowledged before, yet here again: once more
-                continue
             # A key that is not UTF-8 (any producer may send one) is its lane as bytes.
-            lane: object = key_of(message) if ordered else next(self._unique)
-            if stopping and (ident[:3] not in self._begun or lane in self._closed_lanes):
-                self._closed_lanes.add(lane)  # left for the broker to send again, and its lane's later ones
-                self._finished += 1
-                self._not_handled("left_at_stop")
-                continue
-            active.add(ident)
-            queue = lanes.get(lane)
-            if queue is None:
-                lanes[lane] = collections.deque(((message, ident),))
-                self._queued.put_nowait(lane)
-            else:
-                queue.append((message, ident))
+            verdict = admit(message, ident_of(message), key_of(message) if ordered else next(unique))
+            if verdict != "queued":
+                self._intake.finish()
+                if verdict == "left_at_stop":
+                    self._not_handled("left_at_stop")
+                    continue
+                self.duplicates += 1
+                self._not_handled("duplicate")
+                if verdict == "acknowledged":
+                    self._intake.acks.append(message)  # acknowledged before, yet here again: once more
+        if self._idle:
+            self._wake(len(self._lanes.ready))
 
-    # -- handling ----------------------------------------------------------------
+    def _wake(self, count: int) -> None:
+        idle = self._idle
+        while idle and count > 0:
+            waiter = idle.pop()
+            if not waiter.done():
+                waiter.set_result(None)
+                count -= 1
 
     async def _worker(self) -> None:
-        handle = self._handling.handle
+        intake, lanes, handle = self._intake, self._lanes, self._handling.handle
+        assert intake is not None
+        acks, loop = intake.acks, asyncio.get_running_loop()
         while True:
-            lane = await self._queued.get()
-            if lane is _STOP:
-                return
-            queue = self._lanes[lane]
-            message, ident = queue.popleft()
+            taken = lanes.take()
+            if taken is None:
+                if self._finished_handling.is_set():
+                    return
+                waiter = loop.create_future()
+                self._idle.append(waiter)
+                await waiter
+                continue
+            lane, message, ident = taken
+            acknowledged = False
             try:
-                if await handle(message):
-                    self._ack(message, ident)
+                acknowledged = await handle(message)
+                if acknowledged:
+                    acks.append(message)
             finally:
-                self._active.discard(ident)
-                self._finished += 1
-                if not self._room.is_set():
-                    self._room.set()
-                if queue:
-                    self._queued.put_nowait(lane)
-                else:
-                    del self._lanes[lane]
-                    if self._stopping.is_set():
-                        self._finish_if_drained()
-
-    def _ack(self, message: RawMessage, ident: Ident) -> None:
-        # The receive thread sends it: an acknowledgement costs the caller two
-        # hand-overs of the GIL, which the loop, running every handler, cannot spare.
-        self._acks.append(message)
-        self._acked.add(ident)
-        self._acked_order.append(ident)
-        if len(self._acked_order) > _REMEMBER_ACKED:
-            self._acked.discard(self._acked_order.popleft())
-
-    def _send_acks(self, consumer: Consumer) -> None:
-        if self._acks:
-            consumer.acknowledge(self._acks)
+                lanes.finish(lane, ident, acknowledged)
+                intake.finish()
+                if self._stopping.is_set() and lanes.empty:
+                    self._finish_if_drained()
 
 
 class RunningSubscription(Protocol):
