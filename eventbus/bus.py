@@ -4,31 +4,37 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from contextlib import AbstractContextManager, nullcontext
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
-from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Unpack
 
 import anyio
 import anyio.abc
 
-from .codec import encode
 from .connect import Connection, connect
-from .context import CURRENT, Caller, caller, tracked, watch_unawaited
-from .consumer import RunningSubscription, SubscriptionRunner
-from .client import MessageId, build_message, id_text
-from .errors import ConfigError, PublishBatchError
-from .events import Observer, Published
-from .handler import Publisher
+from .context import CURRENT, caller, tracked, watch_unawaited
+from .consumer import RunningSubscription
+from .client import MessageId
+from .errors import ConfigError
+from .events import Observer
+from .handler import BatchOptions, PublishOptions, Publisher
+from .publishing import Instrumented, Publishing
 from .metrics import Metrics
 from .probes import Probes
 from .producers import Producers
-from .registry import Publication, Router, Subscription, default_router
+from .registry import Router, Subscription, default_router
 from .settings import Settings
 from .tracing import Tracing
-from .worker import Worker
+from .worker import Worker, runners_for
 
 _NOT_STARTED = "the bus is not started: use `async with EventBus() as bus:`"
+_BATCH_OPTIONS = frozenset(BatchOptions.__annotations__)
+_PUBLISH_OPTIONS = frozenset(PublishOptions.__annotations__)
+
+
+def _check_options(options: Mapping[str, object], known: frozenset[str], method: str) -> None:
+    if not known.issuperset(options):
+        unknown = ", ".join(sorted(set(options) - known))
+        raise TypeError(f"{method}() got unexpected keyword argument(s) {unknown}: it takes {', '.join(sorted(known))}")
 
 
 class EventBus(Publisher):
@@ -58,10 +64,7 @@ class EventBus(Publisher):
         self._tracing: Tracing | None = None
         self._observer = observer
         self.routers = list(routers) if routers is not None else [default_router]
-        # Full topic name -> what the app declared it publishes there (Router.publisher).
-        self._publications: dict[str, Publication] = {}
-        # Whether publish takes the instrumented path (tracing, an observer, declared payload types).
-        self._instrumented = False
+        self._publishing: Publishing | None = None  # chosen at start: plain or instrumented
         self._connection: Connection | None = None
         self._producers: Producers | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -114,16 +117,18 @@ class EventBus(Publisher):
     async def start(self) -> None:
         """Connect: start or join the embedded broker, or check the configured one answers."""
         self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
-        watch_unawaited(EventBus._publish.__code__)
-        watch_unawaited(EventBus._publish_many.__code__)
+        for publishing in (Publishing, Instrumented):
+            watch_unawaited(publishing.one.__code__)
+            watch_unawaited(publishing.many.__code__)
         connection = await connect(self.settings)
         self._connection = connection
         self._tracing = Tracing.for_provider(self._tracer_provider)
-        self._publications = {
-            self.settings.topic(p.topic): p for router in self.routers for p in router.publications
-        }
-        self._instrumented = bool(self._tracing or self._observer or self._publications)
+        publications = {self.settings.topic(p.topic): p for router in self.routers for p in router.publications}
         self._producers = Producers(connection.client, self.settings, connection.bridge, self.metrics)
+        if self._tracing or self._observer or publications:
+            self._publishing = Instrumented(self._producers, self.settings, publications, self._tracing, self._observer)
+        else:
+            self._publishing = Publishing(self._producers)
 
     async def close(self) -> None:
         """Stop a running `run()` and let it drain, close the producers, then the client.
@@ -145,17 +150,7 @@ class EventBus(Publisher):
 
     # -- publishing -----------------------------------------------------------------
 
-    def publish(
-        self,
-        topic: str,
-        payload: Any,
-        *,
-        key: str | bytes | None = None,
-        properties: Mapping[str, str] | None = None,
-        deliver_after: timedelta | float | None = None,
-        event_time: datetime | int | None = None,
-        sequence_id: int | None = None,
-    ) -> Coroutine[Any, Any, MessageId]:
+    def publish(self, topic: str, payload: Any, **options: Unpack[PublishOptions]) -> Coroutine[Any, Any, MessageId]:
         """Publish one event; awaited, returns its id once the broker has stored it.
 
         >>> await bus.publish("orders", {"id": "o-1"}, key="o-1")
@@ -171,90 +166,14 @@ class EventBus(Publisher):
         handler that fails the attempt, elsewhere it is logged at ERROR naming the caller.
         """
         where = caller()
-        coroutine = self._publish(topic, payload, key, properties, deliver_after, event_time, sequence_id, where)
+        _check_options(options, _PUBLISH_OPTIONS, "publish")
+        coroutine = self._sending().one(topic, payload, options, where)
         if CURRENT.get() is not None:
             tracked(coroutine, "publish", topic, where)
         return coroutine
 
-    async def _publish(
-        self,
-        topic: str,
-        payload: Any,
-        key: str | bytes | None,
-        properties: Mapping[str, str] | None,
-        deliver_after: timedelta | float | None,
-        event_time: datetime | int | None,
-        sequence_id: int | None,
-        _caller: Caller,  # read when it is never awaited (context.watch_unawaited)
-    ) -> MessageId:
-        if self._instrumented:
-            return await self._publish_instrumented(
-                topic, payload, key=key, properties=properties, deliver_after=deliver_after, event_time=event_time,
-                sequence_id=sequence_id,
-            )
-        data, content_type = encode(payload)
-        message, size = build_message(
-            data, content_type, key=key, properties=properties, deliver_after=deliver_after, event_time=event_time,
-            sequence_id=sequence_id,
-        )
-        producers = self._producers
-        if producers is None:
-            raise RuntimeError(_NOT_STARTED)
-        producer = producers.ready.get(topic) or await producers.get(topic)
-        if not producer.reserve_nowait():  # no coroutine of its own: this runs per message
-            await producer.reserve()
-        return await producer.enqueue(message, key, size, deliver_after is None)
-
-    async def _publish_instrumented(
-        self,
-        topic: str,
-        payload: Any,
-        *,
-        key: str | bytes | None,
-        properties: Mapping[str, str] | None,
-        deliver_after: timedelta | float | None,
-        event_time: datetime | int | None,
-        sequence_id: int | None,
-    ) -> MessageId:
-        """`publish` with a declared payload type checked, in a PRODUCER span, told to the observer."""
-        producers = self._producers
-        if producers is None:
-            raise RuntimeError(_NOT_STARTED)
-        full = self.settings.topic(topic)
-        publication = self._publications.get(full)
-        if publication is not None:
-            publication.check(payload)
-        data, content_type = encode(payload)
-        with self._send_span(full, properties) as (span, traced):
-            message, size = build_message(
-                data, content_type, key=key, properties=traced, deliver_after=deliver_after, event_time=event_time,
-                sequence_id=sequence_id,
-            )
-            producer = await producers.get(topic)
-            message_id = await producer.send(message, key, size, batchable=deliver_after is None)
-            if span is not None:
-                span.set_attribute("messaging.message.id", id_text(message_id))
-        if self._observer is not None:
-            self._observer.record(Published(full, key, payload, dict(traced or {}), data, message_id))
-        return message_id
-
-    def _send_span(
-        self, topic: str, properties: Mapping[str, str] | None, **attributes: Any
-    ) -> AbstractContextManager[tuple[Any, Mapping[str, str] | None]]:
-        """A PRODUCER span and the properties carrying its context; without tracing, none and the properties."""
-        if self._tracing is None:
-            return nullcontext((None, properties))
-        return self._tracing.send(topic, properties, **attributes)
-
     def publish_batch(
-        self,
-        topic: str,
-        payloads: Iterable[Any],
-        *,
-        key: str | bytes | None = None,
-        properties: Mapping[str, str] | None = None,
-        deliver_after: timedelta | float | None = None,
-        event_time: datetime | int | None = None,
+        self, topic: str, payloads: Iterable[Any], **options: Unpack[BatchOptions]
     ) -> Coroutine[Any, Any, list[MessageId]]:
         """Publish many events at once; awaited, returns their ids in order.
 
@@ -262,83 +181,16 @@ class EventBus(Publisher):
         confirmed, raises `PublishBatchError` naming each failure by index.
         """
         where = caller()
-        coroutine = self._publish_many(topic, payloads, key, properties, deliver_after, event_time, where)
+        _check_options(options, _BATCH_OPTIONS, "publish_batch")
+        coroutine = self._sending().many(topic, payloads, options, where)
         if CURRENT.get() is not None:
             tracked(coroutine, "publish_batch", topic, where)
         return coroutine
 
-    async def _publish_many(
-        self,
-        topic: str,
-        payloads: Iterable[Any],
-        key: str | bytes | None,
-        properties: Mapping[str, str] | None,
-        deliver_after: timedelta | float | None,
-        event_time: datetime | int | None,
-        _caller: Caller,  # read when it is never awaited (context.watch_unawaited)
-    ) -> list[MessageId]:
-        if self._instrumented:
-            payloads = list(payloads)
-            full = self.settings.topic(topic)
-            publication = self._publications.get(full)
-            if publication is not None:
-                for index, payload in enumerate(payloads):
-                    try:
-                        publication.check(payload)
-                    except TypeError as exc:
-                        raise TypeError(f"payload #{index}: {exc}") from None
-            with self._send_span(full, properties, **{"messaging.batch.message_count": len(payloads)}) as (_, traced):
-                ids = await self._publish_batch(topic, payloads, key, traced, deliver_after, event_time)
-            if self._observer is not None:
-                for payload, message_id in zip(payloads, ids):
-                    self._observer.record(Published(full, key, payload, dict(traced or {}), encode(payload)[0], message_id))
-            return ids
-        return await self._publish_batch(topic, payloads, key, properties, deliver_after, event_time)
-
-    async def _publish_batch(
-        self,
-        topic: str,
-        payloads: Iterable[Any],
-        key: str | bytes | None,
-        properties: Mapping[str, str] | None,
-        deliver_after: timedelta | float | None,
-        event_time: datetime | int | None,
-    ) -> list[MessageId]:
-        messages = []
-        for index, payload in enumerate(payloads):
-            try:
-                data, content_type = encode(payload)
-            except TypeError as exc:
-                raise TypeError(f"payload #{index}: {exc}") from None
-            messages.append(
-                build_message(
-                    data, content_type, key=key, properties=properties, deliver_after=deliver_after, event_time=event_time
-                )
-            )
-        if self._producers is None:
+    def _sending(self) -> Publishing:
+        if self._publishing is None:
             raise RuntimeError(_NOT_STARTED)
-        producer = await self._producers.get(topic)
-        futures: list[asyncio.Future[MessageId] | None] = []
-        failures: dict[int, BaseException] = {}
-        for index, (message, size) in enumerate(messages):
-            try:
-                futures.append(await producer.submit(message, key, size, batchable=deliver_after is None))
-            except Exception as exc:
-                failures[index] = exc
-                futures.append(None)
-        ids: list[Any] = []
-        for index, future in enumerate(futures):
-            if future is None:
-                ids.append(None)
-                continue
-            try:
-                ids.append(await future)
-            except Exception as exc:
-                failures[index] = exc
-                ids.append(None)
-        if failures:
-            raise PublishBatchError(producer.topic, failures, ids)
-        return ids
+        return self._publishing
 
     # -- consuming ------------------------------------------------------------------
 
@@ -398,16 +250,10 @@ class EventBus(Publisher):
             raise ConfigError("no handlers are registered: import a module that uses @subscribe")
         if handle_signals is None:
             handle_signals = threading.current_thread() is threading.main_thread()
-        def runner(sub: Subscription, topic: str, replays_for: str | None = None) -> SubscriptionRunner:
-            return SubscriptionRunner(
-                sub, topic, connection, self.settings, bus=self, dead_letters=producers, metrics=self.metrics,
-                tracing=self._tracing, observer=self._observer, replays_for=replays_for,
-            )
-
-        # Each group that dead-letters also consumes its retry topic, where `eventbus dlq replay` sends them back.
-        runners = [runner(sub, topic) for topic, sub in subs] + [
-            runner(sub, sub.retry_topic(topic), topic) for topic, sub in subs if sub.dead_letter
-        ]
+        runners = runners_for(
+            subs, connection, self.settings, bus=self, dead_letters=producers, metrics=self.metrics,
+            tracing=self._tracing, observer=self._observer,
+        )
         settings = self.settings
         probes = None
         if settings.metrics_port is not None and self.metrics is not None:

@@ -5,20 +5,19 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
-import socket
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Literal, Protocol
+from typing import Protocol
 
 import anyio
 
-from .client import Consumer, Ident, RawMessage, ident_of, key_of
+from .client import Ident, RawMessage, ident_of, key_of
 from .connect import Connection
-from .errors import EventBusError, Failure, SubscriptionFailed, classify, text
+from .errors import EventBusError, SubscriptionFailed, text
 from .events import Observer
 from .handler import Publisher
-from .handling import Handling, Sender, cancelled_by_us, sleep_unless
+from .handling import Handling, Sender, cancelled_by_us
 from .intake import Intake
+from .membership import Membership, State
 from .lanes import Lanes
 from .metrics import Metrics
 from .registry import Subscription
@@ -27,13 +26,6 @@ from .tracing import Tracing
 
 log = logging.getLogger("eventbus")
 
-State = Literal["starting", "standby", "consuming", "stopped"]
-#: How often a standby process looks whether the subscription's lease is free.
-_LEASE_POLL = 0.25
-#: How often a standby member asks Apache Pulsar for the exclusive subscription: first, and at most.
-_STANDBY_POLL = (0.5, 5.0)
-#: Retrying a subscribe that failed: first delay, and at most.
-_RETRY = (1.0, 30.0)
 #: Acknowledged ids remembered to drop redelivered copies (about 100 bytes each).
 _REMEMBER_ACKED = 100_000
 
@@ -70,10 +62,8 @@ class SubscriptionRunner:
         self._unique = itertools.count()
         self._intake: Intake | None = None
         self._intake_done = False
-        self._consumer: Consumer | None = None
-        self._lease = connection.profile.lease(topic, sub.group)
-        self._state: State = "starting"
-        self._left = False  # a retry topic that cannot be subscribed, left alone (see `replays_for`)
+        self._membership = Membership(sub, topic, connection, settings, self._stopping, self._counts, replays_for)
+        self._consuming = False
         #: Copies of messages already in flight or acknowledged, dropped unhandled.
         self.duplicates = 0
         #: What killed the runner, if something did.
@@ -88,12 +78,12 @@ class SubscriptionRunner:
     @property
     def state(self) -> State:
         """starting, standby (another process or member consumes it), consuming, or stopped."""
-        return self._state
+        return "consuming" if self._consuming else self._membership.state
 
     @property
     def subscription_type(self) -> str:
         """The subscription type asked of the broker (see `BrokerProfile.subscription_type`)."""
-        return self._connection.profile.subscription_type(self.sub.subscription_type)
+        return self._membership.subscription_type
 
     @property
     def in_flight(self) -> int:
@@ -108,45 +98,40 @@ class SubscriptionRunner:
     @property
     def ready(self) -> bool:
         """Standing by, or consuming on a connected consumer (what `/readyz` asks of each subscription)."""
-        if self._state == "standby" or self._left:
+        membership = self._membership
+        if membership.state == "standby" or membership.left:
             return True
-        consumer = self._consumer
-        return self._state == "consuming" and consumer is not None and consumer.connected
+        consumer = membership.consumer
+        return self._consuming and consumer is not None and consumer.connected
 
     def redeliver_unacknowledged(self) -> None:
         """Ask the broker to send again what this consumer holds unacknowledged (as after a reconnect)."""
-        if self._consumer is not None:
-            self._consumer.redeliver_unacknowledged()
+        if self._membership.consumer is not None:
+            self._membership.consumer.redeliver_unacknowledged()
 
     # -- life ------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Try to subscribe once: raises what cannot cure itself; `run()` retries the rest."""
-        if self._lease is not None and not self._lease.acquire():
-            return  # another process consumes it on the embedded broker; run() stands by
-        try:
-            await self._subscribe()
-        except EventBusError as exc:
-            if classify(exc.result or "") is not Failure.TRANSIENT:
-                if self._leave(exc):
-                    return
-                raise
-            # The broker is there (the handshake said so) but busy, restarting, or
-            # holding the subscription for another member: run() keeps trying.
-            if exc.result != "ConsumerBusy":  # a standby member: run() says so
-                log.warning(
-                    "cannot subscribe %s group=%s yet (%s): retrying until it works or the worker stops",
-                    self.topic, self.group, exc,
-                )
+        await self._membership.start()
 
     async def run(self) -> None:
         """Consume until `stop()`; then finish in-flight handlers and close the consumer."""
         try:
-            if self._left or (
-                self._consumer is None and not (await self._take_lease() and await self._subscribe_until_stopped())
+            membership = self._membership
+            if membership.left or (
+                membership.consumer is None
+                and not (await membership.take_lease() and await membership.subscribe_until_stopped())
             ):
                 return
-            self._state = "consuming"
+            assert membership.consumer is not None
+            self._intake = Intake(
+                membership.consumer, self._connection.bridge, self._settings.consumer_max_in_flight, self._deliver,
+                self._lanes.begun,
+            )
+            if self._stopping.is_set():  # stopped while subscribing: take nothing
+                self._intake.drain()
+            self._consuming = True
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._guard, self._receive)
                 for _ in range(self.sub.concurrency):
@@ -187,100 +172,16 @@ class SubscriptionRunner:
 
     async def close(self) -> None:
         """Acknowledge what is done, close the consumer, then give up the lease."""
-        if self._consumer is not None:
-            consumer, self._consumer = self._consumer, None
+        if self._membership.consumer is not None:
+            consumer, self._membership.consumer = self._membership.consumer, None
             if self._intake is not None:
                 self._intake.send_acks()  # what came after the receive thread ended
             try:
                 await consumer.close()
             except EventBusError as exc:
                 log.warning("closing consumer %s/%s: %s", self.topic, self.group, exc)
-        # Only once the consumer is closed: the next holder must find it gone.
-        if self._lease is not None:
-            self._lease.release()
-        self._state = "stopped"
-
-    async def _take_lease(self) -> bool:
-        lease = self._lease
-        if lease is None or lease.acquire():
-            return True
-        self._state = "standby"
-        log.info(
-            "standby: another process consumes %s group=%s on the embedded broker; taking over when it leaves",
-            self.topic, self.group,
-        )
-        while not await sleep_unless(self._stopping, _LEASE_POLL):
-            if lease.acquire():
-                log.info("taking over %s group=%s", self.topic, self.group)
-                return True
-        return False
-
-    async def _subscribe_until_stopped(self) -> bool:
-        """Subscribe, retrying what may cure itself with one backoff; raise the rest."""
-        delay, poll = _RETRY[0], _STANDBY_POLL[0]
-        busy = False
-        while not self._stopping.is_set():
-            try:
-                await self._subscribe()
-                if busy:
-                    log.info("taking over %s group=%s", self.topic, self.group)
-                return True
-            except EventBusError as exc:
-                if classify(exc.result or "") is not Failure.TRANSIENT:
-                    if self._leave(exc):
-                        return False
-                    raise
-                if exc.result == "ConsumerBusy":
-                    # Another member holds the exclusive subscription: take over as soon as it leaves.
-                    if not busy:
-                        busy, self._state = True, "standby"
-                        log.info(
-                            "standby: another member consumes %s group=%s (%s); taking over when it leaves",
-                            self.topic, self.group, self.subscription_type,
-                        )
-                    if await sleep_unless(self._stopping, poll):
-                        break
-                    # Each refused subscribe is a ConsumerBusy line in the client's log: ask less often.
-                    poll = min(poll * 1.5, _STANDBY_POLL[1])
-                    continue
-                log.warning("still cannot subscribe %s group=%s (%s); next try in %.0fs", self.topic, self.group, exc, delay)
-            if await sleep_unless(self._stopping, delay):
-                break
-            delay = min(delay * 2, _RETRY[1])
-        return False
-
-    def _leave(self, exc: EventBusError) -> bool:
-        """For a retry topic that cannot be subscribed: say what replaying needs, and leave it (True)."""
-        if self.replays_for is None or exc.result in ("AuthenticationError", "AuthorizationError"):
-            return False
-        self._left = True
-        log.warning(
-            "cannot subscribe %s group=%s, where `eventbus dlq replay` sends this group's dead letters back (%s); "
-            "the group runs without it: create the topic to replay into it", self.topic, self.group, exc,
-        )
-        return True
-
-    async def _subscribe(self) -> None:
-        sub, profile = self.sub, self._connection.profile
-        self._consumer = await self._connection.client.subscribe(
-            self.topic, sub.group, subscription_type=self.subscription_type, initial_position=sub.initial_position,
-            receiver_queue_size=self._settings.consumer_receiver_queue_size,
-            consumer_name=f"{socket.gethostname()}-{os.getpid()}-{sub.group}", batch_index_ack=profile.batch_index_ack,
-        )
-        self._intake = Intake(
-            self._consumer, self._connection.bridge, self._settings.consumer_max_in_flight, self._deliver,
-            self._lanes.begun,
-        )
-        if self._stopping.is_set():  # stopped while subscribing: take nothing
-            self._intake.drain()
-        if self._counts is not None:
-            self._counts.subscribes += 1
-        asked = self.subscription_type
-        shown = asked if asked == sub.subscription_type else f"{asked} (for {sub.subscription_type} on {profile.server_version})"
-        log.info(
-            "subscribed %s group=%s subscription_type=%s concurrency=%d -> %s",
-            self.topic, sub.group, shown, sub.concurrency, sub.name,
-        )
+        self._consuming = False
+        self._membership.release()  # only once the consumer is closed: the next holder must find it gone
 
     async def _guard(self, part: Callable[[], Awaitable[None]]) -> None:
         """Run a part of the runner; one that dies stops the runner, loudly, so the worker exits non-zero."""

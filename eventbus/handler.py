@@ -8,7 +8,7 @@ import inspect
 import typing
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import anyio
 
@@ -16,32 +16,33 @@ from .codec import Decoder, decoder_for
 from .message import Message, MessageId
 
 
+class BatchOptions(TypedDict, total=False):
+    """How `publish_batch` sends: what `publish` takes but `sequence_id`."""
+
+    #: Orders the messages of one key on ordered subscriptions (bytes: a key that is not UTF-8).
+    key: str | bytes | None
+    properties: Mapping[str, str] | None
+    #: Holds the message back (seconds or a timedelta) on Apache Pulsar's shared and key_shared subscriptions.
+    deliver_after: timedelta | float | None
+    event_time: datetime | int | None
+
+
+class PublishOptions(BatchOptions, total=False):
+    """How `publish` sends (keyword arguments of `publish`, one definition for the bus, the ABC and the test kit)."""
+
+    #: With a stable `EVENTBUS_PRODUCER_NAME` and deduplication on the namespace, a resend of the same id is a no-op.
+    sequence_id: int | None
+
+
 class Publisher(abc.ABC):
     """The bus as a handler sees it; `EventBus` is one. Annotate a parameter with either to receive it."""
 
     @abc.abstractmethod
-    def publish(
-        self,
-        topic: str,
-        payload: Any,
-        *,
-        key: str | bytes | None = None,
-        properties: Mapping[str, str] | None = None,
-        deliver_after: timedelta | float | None = None,
-        event_time: datetime | int | None = None,
-        sequence_id: int | None = None,
-    ) -> Coroutine[Any, Any, MessageId]: ...
+    def publish(self, topic: str, payload: Any, **options: Unpack[PublishOptions]) -> Coroutine[Any, Any, MessageId]: ...
 
     @abc.abstractmethod
     def publish_batch(
-        self,
-        topic: str,
-        payloads: Iterable[Any],
-        *,
-        key: str | bytes | None = None,
-        properties: Mapping[str, str] | None = None,
-        deliver_after: timedelta | float | None = None,
-        event_time: datetime | int | None = None,
+        self, topic: str, payloads: Iterable[Any], **options: Unpack[BatchOptions]
     ) -> Coroutine[Any, Any, list[MessageId]]: ...
 
     @abc.abstractmethod

@@ -11,13 +11,37 @@ from collections.abc import Sequence
 import anyio
 import anyio.abc
 
+from .connect import Connection
 from .consumer import SubscriptionRunner
 from .errors import EventBusError
+from .events import Observer
 from .handler import Publisher
+from .handling import Sender
+from .metrics import Metrics
 from .probes import Probes
-from .registry import Background
+from .registry import Background, Subscription
+from .settings import Settings
+from .tracing import Tracing
 
 log = logging.getLogger("eventbus")
+
+
+def runners_for(
+    subs: Sequence[tuple[str, Subscription]], connection: Connection, settings: Settings, *, bus: Publisher,
+    dead_letters: Sender, metrics: Metrics | None, tracing: Tracing | None, observer: Observer | None,
+) -> list[SubscriptionRunner]:
+    """A runner per (full topic, subscription), and one per retry topic of each group that dead-letters
+    (where `eventbus dlq replay` sends its dead letters back)."""
+
+    def runner(sub: Subscription, topic: str, replays_for: str | None = None) -> SubscriptionRunner:
+        return SubscriptionRunner(
+            sub, topic, connection, settings, bus=bus, dead_letters=dead_letters, metrics=metrics, tracing=tracing,
+            observer=observer, replays_for=replays_for,
+        )
+
+    return [runner(sub, topic) for topic, sub in subs] + [
+        runner(sub, sub.retry_topic(topic), topic) for topic, sub in subs if sub.dead_letter
+    ]
 
 
 class Worker:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Literal
+from datetime import datetime, timezone
+from typing import Any, Callable, Literal, Unpack
 
 import anyio
 
@@ -14,7 +14,7 @@ from ..client import id_text, new_message_id
 from ..codec import DecodeError, encode
 from ..context import CURRENT, Attempt, caller, tracked
 from ..events import Published
-from ..handler import Publisher
+from ..handler import BatchOptions, PublishOptions, Publisher
 from ..handling import HandlerTimeout, backoff, cancelled_by_us, verdict
 from ..message import Message, MessageId
 from ..registry import Router, Subscription, default_router
@@ -39,32 +39,15 @@ class RecordingPublisher(Publisher):
             raise ValueError(problem)
         return name if "://" in name else f"persistent://{self._tenant}/{self._namespace}/{name}"
 
-    def publish(
-        self,
-        topic: str,
-        payload: Any,
-        *,
-        key: str | bytes | None = None,
-        properties: Mapping[str, str] | None = None,
-        deliver_after: timedelta | float | None = None,
-        event_time: datetime | int | None = None,
-        sequence_id: int | None = None,
-    ) -> Coroutine[Any, Any, MessageId]:
-        coroutine = self._record_one(topic, payload, key, properties)
+    def publish(self, topic: str, payload: Any, **options: Unpack[PublishOptions]) -> Coroutine[Any, Any, MessageId]:
+        coroutine = self._record_one(topic, payload, options.get("key"), options.get("properties"))
         tracked(coroutine, "publish", topic, caller())
         return coroutine
 
     def publish_batch(
-        self,
-        topic: str,
-        payloads: Iterable[Any],
-        *,
-        key: str | bytes | None = None,
-        properties: Mapping[str, str] | None = None,
-        deliver_after: timedelta | float | None = None,
-        event_time: datetime | int | None = None,
+        self, topic: str, payloads: Iterable[Any], **options: Unpack[BatchOptions]
     ) -> Coroutine[Any, Any, list[MessageId]]:
-        coroutine = self._record(topic, list(payloads), key, properties)
+        coroutine = self._record(topic, list(payloads), options.get("key"), options.get("properties"))
         tracked(coroutine, "publish_batch", topic, caller())
         return coroutine
 

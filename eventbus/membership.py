@@ -1,0 +1,152 @@
+"""Getting a subscription's consumer: the embedded broker's lease, subscribing, standing by, retrying."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from typing import Literal
+
+from .client import Consumer
+from .connect import Connection
+from .deadlines import sleep_unless
+from .errors import EventBusError, Failure, classify
+from .metrics import SubscriptionCounts
+from .registry import Subscription
+from .settings import Settings
+
+log = logging.getLogger("eventbus")
+
+State = Literal["starting", "standby", "consuming", "stopped"]
+#: How often a standby process looks whether the subscription's lease is free.
+_LEASE_POLL = 0.25
+#: How often a standby member asks Apache Pulsar for the exclusive subscription: first, and at most.
+_STANDBY_POLL = (0.5, 5.0)
+#: Retrying a subscribe that failed: first delay, and at most.
+_RETRY = (1.0, 30.0)
+
+
+class Membership:
+    """One (topic, group)'s consumer, once it has one; `state` says where getting it stands."""
+
+    def __init__(
+        self, sub: Subscription, topic: str, connection: Connection, settings: Settings, stopping: asyncio.Event,
+        counts: SubscriptionCounts | None, replays_for: str | None,
+    ) -> None:
+        self.sub, self.topic, self.group, self.replays_for = sub, topic, sub.group, replays_for
+        self._connection = connection
+        self._settings = settings
+        self._stopping = stopping
+        self._counts = counts
+        self._lease = connection.profile.lease(topic, sub.group)
+        self.state: State = "starting"
+        self.consumer: Consumer | None = None
+        #: A retry topic that cannot be subscribed, left alone (see `SubscriptionRunner`'s `replays_for`).
+        self.left = False
+
+    @property
+    def subscription_type(self) -> str:
+        """The subscription type asked of the broker (see `BrokerProfile.subscription_type`)."""
+        return self._connection.profile.subscription_type(self.sub.subscription_type)
+
+    def release(self) -> None:
+        """Give up the lease (once the consumer is closed: the next holder must find it gone)."""
+        if self._lease is not None:
+            self._lease.release()
+        self.state = "stopped"
+
+    async def start(self) -> None:
+        """Try to subscribe once: raises what cannot cure itself; `run()` retries the rest."""
+        if self._lease is not None and not self._lease.acquire():
+            return  # another process consumes it on the embedded broker; run() stands by
+        try:
+            await self._subscribe()
+        except EventBusError as exc:
+            if classify(exc.result or "") is not Failure.TRANSIENT:
+                if self._leave(exc):
+                    return
+                raise
+            # The broker is there (the handshake said so) but busy, restarting, or
+            # holding the subscription for another member: run() keeps trying.
+            if exc.result != "ConsumerBusy":  # a standby member: run() says so
+                log.warning(
+                    "cannot subscribe %s group=%s yet (%s): retrying until it works or the worker stops",
+                    self.topic, self.group, exc,
+                )
+
+    async def take_lease(self) -> bool:
+        lease = self._lease
+        if lease is None or lease.acquire():
+            return True
+        self.state = "standby"
+        log.info(
+            "standby: another process consumes %s group=%s on the embedded broker; taking over when it leaves",
+            self.topic, self.group,
+        )
+        while not await sleep_unless(self._stopping, _LEASE_POLL):
+            if lease.acquire():
+                log.info("taking over %s group=%s", self.topic, self.group)
+                return True
+        return False
+
+    async def subscribe_until_stopped(self) -> bool:
+        """Subscribe, retrying what may cure itself with one backoff; raise the rest."""
+        delay, poll = _RETRY[0], _STANDBY_POLL[0]
+        busy = False
+        while not self._stopping.is_set():
+            try:
+                await self._subscribe()
+                if busy:
+                    log.info("taking over %s group=%s", self.topic, self.group)
+                return True
+            except EventBusError as exc:
+                if classify(exc.result or "") is not Failure.TRANSIENT:
+                    if self._leave(exc):
+                        return False
+                    raise
+                if exc.result == "ConsumerBusy":
+                    # Another member holds the exclusive subscription: take over as soon as it leaves.
+                    if not busy:
+                        busy, self.state = True, "standby"
+                        log.info(
+                            "standby: another member consumes %s group=%s (%s); taking over when it leaves",
+                            self.topic, self.group, self.subscription_type,
+                        )
+                    if await sleep_unless(self._stopping, poll):
+                        break
+                    # Each refused subscribe is a ConsumerBusy line in the client's log: ask less often.
+                    poll = min(poll * 1.5, _STANDBY_POLL[1])
+                    continue
+                log.warning("still cannot subscribe %s group=%s (%s); next try in %.0fs", self.topic, self.group, exc, delay)
+            if await sleep_unless(self._stopping, delay):
+                break
+            delay = min(delay * 2, _RETRY[1])
+        return False
+
+    def _leave(self, exc: EventBusError) -> bool:
+        """For a retry topic that cannot be subscribed: say what replaying needs, and leave it (True)."""
+        if self.replays_for is None or exc.result in ("AuthenticationError", "AuthorizationError"):
+            return False
+        self.left = True
+        log.warning(
+            "cannot subscribe %s group=%s, where `eventbus dlq replay` sends this group's dead letters back (%s); "
+            "the group runs without it: create the topic to replay into it", self.topic, self.group, exc,
+        )
+        return True
+
+    async def _subscribe(self) -> None:
+        sub, profile = self.sub, self._connection.profile
+        self.consumer = await self._connection.client.subscribe(
+            self.topic, sub.group, subscription_type=self.subscription_type, initial_position=sub.initial_position,
+            receiver_queue_size=self._settings.consumer_receiver_queue_size,
+            consumer_name=f"{socket.gethostname()}-{os.getpid()}-{sub.group}", batch_index_ack=profile.batch_index_ack,
+        )
+        if self._counts is not None:
+            self._counts.subscribes += 1
+        asked = self.subscription_type
+        shown = asked if asked == sub.subscription_type else f"{asked} (for {sub.subscription_type} on {profile.server_version})"
+        log.info(
+            "subscribed %s group=%s subscription_type=%s concurrency=%d -> %s",
+            self.topic, sub.group, shown, sub.concurrency, sub.name,
+        )

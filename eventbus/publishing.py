@@ -1,0 +1,135 @@
+"""Sending for a bus, chosen once at start: plain, or instrumented (declared payload types, tracing, the observer)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+from .client import MessageId, build_message, id_text
+from .codec import encode
+from .context import Caller
+from .errors import PublishBatchError
+from .events import Observer, Published
+from .handler import BatchOptions, PublishOptions
+from .producers import Producers
+from .registry import Publication
+from .settings import Settings
+from .tracing import Tracing
+
+
+class Publishing:
+    """Encode, build, hand to the topic's producer, await the receipt."""
+
+    def __init__(self, producers: Producers) -> None:
+        self._producers = producers
+
+    async def one(self, topic: str, payload: Any, options: PublishOptions, _caller: Caller) -> MessageId:
+        """One publish. `_caller` is read when the coroutine is never awaited (context.watch_unawaited)."""
+        data, content_type = encode(payload)
+        message, size = build_message(data, content_type, **options)
+        producers = self._producers
+        producer = producers.ready.get(topic) or await producers.get(topic)
+        if not producer.reserve_nowait():  # no coroutine of its own: this runs per message
+            await producer.reserve()
+        return await producer.enqueue(message, options.get("key"), size, options.get("deliver_after") is None)
+
+    async def many(self, topic: str, payloads: Iterable[Any], options: BatchOptions, _caller: Caller) -> list[MessageId]:
+        """Every payload encoded before the first is sent; `PublishBatchError` names each failure by index."""
+        return await self._many(topic, _encoded(payloads), options)
+
+    async def _many(self, topic: str, encoded: list[tuple[Any, bytes, str | None]], options: BatchOptions) -> list[MessageId]:
+        messages = [build_message(data, content_type, **options) for _, data, content_type in encoded]
+        producer = await self._producers.get(topic)
+        key, batchable = options.get("key"), options.get("deliver_after") is None
+        futures: list[asyncio.Future[MessageId] | None] = []
+        failures: dict[int, BaseException] = {}
+        for index, (message, size) in enumerate(messages):
+            try:
+                futures.append(await producer.submit(message, key, size, batchable=batchable))
+            except Exception as exc:
+                failures[index] = exc
+                futures.append(None)
+        ids: list[Any] = []
+        for index, future in enumerate(futures):
+            try:
+                ids.append(await future if future is not None else None)
+            except Exception as exc:
+                failures[index] = exc
+                ids.append(None)
+        if failures:
+            raise PublishBatchError(producer.topic, failures, ids)
+        return ids
+
+
+class Instrumented(Publishing):
+    """`Publishing` with declared payload types checked, a PRODUCER span per publish, and the observer told."""
+
+    def __init__(
+        self, producers: Producers, settings: Settings, publications: Mapping[str, Publication],
+        tracing: Tracing | None, observer: Observer | None,
+    ) -> None:
+        super().__init__(producers)
+        self._settings = settings
+        self._publications = publications
+        self._tracing = tracing
+        self._observer = observer
+
+    async def one(self, topic: str, payload: Any, options: PublishOptions, _caller: Caller) -> MessageId:
+        full = self._settings.topic(topic)
+        publication = self._publications.get(full)
+        if publication is not None:
+            publication.check(payload)
+        data, content_type = encode(payload)
+        with self._span(full, options.get("properties")) as (span, traced):
+            sent: PublishOptions = {**options, "properties": traced}
+            message, size = build_message(data, content_type, **sent)
+            producer = await self._producers.get(topic)
+            message_id = await producer.send(
+                message, options.get("key"), size, batchable=options.get("deliver_after") is None
+            )
+            if span is not None:
+                span.set_attribute("messaging.message.id", id_text(message_id))
+        if self._observer is not None:
+            self._observer.record(Published(full, options.get("key"), payload, dict(traced or {}), data, message_id))
+        return message_id
+
+    async def many(self, topic: str, payloads: Iterable[Any], options: BatchOptions, _caller: Caller) -> list[MessageId]:
+        encoded = _encoded(payloads)
+        full = self._settings.topic(topic)
+        publication = self._publications.get(full)
+        if publication is not None:
+            for index, (payload, _, _) in enumerate(encoded):
+                try:
+                    publication.check(payload)
+                except TypeError as exc:
+                    raise TypeError(f"payload #{index}: {exc}") from None
+        count = {"messaging.batch.message_count": len(encoded)}
+        with self._span(full, options.get("properties"), **count) as (_, traced):
+            sent: BatchOptions = {**options, "properties": traced}
+            ids = await self._many(topic, encoded, sent)
+        if self._observer is not None:
+            for (payload, data, _), message_id in zip(encoded, ids):
+                self._observer.record(Published(full, options.get("key"), payload, dict(traced or {}), data, message_id))
+        return ids
+
+    def _span(
+        self, topic: str, properties: Mapping[str, str] | None, **attributes: Any
+    ) -> AbstractContextManager[tuple[Any, Mapping[str, str] | None]]:
+        """A PRODUCER span and the properties carrying its context; without tracing, none and the properties."""
+        if self._tracing is None:
+            return nullcontext((None, properties))
+        return self._tracing.send(topic, properties, **attributes)
+
+
+def _encoded(payloads: Iterable[Any]) -> list[tuple[Any, bytes, str | None]]:
+    out: list[tuple[Any, bytes, str | None]] = []
+    for index, payload in enumerate(payloads):
+        try:
+            data, content_type = encode(payload)
+        except TypeError as exc:
+            raise TypeError(f"payload #{index}: {exc}") from None
+        out.append((payload, data, content_type))
+    return out
+
