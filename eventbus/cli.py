@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 import asyncio
 import importlib.util
 import logging
@@ -82,6 +83,13 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     )
     run.add_argument("--reload", action="store_true", help="restart the worker when a .py file here changes (development)")
     run.add_argument("--supervised-by", type=int, default=None, help=argparse.SUPPRESS)
+    _docs_parser(commands)
+    _dlq_parser(commands)
+    _status_and_publish_parsers(commands)
+    return parser
+
+
+def _docs_parser(commands: Any) -> None:
     docs = commands.add_parser(
         "docs", help="write the app's AsyncAPI 3.0 document",
         description="Import each target (as `run` takes them) and write an AsyncAPI 3.0 document: a channel per "
@@ -93,6 +101,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     docs.add_argument("--format", choices=("json", "yaml"), default=None, help="default: yaml for a .yaml/.yml FILE, else json")
     docs.add_argument("--title", default=None, help="info.title (default: the targets)")
     docs.add_argument("--app-version", default="0.1.0", help="info.version (default: 0.1.0)")
+
+
+def _dlq_parser(commands: Any) -> None:
     dlq = commands.add_parser(
         "dlq", help="show or replay a group's dead letters", epilog=_settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -119,6 +130,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     replay.add_argument("--error-type", default=None, metavar="TYPE", help="only dead letters whose error type is TYPE")
     replay.add_argument("--limit", type=_positive, default=None, metavar="N", help="at most N")
     replay.add_argument("--dry-run", action="store_true", help="say what would be replayed; send and acknowledge nothing")
+
+
+def _status_and_publish_parsers(commands: Any) -> None:
     status = commands.add_parser(
         "status", help="each subscription's backlog, unacknowledged messages, consumers and dead letters",
         epilog=_settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -138,7 +152,6 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     publish.add_argument("json", help="the payload as JSON; - reads it from stdin, @PATH from a file")
     publish.add_argument("--key", default=None)
     publish.add_argument("--property", "-p", action="append", default=[], metavar="NAME=VALUE")
-    return parser
 
 
 def _positive(text: str) -> int:

@@ -69,6 +69,8 @@ class Handler:
     def __init__(self, func: Callable[..., Any], where: str) -> None:
         self.func = func
         self.name = handler_name(func)
+        #: Where it was registered, for errors: ``@subscribe('orders', 'billing') on app.charge``.
+        self.where = where
         self.decode, self.payload_type, positional, payload_name, message_name, bus_name = _analyse(func, where)
         self.wants_message = message_name is not None
         # Async if the function called is, or what it wraps is: an async decorator around a sync function

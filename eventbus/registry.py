@@ -6,7 +6,7 @@ import inspect
 import typing
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypedDict, TypeVar, Unpack
 
 from .codec import decoder_for
 from .dlq import dead_letter_topic, retry_topic
@@ -25,9 +25,23 @@ Background = Callable[[Publisher], Coroutine[Any, Any, None]]
 B = TypeVar("B", bound=Background)
 
 
+class SubscribeOptions(TypedDict, total=False):
+    """How a handler consumes: the keyword arguments of `subscribe` (see there)."""
+
+    subscription_type: SubscriptionType
+    concurrency: int
+    max_retries: int
+    retry_backoff: float
+    retry_backoff_max: float
+    dead_letter: bool
+    initial_position: InitialPosition
+    timeout: float | None
+    reject_on: tuple[type[BaseException], ...]
+
+
 @dataclass(frozen=True)
 class Subscription:
-    """One registered handler and how it consumes."""
+    """One registered handler and how it consumes; checks itself when made (`ValueError` naming the fix)."""
 
     topic: str
     group: str
@@ -41,6 +55,16 @@ class Subscription:
     initial_position: InitialPosition = "latest"
     timeout: float | None = DEFAULT_TIMEOUT
     reject_on: tuple[type[BaseException], ...] = ()
+
+    def __post_init__(self) -> None:
+        where = self.handler.where
+        for ok, problem in _problems(self):
+            if not ok:
+                raise ValueError(f"{where}: {problem}")
+        object.__setattr__(self, "retry_backoff", float(self.retry_backoff))
+        object.__setattr__(self, "retry_backoff_max", float(self.retry_backoff_max))
+        if self.timeout is not None:
+            object.__setattr__(self, "timeout", float(self.timeout))
 
     @property
     def name(self) -> str:
@@ -56,6 +80,41 @@ class Subscription:
 
     def retry_topic(self, full_topic: str) -> str:
         return retry_topic(full_topic, self.group)
+
+
+def _problems(sub: Subscription) -> list[tuple[bool, str]]:
+    """Each check of a subscription's options, with what to write instead."""
+    topic, backoff, timeout, reject_on = sub.topic, sub.retry_backoff, sub.timeout, sub.reject_on
+    problem = topic_problem(topic) if isinstance(topic, str) else None
+    return [
+        (isinstance(topic, str), f"topic must be a string, not {type(topic).__name__}"),
+        (problem is None, str(problem)),
+        (isinstance(sub.group, str) and bool(sub.group.strip()), "group must be a non-empty string"),
+        (
+            sub.subscription_type in SUBSCRIPTION_TYPES,
+            f"subscription_type={sub.subscription_type!r} is not one of {', '.join(SUBSCRIPTION_TYPES)}",
+        ),
+        (_is_int(sub.concurrency) and sub.concurrency >= 1, f"concurrency={sub.concurrency!r} must be an int >= 1"),
+        (_is_int(sub.max_retries) and sub.max_retries >= 0, f"max_retries={sub.max_retries!r} must be an int >= 0"),
+        (_is_num(backoff) and backoff >= 0, f"retry_backoff={backoff!r} must be seconds >= 0"),
+        (
+            _is_num(sub.retry_backoff_max) and _is_num(backoff) and sub.retry_backoff_max >= backoff,
+            f"retry_backoff_max={sub.retry_backoff_max!r} must be seconds >= retry_backoff",
+        ),
+        (isinstance(sub.dead_letter, bool), f"dead_letter={sub.dead_letter!r} must be True or False"),
+        (
+            sub.initial_position in ("latest", "earliest"),
+            f"initial_position={sub.initial_position!r} must be 'latest' or 'earliest'",
+        ),
+        (
+            timeout is None or (_is_num(timeout) and timeout > 0),
+            f"timeout={timeout!r} must be seconds > 0, or None for no limit",
+        ),
+        (
+            isinstance(reject_on, tuple) and all(isinstance(t, type) and issubclass(t, BaseException) for t in reject_on),
+            f"reject_on={reject_on!r} must be a tuple of exception types, e.g. (ValueError,)",
+        ),
+    ]
 
 
 @dataclass(frozen=True)
@@ -95,94 +154,38 @@ class Router:
         self.background: list[Background] = []
         self.publications: list[Publication] = []
 
-    def subscribe(
-        self,
-        topic: str,
-        group: str,
-        *,
-        subscription_type: SubscriptionType = "key_shared",
-        concurrency: int = 1,
-        max_retries: int = 3,
-        retry_backoff: float = 0.5,
-        retry_backoff_max: float = 30.0,
-        dead_letter: bool = True,
-        initial_position: InitialPosition = "latest",
-        timeout: float | None = DEFAULT_TIMEOUT,
-        reject_on: tuple[type[BaseException], ...] = (),
-    ) -> Callable[[F], F]:
+    def subscribe(self, topic: str, group: str, **options: Unpack[SubscribeOptions]) -> Callable[[F], F]:
         """Register the decorated function as the handler of `group` on `topic`.
 
         Messages are acknowledged after the handler returns; when it raises
         (anything, `CancelledError` and `SystemExit` included) or runs longer than
-        `timeout` seconds (None: no limit), they are retried `max_retries` times
-        with exponential backoff starting at `retry_backoff` seconds (capped at
-        `retry_backoff_max`), then sent to the dead-letter topic
+        `timeout` seconds (default 60; None: no limit), they are retried `max_retries`
+        (3) times with exponential backoff starting at `retry_backoff` (0.5) seconds,
+        capped at `retry_backoff_max` (30), then sent to the dead-letter topic
         ``{topic}-{group}-DLQ`` unless `dead_letter` is False. A handler that
         raises `Reject`, or one of the exception types in `reject_on`, skips the
         retries: its message is dead-lettered at once (reason ``rejected``).
+        `subscription_type` (key_shared), `concurrency` (1) and `initial_position`
+        (latest) say how it consumes.
         """
+        unknown = set(options) - set(SubscribeOptions.__annotations__)
+        if unknown:
+            raise TypeError(
+                f"@subscribe({topic!r}, {group!r}): unknown option(s) {', '.join(sorted(unknown))}; "
+                f"it takes {', '.join(SubscribeOptions.__annotations__)}"
+            )
 
         def register(handler: F) -> F:
             where = f"@subscribe({topic!r}, {group!r}) on {handler_name(handler)}"
             if not callable(handler):
                 raise TypeError(f"{where}: the handler is not callable ({type(handler).__name__})")
-            _check(where, isinstance(topic, str), f"topic must be a string, not {type(topic).__name__}")
-            problem = topic_problem(topic)
-            _check(where, problem is None, str(problem))
-            _check(where, isinstance(group, str) and bool(group.strip()), "group must be a non-empty string")
-            _check(
-                where,
-                subscription_type in SUBSCRIPTION_TYPES,
-                f"subscription_type={subscription_type!r} is not one of {', '.join(SUBSCRIPTION_TYPES)}",
-            )
-            _check(where, _is_int(concurrency) and concurrency >= 1, f"concurrency={concurrency!r} must be an int >= 1")
-            _check(where, _is_int(max_retries) and max_retries >= 0, f"max_retries={max_retries!r} must be an int >= 0")
-            _check(where, _is_num(retry_backoff) and retry_backoff >= 0, f"retry_backoff={retry_backoff!r} must be seconds >= 0")
-            _check(
-                where,
-                _is_num(retry_backoff_max) and retry_backoff_max >= retry_backoff,
-                f"retry_backoff_max={retry_backoff_max!r} must be seconds >= retry_backoff",
-            )
-            _check(where, isinstance(dead_letter, bool), f"dead_letter={dead_letter!r} must be True or False")
-            _check(
-                where,
-                initial_position in ("latest", "earliest"),
-                f"initial_position={initial_position!r} must be 'latest' or 'earliest'",
-            )
-            _check(
-                where,
-                timeout is None or (_is_num(timeout) and timeout > 0),
-                f"timeout={timeout!r} must be seconds > 0, or None for no limit",
-            )
-            _check(
-                where,
-                isinstance(reject_on, tuple)
-                and all(isinstance(t, type) and issubclass(t, BaseException) for t in reject_on),
-                f"reject_on={reject_on!r} must be a tuple of exception types, e.g. (ValueError,)",
-            )
             for existing in self.subscriptions:
                 if (existing.topic, existing.group) == (topic, group):
                     raise ValueError(
                         f"{where}: group {group!r} on {topic!r} already has a handler ({existing.name}); "
                         "use another group name, or one handler per group"
                     )
-            wrapped = Handler(handler, where)
-            self.subscriptions.append(
-                Subscription(
-                    topic=topic,
-                    group=group,
-                    handler=wrapped,
-                    subscription_type=subscription_type,
-                    concurrency=concurrency,
-                    max_retries=max_retries,
-                    retry_backoff=float(retry_backoff),
-                    retry_backoff_max=float(retry_backoff_max),
-                    dead_letter=dead_letter,
-                    initial_position=initial_position,
-                    timeout=None if timeout is None else float(timeout),
-                    reject_on=reject_on,
-                )
-            )
+            self.subscriptions.append(Subscription(topic, group, Handler(handler, where), **options))
             return handler
 
         return register

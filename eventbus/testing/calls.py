@@ -175,15 +175,8 @@ async def call_handler(
     data = payload if isinstance(payload, bytes) else encode(payload)[0]
     full_topic = publisher.topic(sub.topic) if isinstance(publisher, RecordingPublisher) else sub.topic
     message = Message(
-        topic=full_topic,
-        key=key,
-        properties=dict(properties or {}),
-        message_id=message_id if message_id is not None else new_message_id(0, 0),
-        publish_time=publish_time or datetime.now(timezone.utc),
-        event_time=event_time,
-        redelivery_count=redelivery_count,
-        attempt=attempt,
-        data=data,
+        full_topic, key, dict(properties or {}), message_id if message_id is not None else new_message_id(0, 0),
+        publish_time or datetime.now(timezone.utc), event_time, redelivery_count, attempt, data,
     )
 
     def result(outcome: CallOutcome, **rest: Any) -> CallResult:
