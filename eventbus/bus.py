@@ -118,8 +118,8 @@ class EventBus(Publisher):
         """Connect: start or join the embedded broker, or check the configured one answers."""
         self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
         for publishing in (Publishing, Instrumented):
-            watch_unawaited(publishing.one.__code__)
-            watch_unawaited(publishing.many.__code__)
+            watch_unawaited(publishing.publish.__code__)
+            watch_unawaited(publishing.publish_batch.__code__)
         connection = await connect(self.settings)
         self._connection = connection
         self._tracing = Tracing.for_provider(self._tracer_provider)
@@ -167,7 +167,7 @@ class EventBus(Publisher):
         """
         where = caller()
         _check_options(options, _PUBLISH_OPTIONS, "publish")
-        coroutine = self._sending().one(topic, payload, options, where)
+        coroutine = self._sending().publish(topic, payload, options, where)
         if CURRENT.get() is not None:
             tracked(coroutine, "publish", topic, where)
         return coroutine
@@ -182,7 +182,7 @@ class EventBus(Publisher):
         """
         where = caller()
         _check_options(options, _BATCH_OPTIONS, "publish_batch")
-        coroutine = self._sending().many(topic, payloads, options, where)
+        coroutine = self._sending().publish_batch(topic, payloads, options, where)
         if CURRENT.get() is not None:
             tracked(coroutine, "publish_batch", topic, where)
         return coroutine

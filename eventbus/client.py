@@ -57,6 +57,8 @@ class Result(Protocol):
 
 #: A message's place in its topic: (partition, ledger, entry, batch index).
 Ident = tuple[int, int, int, int]
+#: A message's id as bytes (`id_key`).
+IdKey = bytes
 OK: Result = _pulsar.Result.Ok
 CLIENT_ERRORS: tuple[type[Exception], ...] = (_pulsar.PulsarException, pulsar.asyncio.PulsarException)
 
@@ -207,20 +209,38 @@ def batch_size(message_id: MessageId) -> int:
     batch into its receiver queue one message at a time, so an empty queue can still be short
     of the rest of the batch (a read-back that stopped there lost the end of the last batch).
     """
-    data, i, found = message_id.serialize(), 0, 0
+    return max(1, _varint_fields(message_id.serialize()).get(6, 0))
+
+
+def id_key(message: RawMessage) -> IdKey:
+    """The message's id as bytes (`MessageId.serialize()`): equal for every copy of one message, and
+    cheaper than reading its parts (1.8 us against 2.8 us here, per message)."""
+    return bytes(message.message_id().serialize())
+
+
+def entry_of(key: IdKey) -> tuple[int, int, int]:
+    """(partition, ledger, entry) of an `id_key`: the entry, and so the batch, the message came in."""
+    fields = _varint_fields(key)
+    partition = fields.get(3, -1)
+    return (partition - (1 << 64) if partition >= 1 << 63 else partition), fields.get(1, -1), fields.get(2, -1)
+
+
+def _varint_fields(data: bytes) -> dict[int, int]:
+    """The varint fields of a protobuf message (`MessageIdData`: 1 ledger, 2 entry, 3 partition, 4 batch index,
+    6 batch size), by number."""
+    found: dict[int, int] = {}
+    i = 0
     while i < len(data):
         key, i = _varint(data, i)
         field, wire = key >> 3, key & 7
         if wire == 0:
-            value, i = _varint(data, i)
-            if field == 6:
-                found = value
+            found[field], i = _varint(data, i)
         elif wire == 2:
             length, i = _varint(data, i)
             i += length
         else:
             i += 8 if wire == 1 else 4
-    return max(1, found)
+    return found
 
 
 def _varint(data: bytes, i: int) -> tuple[int, int]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import anyio
 
-from .client import Ident, RawMessage, ident_of, key_of
+from .client import IdKey, RawMessage, entry_of, id_key, key_of
 from .connect import Connection
 from .errors import EventBusError, SubscriptionFailed, text
 from .events import Observer
@@ -28,10 +28,6 @@ log = logging.getLogger("eventbus")
 
 #: Acknowledged ids remembered to drop redelivered copies (about 100 bytes each).
 _REMEMBER_ACKED = 100_000
-
-
-def _batch(ident: Ident) -> Hashable:
-    return ident[:3]  # (partition, ledger, entry)
 
 
 class SubscriptionRunner:
@@ -57,7 +53,7 @@ class SubscriptionRunner:
         self._counts = metrics.subscription(topic, sub.group) if metrics is not None else None
         if self._counts is not None:
             self._counts.in_flight = lambda: self.in_flight
-        self._lanes: Lanes[RawMessage, Ident] = Lanes(_batch, _REMEMBER_ACKED)
+        self._lanes: Lanes[RawMessage, IdKey] = Lanes(entry_of, _REMEMBER_ACKED)
         self._idle: list[asyncio.Future[None]] = []  # workers waiting for a ready lane
         self._unique = itertools.count()
         self._intake: Intake | None = None
@@ -234,7 +230,7 @@ class SubscriptionRunner:
         admit, ordered, unique = self._lanes.admit, self.sub.ordered, self._unique
         for message in batch:
             # A key that is not UTF-8 (any producer may send one) is its lane as bytes.
-            verdict = admit(message, ident_of(message), key_of(message) if ordered else next(unique))
+            verdict = admit(message, id_key(message), key_of(message) if ordered else next(unique))
             if verdict != "queued":
                 self._intake.finish()
                 if verdict == "left_at_stop":

@@ -70,7 +70,8 @@ class Handling:
         self._finished = finished
         self._tracing = tracing
         self._report = report_for(topic, sub.group, sub.name, metrics, observer)
-        self._deadlines = Deadlines(sub.timeout) if sub.timeout else None
+        self._deadlines = Deadlines(sub.timeout, sub.handler.call, bus) if sub.timeout else None
+        self._numbered = sub.handler.wants_message or observer is not None or tracing is not None
         self._dead_letterer = DeadLetterer(
             dead_letters, dead_letter_topic or sub.dead_letter_topic(topic), tracing=tracing, report=self._report,
             stopped=finished, backoff=(sub.retry_backoff or 0.5, sub.retry_backoff_max),
@@ -91,16 +92,12 @@ class Handling:
 
     def _attempt_call(self, metrics: Metrics | None) -> Call:
         """One attempt's call, built once: the handler, under its deadline, timed, traced, as configured."""
-        handler, bus, deadlines = self.sub.handler.call, self._bus, self._deadlines
+        handler, bus = self.sub.handler.call, self._bus
 
         async def plain(payload: Any, metadata: Message | None, message: RawMessage, attempt: int) -> None:
             await handler(payload, metadata, bus)
 
-        async def bounded(payload: Any, metadata: Message | None, message: RawMessage, attempt: int) -> None:
-            assert deadlines is not None
-            await deadlines.call(handler, payload, metadata, bus)
-
-        call: Call = plain if deadlines is None else bounded
+        call: Call = plain if self._deadlines is None else self._deadlines.call
         if metrics is not None:
             call = _timed(call, metrics.subscription(self._topic, self.sub.group).handler.observe)
         if self._tracing is not None:
@@ -116,15 +113,24 @@ class Handling:
             payload = handler.decode(data)
         except DecodeError as exc:
             return await self._give_up(message, "undecodable", exc, attempts=1, trace=False)
-        earlier = message.redelivery_count()
+        current = self._context()
         attempt = 0
         while True:
             attempt += 1
             metadata = None
             try:
-                metadata = Message.of(message, earlier + attempt) if handler.wants_message else None
-                await self._attempt(message, payload, metadata, earlier + attempt)
-                self._report.ok(message, payload, metadata, earlier + attempt)
+                # Counting the broker's redeliveries costs a call into the client: only when something shows it.
+                number = message.redelivery_count() + attempt if self._numbered else attempt
+                if handler.wants_message:
+                    metadata = Message.of(message, number)
+                current.begin(message, attempt)
+                try:
+                    await self._call(payload, metadata, message, number)
+                finally:
+                    current.active = False
+                if current.publishes:
+                    current.check()
+                self._report.ok(message, payload, metadata, number)
                 return True
             except UnreadableMessage as exc:
                 return await self._give_up(message, "unreadable", exc, attempts=attempt, trace=False)
@@ -138,28 +144,21 @@ class Handling:
                     # A Reject is the handler's own word, not a bug: no traceback.
                     trace = not isinstance(exc, Reject)
                     return await self._give_up(message, then, exc, attempts=attempt, trace=trace, payload=payload)
-                if await self._retry_later(message, payload, metadata, attempt, earlier, exc):
+                if await self._retry_later(message, payload, metadata, attempt, exc):
                     return False  # unacknowledged: redelivered
                 payload = handler.decode(data)  # a fresh copy: the handler may have changed it
 
-    async def _attempt(self, message: RawMessage, payload: Any, metadata: Message | None, attempt: int) -> None:
-        """One call, in the lane task's attempt context: the handler's log lines carry the message's fields,
-        and a publish it did not await fails the attempt."""
+    def _context(self) -> Attempt:
+        """The lane task's attempt context, made once per task for all its messages: the handler's log lines
+        carry the message's fields, and a publish it did not await fails the attempt."""
         current = CURRENT.get()
-        if current is None or current.owner is not self:  # made once per lane task, for all its messages
+        if current is None or current.owner is not self:
             current = Attempt(self.sub.name, self._fields, owner=self)
             CURRENT.set(current)
-        current.begin(message, attempt)
-        try:
-            await self._call(payload, metadata, message, attempt)
-        finally:
-            current.active = False
-        if current.publishes:
-            current.check()
+        return current
 
     async def _retry_later(
-        self, message: RawMessage, payload: Any, metadata: Message | None, attempt: int, earlier: int,
-        exc: BaseException,
+        self, message: RawMessage, payload: Any, metadata: Message | None, attempt: int, exc: BaseException
     ) -> bool:
         """Log and report a failed attempt, then wait out its backoff; True: the bus stopped first."""
         sub = self.sub
@@ -170,7 +169,7 @@ class Handling:
             sub.name, label(message), attempt, sub.max_retries + 1, delay, text(exc),
             exc_info=exc if attempt == 1 else None, extra=self._fields(message, attempt),
         )
-        self._report.retried(message, payload, metadata, earlier + attempt, exc)
+        self._report.retried(message, payload, metadata, message.redelivery_count() + attempt, exc)
         return await sleep_unless(self._finished, delay)
 
     async def _give_up(
@@ -208,7 +207,8 @@ class Handling:
     def _fields(self, message: RawMessage, attempt: int) -> dict[str, object]:
         key = key_of(message)
         fields: dict[str, object] = {
-            **self._log_fields, "message_id": id_text(message.message_id()), "attempt": attempt,
+            **self._log_fields, "message_id": id_text(message.message_id()),
+            "attempt": message.redelivery_count() + attempt,
             "key": key.decode("utf-8", "backslashreplace") if isinstance(key, bytes) else key,
         }
         if self._tracing is not None:

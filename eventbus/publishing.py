@@ -25,7 +25,7 @@ class Publishing:
     def __init__(self, producers: Producers) -> None:
         self._producers = producers
 
-    async def one(self, topic: str, payload: Any, options: PublishOptions, _caller: Caller) -> MessageId:
+    async def publish(self, topic: str, payload: Any, options: PublishOptions, _caller: Caller) -> MessageId:
         """One publish. `_caller` is read when the coroutine is never awaited (context.watch_unawaited)."""
         data, content_type = encode(payload)
         message, size = build_message(data, content_type, **options)
@@ -35,7 +35,7 @@ class Publishing:
             await producer.reserve()
         return await producer.enqueue(message, options.get("key"), size, options.get("deliver_after") is None)
 
-    async def many(self, topic: str, payloads: Iterable[Any], options: BatchOptions, _caller: Caller) -> list[MessageId]:
+    async def publish_batch(self, topic: str, payloads: Iterable[Any], options: BatchOptions, _caller: Caller) -> list[MessageId]:
         """Every payload encoded before the first is sent; `PublishBatchError` names each failure by index."""
         return await self._many(topic, _encoded(payloads), options)
 
@@ -76,7 +76,7 @@ class Instrumented(Publishing):
         self._tracing = tracing
         self._observer = observer
 
-    async def one(self, topic: str, payload: Any, options: PublishOptions, _caller: Caller) -> MessageId:
+    async def publish(self, topic: str, payload: Any, options: PublishOptions, _caller: Caller) -> MessageId:
         full = self._settings.topic(topic)
         publication = self._publications.get(full)
         if publication is not None:
@@ -95,7 +95,7 @@ class Instrumented(Publishing):
             self._observer.record(Published(full, options.get("key"), payload, dict(traced or {}), data, message_id))
         return message_id
 
-    async def many(self, topic: str, payloads: Iterable[Any], options: BatchOptions, _caller: Caller) -> list[MessageId]:
+    async def publish_batch(self, topic: str, payloads: Iterable[Any], options: BatchOptions, _caller: Caller) -> list[MessageId]:
         encoded = _encoded(payloads)
         full = self._settings.topic(topic)
         publication = self._publications.get(full)

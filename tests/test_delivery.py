@@ -413,7 +413,7 @@ async def test_a_member_joining_the_group_never_overtakes_a_key_in_flight(
 ) -> None:
     # The newcomer's consumer name sorts first: pulsar-lite's failover would make
     # it the active consumer at once, without handing it the message in flight.
-    from eventbus import consumer
+    from eventbus import membership
 
     handled: list[tuple[str, int]] = []
     first_busy = anyio.Event()
@@ -433,12 +433,12 @@ async def test_a_member_joining_the_group_never_overtakes_a_key_in_flight(
     async with EventBus(settings, routers=[member("second")]) as second, anyio.create_task_group() as tg:
         first_settings = settings.model_copy(update={"shutdown_drain_timeout": 0.5})
         async with EventBus(first_settings, routers=[member("first")]) as first:
-            monkeypatch.setattr(consumer.socket, "gethostname", lambda: "z-first")
+            monkeypatch.setattr(membership.socket, "gethostname", lambda: "z-first")
             async with running(first):
                 await first.publish(topic, 1, key="k")
                 with anyio.fail_after(20):
                     await first_busy.wait()
-                monkeypatch.setattr(consumer.socket, "gethostname", lambda: "a-second")
+                monkeypatch.setattr(membership.socket, "gethostname", lambda: "a-second")
                 await tg.start(lambda task_status: second.run(handle_signals=False, task_status=task_status))
                 runner = second.running[0]
                 await eventually(lambda: runner.state in ("standby", "consuming"), timeout=60, what="join")
@@ -491,7 +491,7 @@ async def test_members_joining_and_leaving_never_run_a_key_twice_at_once_nor_out
     settings: Settings, topic: str, kind: str, partitions: int, request: pytest.FixtureRequest,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from eventbus import consumer
+    from eventbus import membership
 
     if partitions:
         if settings.uses_embedded:
@@ -508,10 +508,10 @@ async def test_members_joining_and_leaving_never_run_a_key_twice_at_once_nor_out
     async with anyio.create_task_group() as tg:
         async with EventBus(leaving, routers=[ledger.router("A", topic, kind)]) as a:
             # Pulsar's failover makes the member whose name sorts first active: the newcomer.
-            monkeypatch.setattr(consumer.socket, "gethostname", lambda: "z-first")
+            monkeypatch.setattr(membership.socket, "gethostname", lambda: "z-first")
             await tg.start(lambda task_status: a.run(handle_signals=False, task_status=task_status))
             await eventually(lambda: ledger.events, what="A to start handling")
-            monkeypatch.setattr(consumer.socket, "gethostname", lambda: "a-second")
+            monkeypatch.setattr(membership.socket, "gethostname", lambda: "a-second")
             b = EventBus(settings, routers=[ledger.router("B", topic, kind)])
             await b.start()
             await tg.start(lambda task_status: b.run(handle_signals=False, task_status=task_status))  # joins mid-flight
