@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import difflib
 import importlib
-import inspect
-import re
 import sys
 import traceback
 from collections.abc import Sequence
@@ -64,11 +61,6 @@ def _subscribe_hint(error: str) -> str:
     """What to write instead, for the mistakes Python words for the decorator rather than for its user."""
     if "missing 1 required positional argument: 'group'" in error:
         return ' (@subscribe needs a topic and a group: write @subscribe("orders", "billing"))'
-    unknown = re.search(r"unexpected keyword argument '(\w+)'", error)
-    if unknown:
-        options = [p for p in inspect.signature(Router.subscribe).parameters if p not in ("self", "topic", "group")]
-        close = difflib.get_close_matches(unknown.group(1), options, n=1)
-        return f" (did you mean {close[0]}?)" if close else f" (the options are {', '.join(options)})"
     return ""
 
 

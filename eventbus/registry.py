@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import typing
 from collections.abc import Callable, Coroutine
@@ -168,12 +169,12 @@ class Router:
         `subscription_type` (key_shared), `concurrency` (1) and `initial_position`
         (latest) say how it consumes.
         """
-        unknown = set(options) - set(SubscribeOptions.__annotations__)
-        if unknown:
-            raise TypeError(
-                f"@subscribe({topic!r}, {group!r}): unknown option(s) {', '.join(sorted(unknown))}; "
-                f"it takes {', '.join(SubscribeOptions.__annotations__)}"
-            )
+        known = list(SubscribeOptions.__annotations__)
+        for name in options:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"did you mean {close[0]}?" if close else f"the options are {', '.join(known)}"
+                raise TypeError(f"@subscribe({topic!r}, {group!r}): unexpected keyword argument {name!r} ({hint})")
 
         def register(handler: F) -> F:
             where = f"@subscribe({topic!r}, {group!r}) on {handler_name(handler)}"

@@ -196,8 +196,11 @@ async def test_a_namespace_that_does_not_exist_is_named_at_once(psettings: Setti
     async with EventBus(missing, routers=[router]) as bus:
         with anyio.fail_after(20), pytest.raises(ConfigError, match=rf"namespace public/{missing.namespace} exist\?"):
             await bus.publish(topic, 1)
-        with anyio.fail_after(20), pytest.raises(ConfigError, match="TopicNotFound"):
+        with anyio.fail_after(20), pytest.raises(ConfigError, match="TopicNotFound") as caught:
             await bus.run(handle_signals=False)  # not retried for ever: the worker stops with the reason
+    # The client's own error is kept as the cause (map_client_errors), so a traceback shows both.
+    cause = caught.value.__cause__
+    assert cause is not None and type(cause).__module__.split(".")[0] in ("pulsar", "_pulsar"), repr(cause)
 
 
 def test_a_publish_and_a_resend_the_broker_never_answers_end_at_the_deadline_naming_it(
