@@ -42,7 +42,6 @@ class SubscriptionRunner:
         by `eventbus dlq replay`): failures go to the main topic's dead-letter topic, and a retry topic
         that cannot be subscribed (auto-creation off) is logged and left, not fatal."""
         self.sub, self.topic, self.replays_for = sub, topic, replays_for
-        self._connection = connection
         self._settings = settings
         self._stopping = asyncio.Event()
         self._finished_handling = asyncio.Event()
@@ -122,8 +121,7 @@ class SubscriptionRunner:
                 return
             assert membership.consumer is not None
             self._intake = Intake(
-                membership.consumer, self._connection.bridge, self._settings.consumer_max_in_flight, self._deliver,
-                self._lanes.begun,
+                membership.consumer, self._settings.consumer_max_in_flight, self._deliver, self._lanes.begun
             )
             if self._stopping.is_set():  # stopped while subscribing: take nothing
                 self._intake.drain()
@@ -171,7 +169,7 @@ class SubscriptionRunner:
         if self._membership.consumer is not None:
             consumer, self._membership.consumer = self._membership.consumer, None
             if self._intake is not None:
-                self._intake.send_acks()  # what came after the receive thread ended
+                self._intake.send_acks()  # what came after the intake ended
             try:
                 await consumer.close()
             except EventBusError as exc:
@@ -202,10 +200,9 @@ class SubscriptionRunner:
     async def _receive(self) -> None:
         assert self._intake is not None
         try:
-            await anyio.to_thread.run_sync(self._intake.run, limiter=anyio.CapacityLimiter(1))
+            await self._intake.run()
         finally:
-            # Through the bridge: after the last batch the thread handed over.
-            self._connection.bridge.call(self._intake_finished)
+            self._intake_finished()
 
     def _intake_finished(self) -> None:
         self._intake_done = True
@@ -217,7 +214,7 @@ class SubscriptionRunner:
             self._counts.not_handled[reason] += count
 
     def _deliver(self, batch: list[RawMessage]) -> None:
-        """A batch from the receive thread: into the lanes, and a worker woken per lane made ready."""
+        """A batch from the intake: into the lanes, and a worker woken per lane made ready."""
         try:
             self._admit(batch)
         except BaseException as exc:  # a bug: the batch's count can no longer be trusted

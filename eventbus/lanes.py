@@ -148,5 +148,5 @@ class Lanes(Generic[M, I]):
         return left
 
     def begun(self, ident: I) -> bool:
-        """After `stop`: whether the message's batch was begun (the receive thread takes the rest of those)."""
+        """After `stop`: whether the message's batch was begun (the intake takes the rest of those)."""
         return self._begun is not None and self._batch_of(ident) in self._begun
