@@ -321,6 +321,51 @@ async def latency_rows(url: str, settings: Settings, rate: float, seconds: float
     }]
 
 
+def _raw_paced_publisher(url: str, token: str, t: str, rate: float, n: int) -> None:
+    """The raw client's own paced publisher (send_async, batching as the bus's), in a process of its own."""
+    auth = {"authentication": pulsar.AuthenticationToken(token)} if token else {}
+    client = pulsar.Client(url, logger=pulsar.ConsoleLogger(_pulsar.LoggerLevel.Error), **auth)
+    producer = client.create_producer(t, **producer_options(Settings(_env_file=None)))
+    start = time.time() + 0.2
+    for i in range(n):
+        delay = start + i / rate - time.time()
+        if delay > 0:
+            time.sleep(delay)
+        producer.send_async(json.dumps({"id": "x", "seq": i, "at": time.time()}).encode(), None, partition_key=f"k{i % 64}")
+    producer.flush()
+    os._exit(0)
+
+
+async def raw_latency_row(url: str, settings: Settings, rate: float, seconds: float) -> Row:
+    """Publish -> receive latency of the raw client alone (blocking receive loop, acknowledging), the bar for the bus's."""
+    t = topic()
+    n = int(rate * seconds)
+    client = pulsar.Client(url, logger=pulsar.ConsoleLogger(_pulsar.LoggerLevel.Error), **AUTH)
+    consumer = client.subscribe(t, "bench", consumer_type=pulsar.ConsumerType.KeyShared, initial_position=pulsar.InitialPosition.Earliest)
+    proc = multiprocessing.get_context("spawn").Process(target=_raw_paced_publisher, args=(url, settings.jwt() or "", t, rate, n))
+    proc.start()
+
+    def receive() -> list[float]:
+        lat = []
+        while len(lat) < n:
+            try:
+                m = consumer.receive(30_000)
+            except Exception:
+                break
+            lat.append(time.time() - json.loads(m.data())["at"])
+            consumer.acknowledge(m)
+        return lat
+
+    lat = await anyio.to_thread.run_sync(receive)
+    await anyio.to_thread.run_sync(proc.join, 30)
+    client.close()
+    q = statistics.quantiles(sorted(lat), n=1000)
+    return {
+        "op": "latency", "path": f"raw client: publish->receive at {rate:.0f} msg/s", "size": 100, "rate": rate,
+        "p50_ms": q[499] * 1000, "p99_ms": q[989] * 1000, "p999_ms": q[998] * 1000, "count": len(lat),
+    }
+
+
 async def workers_rows(url: str, settings: Settings, n: int, counts: tuple[int, ...] = (1, 2)) -> list[Row]:
     """Consume a backlog with `eventbus run --workers N` (separate processes, key_shared), timed from the first handled."""
     rows: list[Row] = []
@@ -412,10 +457,11 @@ async def one_run(args: argparse.Namespace, url: str, settings: Settings) -> lis
         rows += await publish_rows(url, settings, args.messages, size)
         rows += await consume_rows(url, settings, args.messages, size)
     if args.latency_seconds:
+        rows.append(await raw_latency_row(url, settings, 1000, args.latency_seconds))
         rows += await latency_rows(url, settings, 1000, args.latency_seconds)
         pub = max(r["msg_s"] for r in rows if r["path"].startswith("bus.publish,"))
         rows += await latency_rows(url, settings, 0.8 * pub, args.latency_seconds, "0.8 x bus.publish's rate")
-    if not settings.uses_embedded and not args.only_workers:  # the embedded broker runs one consumer per subscription
+    if not settings.uses_embedded and not args.only_workers and not args.no_workers:  # the embedded broker runs one consumer per subscription
         rows += await workers_rows(url, settings, args.workers_messages or 4 * args.messages)
     return rows
 
@@ -432,4 +478,5 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1, help="repeat every row; print medians and the spread of vs raw")
     parser.add_argument("--workers-messages", type=int, default=0, help="backlog for the --workers rows (default 4x --messages)")
     parser.add_argument("--only-workers", action="store_true", help="only the --workers rows (Apache Pulsar)")
+    parser.add_argument("--no-workers", action="store_true", help="without the --workers rows")
     asyncio.run(amain(parser.parse_args()))
