@@ -19,7 +19,6 @@ from .events import Observer
 from .handler import BatchOptions, PublishOptions, Publisher
 from .publishing import Instrumented, Publishing
 from .metrics import Metrics
-from .probes import Probes
 from .producers import Producers
 from .registry import Router, Subscription, default_router
 from .settings import Settings
@@ -254,14 +253,7 @@ class EventBus(Publisher):
             subs, connection, self.settings, bus=self, dead_letters=producers, metrics=self.metrics,
             tracing=self._tracing, observer=self._observer,
         )
-        settings = self.settings
-        probes = None
-        if settings.metrics_port is not None and self.metrics is not None:
-            probes = Probes(
-                self.metrics, lambda: self._worker is not None and self._worker.ready(), settings.metrics_host,
-                settings.metrics_port, settings.liveness_stall_seconds,
-            )
-        self._worker = Worker(runners, background, self, self._stop, settings.shutdown_drain_timeout, probes)
+        self._worker = Worker(runners, background, self, self._stop, self.settings, self.metrics)
         self._run_done = asyncio.Event()
         try:
             await self._worker.run(handle_signals=handle_signals, task_status=task_status)

@@ -53,16 +53,21 @@ class Worker:
         background: Sequence[Background],
         bus: Publisher,
         stop: asyncio.Event,
-        drain_timeout: float,
-        probes: Probes | None = None,
+        settings: Settings,
+        metrics: Metrics | None = None,
     ) -> None:
+        """`/metrics`, `/livez` and `/readyz` are served when `settings.metrics_port` is set and there are metrics."""
         self.runners = tuple(runners)
         self._background = tuple(background)
         self._bus = bus
         self._stop = stop
-        self._drain_timeout = drain_timeout
+        self._drain_timeout = settings.shutdown_drain_timeout
         self._failures: list[EventBusError] = []
-        self.probes = probes
+        self.probes = None
+        if settings.metrics_port is not None and metrics is not None:
+            self.probes = Probes(
+                metrics, self.ready, settings.metrics_host, settings.metrics_port, settings.liveness_stall_seconds
+            )
         self._started = False
 
     def ready(self) -> bool:

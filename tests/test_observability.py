@@ -248,10 +248,12 @@ class _Runner:
 
 
 async def test_readiness_waits_for_every_first_subscribe_and_ends_at_the_stop() -> None:
+    from eventbus import Settings
     from eventbus.worker import Worker
 
     runners = [_Runner(), _Runner()]
-    worker = Worker(runners, [], bus=None, stop=asyncio.Event(), drain_timeout=5)  # type: ignore[arg-type]
+    settings = Settings(_env_file=None, shutdown_drain_timeout=5)
+    worker = Worker(runners, [], bus=None, stop=asyncio.Event(), settings=settings)  # type: ignore[arg-type]
     async with anyio.create_task_group() as tg:
         tg.start_soon(lambda: worker.run(handle_signals=False, task_status=anyio.TASK_STATUS_IGNORED))
         runners[0].go.set()
