@@ -215,7 +215,7 @@ def batch_size(message_id: MessageId) -> int:
 def id_key(message: RawMessage) -> IdKey:
     """The message's id as bytes (`MessageId.serialize()`): equal for every copy of one message, and
     cheaper than reading its parts (1.8 us against 2.8 us here, per message)."""
-    return bytes(message.message_id().serialize())
+    return message.message_id().serialize()
 
 
 def entry_of(key: IdKey) -> tuple[int, int, int]:

@@ -1,10 +1,8 @@
-"""Handler timeouts: a deadline per running call, enforced by one watchdog task per subscription."""
+"""Handler timeouts: a deadline slot per worker task, set per call, enforced by one watchdog task per subscription."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import anyio
 
@@ -13,46 +11,58 @@ class HandlerTimeout(Exception):
     """A handler ran past its subscription's `timeout`."""
 
 
-class Deadlines:
-    """Runs calls with a deadline; `watchdog` cancels each one past it.
+class Slot:
+    """One task's deadline: 0 while it runs no handler call."""
 
-    A deadline per call instead of a cancel scope per message: a scope cost 5-7 us, more than the rest of the dispatch.
+    __slots__ = ("task", "deadline", "timed_out", "_deadlines")
+
+    def __init__(self, task: asyncio.Task[object] | None, deadlines: Deadlines) -> None:
+        self.task = task
+        self.deadline = 0.0
+        self.timed_out = False
+        self._deadlines = deadlines
+
+    def start(self) -> None:
+        """A call begins: its deadline is the subscription's timeout from now."""
+        self.deadline = self._deadlines.now() + self._deadlines.timeout
+
+    def expired(self) -> HandlerTimeout:
+        """After the watchdog cancelled this task's call: the error the call fails with (the cancel undone)."""
+        self.timed_out = False
+        if self.task is not None:
+            self.task.uncancel()
+        return HandlerTimeout(f"the handler did not finish within {self._deadlines.timeout:g}s (subscribe(timeout=...))")
+
+
+class Deadlines:
+    """The slots of a subscription's worker tasks; `watchdog` cancels a task whose call is past its deadline.
+
+    A slot per task, set per call: a cancel scope per message cost 5-7 us, more than the rest of the
+    dispatch, and a deadline per call keyed by `asyncio.current_task()` a coroutine frame and a lookup.
     """
 
-    def __init__(self, timeout: float, handler: Callable[[Any, Any, Any], Awaitable[Any]], bus: Any) -> None:
-        """`handler(payload, metadata, bus)`: the call each `call` makes."""
+    def __init__(self, timeout: float) -> None:
         self.timeout = timeout
-        self._handler = handler
-        self._bus = bus
         self._loop = asyncio.get_running_loop()
-        self._deadlines: dict[asyncio.Task[Any], float] = {}
-        self._timed_out: set[asyncio.Task[Any]] = set()
+        self._slots: list[Slot] = []
 
-    async def call(self, payload: Any, metadata: Any, message: Any, attempt: int) -> None:
-        """Call the handler; raise `HandlerTimeout` when the watchdog cancelled it (the shape of `handling.Call`)."""
-        task = asyncio.current_task()
-        assert task is not None
-        self._deadlines[task] = self._loop.time() + self.timeout
-        try:
-            await self._handler(payload, metadata, self._bus)
-        except asyncio.CancelledError:
-            if task not in self._timed_out:
-                raise
-        finally:
-            del self._deadlines[task]
-        if task in self._timed_out:
-            self._timed_out.discard(task)
-            task.uncancel()
-            raise HandlerTimeout(f"the handler did not finish within {self.timeout:g}s (subscribe(timeout=...))")
+    def slot(self) -> Slot:
+        """The calling task's slot (once per task)."""
+        slot = Slot(asyncio.current_task(), self)
+        self._slots.append(slot)
+        return slot
+
+    def now(self) -> float:
+        return self._loop.time()
 
     async def watchdog(self, finished: asyncio.Event) -> None:
         """Cancel each call that runs past its deadline, until `finished` is set."""
         while not await sleep_unless(finished, min(self.timeout / 4, 1.0)):
             now = self._loop.time()
-            for task, deadline in list(self._deadlines.items()):
-                if deadline <= now and task not in self._timed_out:
-                    self._timed_out.add(task)
-                    task.cancel()
+            for slot in self._slots:
+                if 0 < slot.deadline <= now and not slot.timed_out and slot.task is not None:
+                    slot.timed_out = True
+                    slot.task.cancel()
 
 
 async def sleep_unless(event: asyncio.Event, delay: float) -> bool:

@@ -28,8 +28,8 @@ __all__ = ["Handling", "HandlerTimeout", "Sender", "backoff", "cancelled_by_us",
 
 log = logging.getLogger("eventbus")
 
-#: One handler attempt: (payload, metadata, the raw message, attempt number).
-Call = Callable[[Any, "Message | None", RawMessage, int], Awaitable[None]]
+#: One attempt's call: (payload, metadata, the bus), as `Handler.call`.
+Call = Callable[[Any, "Message | None", Publisher], Awaitable[None]]
 
 
 def verdict(sub: Subscription, exc: BaseException, attempt: int) -> str:
@@ -70,7 +70,7 @@ class Handling:
         self._finished = finished
         self._tracing = tracing
         self._report = report_for(topic, sub.group, sub.name, metrics, observer)
-        self._deadlines = Deadlines(sub.timeout, sub.handler.call, bus) if sub.timeout else None
+        self._deadlines = Deadlines(sub.timeout) if sub.timeout else None
         self._numbered = sub.handler.wants_message or observer is not None or tracing is not None
         self._dead_letterer = DeadLetterer(
             dead_letters, dead_letter_topic or sub.dead_letter_topic(topic), tracing=tracing, report=self._report,
@@ -91,13 +91,8 @@ class Handling:
             await self._deadlines.watchdog(self._finished)
 
     def _attempt_call(self, metrics: Metrics | None) -> Call:
-        """One attempt's call, built once: the handler, under its deadline, timed, traced, as configured."""
-        handler, bus = self.sub.handler.call, self._bus
-
-        async def plain(payload: Any, metadata: Message | None, message: RawMessage, attempt: int) -> None:
-            await handler(payload, metadata, bus)
-
-        call: Call = plain if self._deadlines is None else self._deadlines.call
+        """One attempt's call, built once: the handler itself, or timed and traced, as configured."""
+        call: Call = self.sub.handler.call
         if metrics is not None:
             call = _timed(call, metrics.subscription(self._topic, self.sub.group).handler.observe)
         if self._tracing is not None:
@@ -124,10 +119,19 @@ class Handling:
                 if handler.wants_message:
                     metadata = Message.of(message, number)
                 current.begin(message, attempt)
+                slot = current.slot
+                if slot is not None:
+                    slot.start()
                 try:
-                    await self._call(payload, metadata, message, number)
+                    await self._call(payload, metadata, self._bus)
+                except asyncio.CancelledError:
+                    if slot is None or not slot.timed_out:
+                        raise
+                    raise slot.expired() from None
                 finally:
                     current.active = False
+                    if slot is not None:
+                        slot.deadline = 0.0
                 if current.publishes:
                     current.check()
                 self._report.ok(message, payload, metadata, number)
@@ -154,6 +158,8 @@ class Handling:
         current = CURRENT.get()
         if current is None or current.owner is not self:
             current = Attempt(self.sub.name, self._fields, owner=self)
+            if self._deadlines is not None:
+                current.slot = self._deadlines.slot()
             CURRENT.set(current)
         return current
 
@@ -219,10 +225,10 @@ class Handling:
 
 
 def _timed(call: Call, observe: Callable[[float], None]) -> Call:
-    async def timed(payload: Any, metadata: Message | None, message: RawMessage, attempt: int) -> None:
+    async def timed(payload: Any, metadata: Message | None, bus: Publisher) -> None:
         started = time.perf_counter()
         try:
-            await call(payload, metadata, message, attempt)
+            await call(payload, metadata, bus)
         finally:
             observe(time.perf_counter() - started)
 
@@ -230,11 +236,15 @@ def _timed(call: Call, observe: Callable[[float], None]) -> Call:
 
 
 def _traced(call: Call, tracing: Tracing, topic: str, group: str) -> Call:
-    async def traced(payload: Any, metadata: Message | None, message: RawMessage, attempt: int) -> None:
+    async def traced(payload: Any, metadata: Message | None, bus: Publisher) -> None:
+        current = CURRENT.get()
+        assert current is not None  # the attempt context is set before every call
+        message: RawMessage = current.message
         properties = properties_of(message) or {}
+        attempt = message.redelivery_count() + current.number
         with tracing.process(topic, group, properties, id_text(message.message_id()), attempt) as span:
             try:
-                await call(payload, metadata, message, attempt)
+                await call(payload, metadata, bus)
             except BaseException as exc:
                 failed(span, exc)
                 raise
