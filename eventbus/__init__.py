@@ -29,13 +29,23 @@ from .errors import (
 )
 from .consumer import RunningSubscription
 from .context import UnawaitedPublish
-from .handler import Publisher
+from .handler import BatchOptions, PublishOptions, Publisher
 from .message import Message, MessageId
-from .registry import Publication, Router, Subscription, SubscriptionType, default_router, publisher, subscribe
+from .registry import (
+    Publication,
+    Router,
+    SubscribeOptions,
+    Subscription,
+    SubscriptionType,
+    default_router,
+    publisher,
+    subscribe,
+)
 from .settings import Settings
 
 __all__ = [
     "AuthenticationFailed",
+    "BatchOptions",
     "BrokerUnavailable",
     "ConfigError",
     "DecodeError",
@@ -46,11 +56,13 @@ __all__ = [
     "Publication",
     "PublishBatchError",
     "PublishError",
+    "PublishOptions",
     "Publisher",
     "Reject",
     "Router",
     "RunningSubscription",
     "Settings",
+    "SubscribeOptions",
     "Subscription",
     "SubscriptionFailed",
     "SubscriptionType",
