@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
-from typing import Any, Unpack
+from typing import Any, NoReturn, Unpack
 
 import anyio
 import anyio.abc
@@ -30,10 +30,9 @@ _BATCH_OPTIONS = frozenset(BatchOptions.__annotations__)
 _PUBLISH_OPTIONS = frozenset(PublishOptions.__annotations__)
 
 
-def _check_options(options: Mapping[str, object], known: frozenset[str], method: str) -> None:
-    if not known.issuperset(options):
-        unknown = ", ".join(sorted(set(options) - known))
-        raise TypeError(f"{method}() got unexpected keyword argument(s) {unknown}: it takes {', '.join(sorted(known))}")
+def _reject(options: Mapping[str, object], known: frozenset[str], method: str) -> NoReturn:
+    unknown = ", ".join(sorted(set(options) - known))
+    raise TypeError(f"{method}() got unexpected keyword argument(s) {unknown}: it takes {', '.join(sorted(known))}")
 
 
 class EventBus(Publisher):
@@ -165,8 +164,12 @@ class EventBus(Publisher):
         handler that fails the attempt, elsewhere it is logged at ERROR naming the caller.
         """
         where = caller()
-        _check_options(options, _PUBLISH_OPTIONS, "publish")
-        coroutine = self._sending().publish(topic, payload, options, where)
+        if options and not _PUBLISH_OPTIONS.issuperset(options):
+            _reject(options, _PUBLISH_OPTIONS, "publish")
+        publishing = self._publishing
+        if publishing is None:
+            raise RuntimeError(_NOT_STARTED)
+        coroutine = publishing.publish(topic, payload, options, where)
         if CURRENT.get() is not None:
             tracked(coroutine, "publish", topic, where)
         return coroutine
@@ -180,16 +183,15 @@ class EventBus(Publisher):
         confirmed, raises `PublishBatchError` naming each failure by index.
         """
         where = caller()
-        _check_options(options, _BATCH_OPTIONS, "publish_batch")
-        coroutine = self._sending().publish_batch(topic, payloads, options, where)
+        if options and not _BATCH_OPTIONS.issuperset(options):
+            _reject(options, _BATCH_OPTIONS, "publish_batch")
+        publishing = self._publishing
+        if publishing is None:
+            raise RuntimeError(_NOT_STARTED)
+        coroutine = publishing.publish_batch(topic, payloads, options, where)
         if CURRENT.get() is not None:
             tracked(coroutine, "publish_batch", topic, where)
         return coroutine
-
-    def _sending(self) -> Publishing:
-        if self._publishing is None:
-            raise RuntimeError(_NOT_STARTED)
-        return self._publishing
 
     # -- consuming ------------------------------------------------------------------
 
