@@ -136,3 +136,22 @@ def test_recent_ids_are_bounded_and_hold_the_last_one_added(added: list[int], si
     assert 51 not in recent
     distinct_tail = list(dict.fromkeys(reversed(added)))[: min(size, 1)]
     assert all(value in recent for value in distinct_tail)
+
+
+ids = st.tuples(st.integers(0, 2**40), st.integers(0, 2**40), st.integers(-1, 100), st.integers(-1, 2000))
+
+
+@given(ids, ids)
+def test_entry_of_a_serialized_id_names_its_entry_exactly(first: tuple[int, int, int, int], second: tuple[int, int, int, int]) -> None:
+    # The consumer's lanes key a stop's begun batches by it: two messages share a batch exactly when
+    # ledger, entry and partition agree, whatever their batch index.
+    from eventbus.client import entry_of, new_message_id
+
+    def key(ident: tuple[int, int, int, int]) -> bytes:
+        ledger, entry, partition, index = ident
+        return new_message_id(ledger, entry, partition, index).serialize()
+
+    same_entry = first[:3] == second[:3]
+    assert (entry_of(key(first)) == entry_of(key(second))) == same_entry
+    sibling = (*first[:3], (first[3] + 1) % 1000)
+    assert entry_of(key(first)) == entry_of(key(sibling))
