@@ -17,6 +17,7 @@ or run a module's handlers in a worker: ``python -m eventbus run handlers``.
 
 from .bus import EventBus
 from .codec import DecodeError
+from .dependencies import Depends
 from .errors import (
     AuthenticationFailed,
     BrokerUnavailable,
@@ -25,6 +26,7 @@ from .errors import (
     PublishBatchError,
     PublishError,
     Reject,
+    StartupFailed,
     SubscriptionFailed,
 )
 from .consumer import RunningSubscription
@@ -49,6 +51,7 @@ __all__ = [
     "BrokerUnavailable",
     "ConfigError",
     "DecodeError",
+    "Depends",
     "EventBus",
     "EventBusError",
     "Message",
@@ -62,6 +65,7 @@ __all__ = [
     "Router",
     "RunningSubscription",
     "Settings",
+    "StartupFailed",
     "SubscribeOptions",
     "Subscription",
     "SubscriptionFailed",

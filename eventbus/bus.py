@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, NoReturn, Unpack
 
 import anyio
@@ -14,13 +14,15 @@ from .connect import Connection, connect
 from .context import CURRENT, caller, tracked, watch_unawaited
 from .consumer import RunningSubscription
 from .client import MessageId
+from .dependencies import AppScope, Provider
 from .errors import ConfigError
 from .events import Observer
 from .handler import BatchOptions, PublishOptions, Publisher
+from .lifetime import Lifetime
 from .publishing import Instrumented, Publishing
 from .metrics import Metrics
 from .producers import Producers
-from .registry import Router, Subscription, default_router
+from .registry import Lifespan, Router, Subscription, default_router, lifespan_of
 from .settings import Settings
 from .tracing import Tracing
 from .worker import Worker, runners_for
@@ -52,12 +54,19 @@ class EventBus(Publisher):
         *,
         tracer_provider: Any = None,
         observer: Observer | None = None,
+        lifespan: Callable[..., Any] | None = None,
+        dependency_overrides: Mapping[Provider, Provider] | None = None,
     ) -> None:
         """`tracer_provider`: an OpenTelemetry TracerProvider to trace into (default: the global one, if set).
 
         `observer` is told of every confirmed publish, handler attempt and dead letter (the test kit uses it).
+        `lifespan`: an async context manager function of the bus that `run()` enters before the routers' lifespans
+        (see `Router.lifespan`). `dependency_overrides` replace `Depends` providers by others (tests).
         """
         self.settings = settings if settings is not None else Settings()
+        self._lifespans: list[Lifespan] = [lifespan_of(lifespan, "EventBus(lifespan=...)")] if lifespan else []
+        #: Providers replaced by others when `run()` makes dependencies (the FastAPI way: for tests).
+        self.dependency_overrides: dict[Provider, Provider] = dict(dependency_overrides or {})
         self._tracer_provider = tracer_provider
         self._tracing: Tracing | None = None
         self._observer = observer
@@ -234,8 +243,11 @@ class EventBus(Publisher):
 
         ``await task_group.start(bus.run)`` returns once every subscription exists.
 
+        First it enters the lifespans (the bus's, then each router's) and makes the app-scoped
+        dependencies; one that raises ends it with `StartupFailed` before anything is consumed.
         On stop it takes no more messages, lets running handlers finish within
-        `shutdown_drain_timeout`, acknowledges them and closes the consumers.
+        `shutdown_drain_timeout`, acknowledges them and closes the consumers; then it cancels
+        the background tasks, closes the app-scoped dependencies and exits the lifespans, in reverse.
         Messages received but not handled stay unacknowledged and are redelivered.
         A subscription that dies of something unexpected is logged with its
         traceback, the others drain, and `run()` raises `SubscriptionFailed`.
@@ -251,11 +263,16 @@ class EventBus(Publisher):
             raise ConfigError("no handlers are registered: import a module that uses @subscribe")
         if handle_signals is None:
             handle_signals = threading.current_thread() is threading.main_thread()
+        app = AppScope(self.dependency_overrides)
+        lifetime = Lifetime(
+            [*self._lifespans, *(func for router in self.routers for func in router.lifespans)], app,
+            [sub.handler.plan_for(app.overrides) for _, sub in subs],
+        )
         runners = runners_for(
             subs, connection, self.settings, bus=self, dead_letters=producers, metrics=self.metrics,
-            tracing=self._tracing, observer=self._observer,
+            tracing=self._tracing, observer=self._observer, app=app,
         )
-        self._worker = Worker(runners, background, self, self._stop, self.settings, self.metrics)
+        self._worker = Worker(runners, background, self, self._stop, self.settings, self.metrics, lifetime)
         self._run_done = asyncio.Event()
         try:
             await self._worker.run(handle_signals=handle_signals, task_status=task_status)

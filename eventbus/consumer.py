@@ -12,6 +12,7 @@ import anyio
 
 from .client import IdKey, RawMessage, entry_of, id_key, key_of
 from .connect import Connection
+from .dependencies import AppScope
 from .errors import EventBusError, SubscriptionFailed, text
 from .events import Observer
 from .handler import Publisher
@@ -36,7 +37,7 @@ class SubscriptionRunner:
     def __init__(
         self, sub: Subscription, topic: str, connection: Connection, settings: Settings, *, bus: Publisher,
         dead_letters: Sender, metrics: Metrics | None = None, tracing: Tracing | None = None,
-        observer: Observer | None = None, replays_for: str | None = None,
+        observer: Observer | None = None, replays_for: str | None = None, app: AppScope | None = None,
     ) -> None:
         """`replays_for`: this runner consumes the retry topic of that main topic (dead letters sent back
         by `eventbus dlq replay`): failures go to the main topic's dead-letter topic, and a retry topic
@@ -47,7 +48,7 @@ class SubscriptionRunner:
         self._finished_handling = asyncio.Event()
         self._handling = Handling(
             sub, topic, bus, dead_letters, self._finished_handling, metrics, tracing, observer,
-            dead_letter_topic=sub.dead_letter_topic(replays_for) if replays_for else None,
+            dead_letter_topic=sub.dead_letter_topic(replays_for) if replays_for else None, app=app,
         )
         self._counts = metrics.subscription(topic, sub.group) if metrics is not None else None
         if self._counts is not None:

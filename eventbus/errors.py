@@ -35,6 +35,13 @@ class SubscriptionFailed(EventBusError):
     """A subscription died of something the bus did not expect; `run()` raises it after draining the rest."""
 
 
+class StartupFailed(EventBusError):
+    """A lifespan or an app-scoped dependency raised while the worker started: nothing was consumed.
+
+    `details` holds its traceback; the CLI prints it above the one line and exits 1.
+    """
+
+
 class Reject(Exception):
     """Raise it from a handler when retrying cannot help: the message goes to the dead-letter topic at once.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 import functools
 import inspect
 import typing
@@ -13,6 +14,7 @@ from typing import Any, TypedDict, Unpack
 import anyio
 
 from .codec import Decoder, decoder_for
+from .dependencies import AppScope, Depends, Plan, Role, annotations_of, depends_of, solve
 from .message import Message, MessageId
 
 
@@ -63,7 +65,8 @@ Call = Callable[[Any, "Message | None", Publisher], Awaitable[Any]]
 class Handler:
     """A registered function, analysed once: `decode` turns bytes into its `payload_type`, `call` runs it.
 
-    `wants_message` says whether the call needs the `Message`; sync functions run in a thread.
+    `wants_message` says whether the call needs the `Message`; sync functions run in a thread. Parameters
+    marked `Depends(...)` are solved into `plan` here, so a missing or cyclic dependency fails at import.
     """
 
     def __init__(self, func: Callable[..., Any], where: str) -> None:
@@ -71,8 +74,11 @@ class Handler:
         self.name = handler_name(func)
         #: Where it was registered, for errors: ``@subscribe('orders', 'billing') on app.charge``.
         self.where = where
-        self.decode, self.payload_type, positional, payload_name, message_name, bus_name = _analyse(func, where)
-        self.wants_message = message_name is not None
+        self.decode, self.payload_type, positional, payload_name, message_name, bus_name, self.dependencies = _analyse(
+            func, where
+        )
+        self.plan = solve(self.dependencies, where, _role)
+        self.wants_message = message_name is not None or self.plan.needs_message
         # Async if the function called is, or what it wraps is: an async decorator around a sync function
         # (functools.wraps) was run in a thread, its coroutine never awaited and the handler never run.
         self.is_async = any(
@@ -84,49 +90,57 @@ class Handler:
             for name, role in ((payload_name, "payload"), (message_name, "message"), (bus_name, "bus"))
             if name is not None
         )
-
-        self.call: Call = _build_call(func, self.is_async, positional, payload_name, message_name, bus_name)
+        self._shape = _Shape(func, self.is_async, positional, payload_name, message_name, bus_name)
+        self.call: Call = _build_call(self._shape)
 
     def __repr__(self) -> str:
         return f"Handler({self.name})"
 
+    def plan_for(self, overrides: Mapping[Callable[..., Any], Callable[..., Any]]) -> Plan:
+        """The dependency plan with `overrides` replacing providers."""
+        return solve(self.dependencies, self.where, _role, overrides) if overrides and self.dependencies else self.plan
 
-def _build_call(
-    func: Callable[..., Any],
-    is_async: bool,
-    positional: bool,
-    payload_name: str | None,
-    message_name: str | None,
-    bus_name: str | None,
-) -> Call:
-    """The call of `func` with what it asks for; the common shapes get a closure of their own (per message)."""
-    if is_async and message_name is None and bus_name is None:
-        if payload_name is None:
-            return lambda payload, message, bus: func()
-        if positional:
-            return lambda payload, message, bus: func(payload)
-        return lambda payload, message, bus: func(**{payload_name: payload})
+    def binding(self, app: AppScope) -> tuple[Call, bool]:
+        """The call with its dependencies made from `app` (the plain `call` without any), and whether it needs the
+        `Message` (a provider may ask for it)."""
+        if not self.dependencies:
+            return self.call, self.wants_message
+        plan = self.plan_for(app.overrides)
+        return _dependent_call(self._shape, plan, app.values), self.wants_message or plan.needs_message
 
-    def arguments(payload: Any, message: Message | None, bus: Publisher) -> tuple[tuple[Any, ...], dict[str, Any]]:
+
+def _role(annotation: Any) -> Role:
+    """What a parameter annotated so receives: the message's metadata, the bus, or neither."""
+    if annotation is Message:
+        return "message"
+    return "bus" if isinstance(annotation, type) and issubclass(annotation, Publisher) else None
+
+
+class _Shape(typing.NamedTuple):
+    """How a handler takes what it is given."""
+
+    func: Callable[..., Any]
+    is_async: bool
+    positional: bool
+    payload_name: str | None
+    message_name: str | None
+    bus_name: str | None
+
+    def arguments(self, payload: Any, message: Message | None, bus: Publisher) -> tuple[tuple[Any, ...], dict[str, Any]]:
         kwargs: dict[str, Any] = {}
-        if payload_name is not None and not positional:
-            kwargs[payload_name] = payload
-        if message_name is not None:
-            kwargs[message_name] = message
-        if bus_name is not None:
-            kwargs[bus_name] = bus
-        return ((payload,) if positional else ()), kwargs
+        if self.payload_name is not None and not self.positional:
+            kwargs[self.payload_name] = payload
+        if self.message_name is not None:
+            kwargs[self.message_name] = message
+        if self.bus_name is not None:
+            kwargs[self.bus_name] = bus
+        return ((payload,) if self.positional else ()), kwargs
 
-    if is_async:
-
-        async def call(payload: Any, message: Message | None, bus: Publisher) -> None:
-            args, kwargs = arguments(payload, message, bus)
-            await func(*args, **kwargs)
-
-        return call
-
-    async def call_in_thread(payload: Any, message: Message | None, bus: Publisher) -> None:
-        args, kwargs = arguments(payload, message, bus)
+    async def invoke(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self.is_async:
+            await self.func(*args, **kwargs)
+            return
+        func = self.func
         # A thread cannot be stopped: cancelled (timeout, drain), it runs on, abandoned.
         result = await anyio.to_thread.run_sync(functools.partial(func, *args, **kwargs), abandon_on_cancel=True)
         if inspect.isawaitable(result):
@@ -137,13 +151,48 @@ def _build_call(
                 "awaits: make it `async def`, or give its decorator functools.wraps of an async function"
             )
 
-    return call_in_thread
+
+def _build_call(shape: _Shape) -> Call:
+    """The call of the function with what it asks for; the common shapes get a closure of their own (per message)."""
+    func, payload_name = shape.func, shape.payload_name
+    if shape.is_async and shape.message_name is None and shape.bus_name is None:
+        if payload_name is None:
+            return lambda payload, message, bus: func()
+        if shape.positional:
+            return lambda payload, message, bus: func(payload)
+        return lambda payload, message, bus: func(**{payload_name: payload})
+
+    async def call(payload: Any, message: Message | None, bus: Publisher) -> None:
+        await shape.invoke(*shape.arguments(payload, message, bus))
+
+    return call
+
+
+def _dependent_call(shape: _Shape, plan: Plan, app: Mapping[Callable[..., Any], Any]) -> Call:
+    """The call of a handler with dependencies: made for the attempt, closed after it, the handler's error raised
+    at each generator's `yield`."""
+
+    async def call(payload: Any, message: Message | None, bus: Publisher) -> None:
+        failed: BaseException | None = None
+        async with contextlib.AsyncExitStack() as stack:
+            args, kwargs = shape.arguments(payload, message, bus)
+            kwargs.update(await plan.resolve(app, message, bus, stack))
+            try:
+                await shape.invoke(args, kwargs)
+            except BaseException as exc:
+                failed = exc
+                raise
+        if failed is not None:
+            raise failed  # a dependency's cleanup swallowed it: the attempt fails all the same
+
+    return call
 
 
 def _analyse(
     func: Callable[..., Any], where: str
-) -> tuple[Decoder, Any, bool, str | None, str | None, str | None]:
-    """The payload decoder and type, whether the payload goes by position, and the parameters that receive each part."""
+) -> tuple[Decoder, Any, bool, str | None, str | None, str | None, dict[str, Depends]]:
+    """The payload decoder and type, whether the payload goes by position, the parameters that receive each part,
+    and the dependencies."""
     try:
         signature = inspect.signature(func)
     except (TypeError, ValueError) as exc:
@@ -160,9 +209,14 @@ def _analyse(
     payload_type: Any = Any
     positional = False
     payload_name = message_name = bus_name = None
+    dependencies: dict[str, Depends] = {}
+    extras = annotations_of(func) if hints else {}
     for param in signature.parameters.values():
         annotation = hints.get(param.name, param.annotation)
-        if annotation is Message:
+        depends = depends_of(param, extras.get(param.name, param.annotation))
+        if depends is not None:
+            dependencies[param.name] = depends
+        elif annotation is Message:
             message_name = param.name
         elif isinstance(annotation, type) and issubclass(annotation, Publisher):
             bus_name = param.name
@@ -179,8 +233,8 @@ def _analyse(
         elif param.default is param.empty and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             raise TypeError(
                 f"{where}: parameter {param.name!r} has nothing to receive; "
-                "annotate it with Message or EventBus, or give it a default"
+                "annotate it with Message or EventBus, Annotated[T, Depends(provider)], or give it a default"
             )
     if decode is None:
         decode = decoder_for(inspect.Parameter.empty)
-    return decode, payload_type, positional, payload_name, message_name, bus_name
+    return decode, payload_type, positional, payload_name, message_name, bus_name, dependencies

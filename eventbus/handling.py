@@ -14,6 +14,7 @@ from .codec import DecodeError
 from .context import CURRENT, Attempt
 from .dead_lettering import DeadLetterer, Sender
 from .deadlines import Deadlines, HandlerTimeout, sleep_unless
+from .dependencies import AppScope
 from .dlq import dead_letter_properties
 from .errors import Reject, text
 from .events import Observer
@@ -58,8 +59,10 @@ class Handling:
         tracing: Tracing | None = None,
         observer: Observer | None = None,
         dead_letter_topic: str | None = None,
+        app: AppScope | None = None,
     ) -> None:
         """`dead_letter_topic`: where this topic's dead letters go, if not its own (a retry topic's: its main topic's).
+        `app`: the worker's app-scoped dependency values (and overrides), for a handler with dependencies.
 
         `finished` is set once the runner hands out no more messages. Not at stop: a message in a retry's
         backoff is in flight, and the drain (bounded by its timeout) finishes it.
@@ -71,12 +74,13 @@ class Handling:
         self._tracing = tracing
         self._report = report_for(topic, sub.group, sub.name, metrics, observer)
         self._deadlines = Deadlines(sub.timeout) if sub.timeout else None
-        self._numbered = sub.handler.wants_message or observer is not None or tracing is not None
+        call, self._wants_message = sub.handler.binding(app if app is not None else AppScope())
+        self._numbered = self._wants_message or observer is not None or tracing is not None
         self._dead_letterer = DeadLetterer(
             dead_letters, dead_letter_topic or sub.dead_letter_topic(topic), tracing=tracing, report=self._report,
             stopped=finished, backoff=(sub.retry_backoff or 0.5, sub.retry_backoff_max),
         )
-        self._call = self._attempt_call(metrics)
+        self._call = self._attempt_call(call, metrics)
         # Log lines about a message carry these (JSON logs show them as fields).
         self._log_fields = {"topic": topic, "group": sub.group}
 
@@ -90,9 +94,8 @@ class Handling:
         if self._deadlines is not None:
             await self._deadlines.watchdog(self._finished)
 
-    def _attempt_call(self, metrics: Metrics | None) -> Call:
+    def _attempt_call(self, call: Call, metrics: Metrics | None) -> Call:
         """One attempt's call, built once: the handler itself, or timed and traced, as configured."""
-        call: Call = self.sub.handler.call
         if metrics is not None:
             call = _timed(call, metrics.subscription(self._topic, self.sub.group).handler.observe)
         if self._tracing is not None:
@@ -116,7 +119,7 @@ class Handling:
             try:
                 # Counting the broker's redeliveries costs a call into the client: only when something shows it.
                 number = message.redelivery_count() + attempt if self._numbered else attempt
-                if handler.wants_message:
+                if self._wants_message:
                     metadata = Message.of(message, number)
                 current.begin(message, attempt)
                 slot = current.slot

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 import typing
@@ -24,6 +25,9 @@ DEFAULT_TIMEOUT = 60.0
 F = TypeVar("F", bound=Callable[..., Any])
 Background = Callable[[Publisher], Coroutine[Any, Any, None]]
 B = TypeVar("B", bound=Background)
+#: An async context manager function of the bus: entered before the first message, exited after the drain.
+Lifespan = Callable[[Publisher], contextlib.AbstractAsyncContextManager[Any]]
+L = TypeVar("L", bound=Callable[..., Any])
 
 
 class SubscribeOptions(TypedDict, total=False):
@@ -154,6 +158,7 @@ class Router:
         self.subscriptions: list[Subscription] = []
         self.background: list[Background] = []
         self.publications: list[Publication] = []
+        self.lifespans: list[Lifespan] = []
 
     def subscribe(self, topic: str, group: str, **options: Unpack[SubscribeOptions]) -> Callable[[F], F]:
         """Register the decorated function as the handler of `group` on `topic`.
@@ -226,15 +231,45 @@ class Router:
         self.publications.append(publication)
         return publication
 
+    def lifespan(self, func: L) -> L:
+        """Register a lifespan: an async context manager function of the bus, for resources the handlers use.
+
+        >>> @router.lifespan
+        ... @asynccontextmanager
+        ... async def database(bus: EventBus) -> AsyncIterator[None]:
+        ...     await db.open()
+        ...     yield
+        ...     await db.close()
+
+        `EventBus.run()` enters it after connecting and before the first message (`/readyz` stays down until
+        then) and exits it after the drain, once every handler has finished and been acknowledged. Several
+        enter in order of registration and exit in reverse; one that raises on entry stops the worker
+        before anything is consumed.
+        """
+        self.lifespans.append(lifespan_of(func, f"lifespan {handler_name(func)}"))
+        return func
+
     def run_in_background(self, func: B) -> B:
         """Run ``async def func(bus)`` beside the handlers while `EventBus.run()` runs.
 
-        It is cancelled first at shutdown, before in-flight handlers drain.
+        It is cancelled at shutdown after in-flight handlers drained, before the lifespans exit.
         """
         if not inspect.iscoroutinefunction(func):
             raise TypeError(f"{handler_name(func)}: run_in_background takes an async function of one argument (the bus)")
         self.background.append(func)
         return func
+
+
+def lifespan_of(func: Callable[..., Any], where: str) -> Lifespan:
+    """A lifespan as registered: an async context manager function, or an async generator function (wrapped)."""
+    if inspect.isasyncgenfunction(func):
+        return contextlib.asynccontextmanager(func)
+    if not callable(func) or inspect.iscoroutinefunction(func) or inspect.isgeneratorfunction(func):
+        raise TypeError(
+            f"{where}: a lifespan is an async context manager function of the bus: write "
+            "`@asynccontextmanager async def lifespan(bus): ...; yield; ...`"
+        )
+    return typing.cast(Lifespan, func)
 
 
 def _is_int(value: object) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -16,7 +17,9 @@ from .consumer import SubscriptionRunner
 from .errors import EventBusError
 from .events import Observer
 from .handler import Publisher
+from .dependencies import AppScope
 from .handling import Sender
+from .lifetime import Lifetime
 from .metrics import Metrics
 from .probes import Probes
 from .registry import Background, Subscription
@@ -29,14 +32,15 @@ log = logging.getLogger("eventbus")
 def runners_for(
     subs: Sequence[tuple[str, Subscription]], connection: Connection, settings: Settings, *, bus: Publisher,
     dead_letters: Sender, metrics: Metrics | None, tracing: Tracing | None, observer: Observer | None,
+    app: AppScope | None = None,
 ) -> list[SubscriptionRunner]:
     """A runner per (full topic, subscription), and one per retry topic of each group that dead-letters
-    (where `eventbus dlq replay` sends its dead letters back)."""
+    (where `eventbus dlq replay` sends its dead letters back). `app`: the worker's app-scoped dependencies."""
 
     def runner(sub: Subscription, topic: str, replays_for: str | None = None) -> SubscriptionRunner:
         return SubscriptionRunner(
             sub, topic, connection, settings, bus=bus, dead_letters=dead_letters, metrics=metrics, tracing=tracing,
-            observer=observer, replays_for=replays_for,
+            observer=observer, replays_for=replays_for, app=app,
         )
 
     return [runner(sub, topic) for topic, sub in subs] + [
@@ -45,7 +49,8 @@ def runners_for(
 
 
 class Worker:
-    """Runs the runners until `stop` is set; then drains them within `drain_timeout` and closes them."""
+    """Opens its lifetime, runs the runners until `stop` is set; then drains them within `drain_timeout`, closes
+    them, cancels the background tasks and closes its lifetime."""
 
     def __init__(
         self,
@@ -55,9 +60,11 @@ class Worker:
         stop: asyncio.Event,
         settings: Settings,
         metrics: Metrics | None = None,
+        lifetime: Lifetime | None = None,
     ) -> None:
         """`/metrics`, `/livez` and `/readyz` are served when `settings.metrics_port` is set and there are metrics."""
         self.runners = tuple(runners)
+        self._lifetime = lifetime if lifetime is not None else Lifetime()
         self._background = tuple(background)
         self._bus = bus
         self._stop = stop
@@ -99,38 +106,50 @@ class Worker:
         if handle_signals:
             self._install_signals(loop)
         try:
-            for runner in self.runners:
-                await runner.start()
-            self._started = True
-            task_status.started()
-            async with anyio.create_task_group() as tg:
-                done = [anyio.Event() for _ in self.runners]
-                for runner, finished in zip(self.runners, done):
-                    tg.start_soon(self._run_one, runner, finished)
-                async with anyio.create_task_group() as bg:
-                    for func in self._background:
-                        bg.start_soon(func, self._bus)
-                    await self._stop.wait()
-                    bg.cancel_scope.cancel()
-                log.info("stopping: draining in-flight handlers (up to %.0fs)", self._drain_timeout)
-                self.stop()
-                with anyio.move_on_after(self._drain_timeout):
-                    for finished in done:
-                        await finished.wait()
-                if not all(e.is_set() for e in done):
-                    busy = sum(r.in_flight for r in self.runners)
-                    log.warning("drain timeout: cancelling handlers; up to %d message(s) will be redelivered", busy)
-                    tg.cancel_scope.cancel()
+            async with contextlib.AsyncExitStack() as lifetime:
+                await self._lifetime.open(lifetime, self._bus)
+                await self._consume(task_status)
         finally:
-            for runner in self.runners:
-                runner.stop()
-                with anyio.CancelScope(shield=True):
-                    await runner.close()
             if handle_signals:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)
         if self._failures:
             raise self._failures[0]
+
+    async def _consume(self, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """Start the runners and the background tasks; after a stop, drain the runners, close them, then cancel
+        the background tasks (a handler still running may need what one of them holds)."""
+        try:
+            for runner in self.runners:
+                await runner.start()
+            self._started = True
+            task_status.started()
+            async with anyio.create_task_group() as background:
+                for func in self._background:
+                    background.start_soon(func, self._bus)
+                await self._drain_after_stop()
+                background.cancel_scope.cancel()
+        finally:
+            for runner in self.runners:
+                runner.stop()
+                with anyio.CancelScope(shield=True):
+                    await runner.close()
+
+    async def _drain_after_stop(self) -> None:
+        async with anyio.create_task_group() as tg:
+            done = [anyio.Event() for _ in self.runners]
+            for runner, finished in zip(self.runners, done):
+                tg.start_soon(self._run_one, runner, finished)
+            await self._stop.wait()
+            log.info("stopping: draining in-flight handlers (up to %.0fs)", self._drain_timeout)
+            self.stop()
+            with anyio.move_on_after(self._drain_timeout):
+                for finished in done:
+                    await finished.wait()
+            if not all(e.is_set() for e in done):
+                busy = sum(r.in_flight for r in self.runners)
+                log.warning("drain timeout: cancelling handlers; up to %d message(s) will be redelivered", busy)
+                tg.cancel_scope.cancel()
 
     async def _run_one(self, runner: SubscriptionRunner, finished: anyio.Event) -> None:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ import anyio
 from ..client import id_text, new_message_id
 from ..codec import DecodeError, encode
 from ..context import CURRENT, Attempt, caller, tracked
+from ..dependencies import AppScope, Provider
 from ..events import Published
 from ..handler import BatchOptions, PublishOptions, Publisher
 from ..handling import HandlerTimeout, backoff, cancelled_by_us, verdict
@@ -93,8 +95,11 @@ class CallResult:
         return self.outcome == "ok"
 
 
-async def _attempt(sub: Subscription, decoded: Any, message: Message, publisher: Publisher) -> None:
-    """The handler's call as the worker makes it: in an attempt context (log fields, publishes awaited), timed out."""
+async def _attempt(
+    sub: Subscription, decoded: Any, message: Message, publisher: Publisher, overrides: Mapping[Provider, Provider]
+) -> None:
+    """The handler's call as the worker makes it: in an attempt context (log fields, publishes awaited), timed out,
+    its app-scoped dependencies made for this call alone."""
     fields: dict[str, object] = {
         "topic": message.topic, "group": sub.group, "message_id": id_text(message.message_id), "key": message.key,
         "attempt": message.attempt,
@@ -103,8 +108,12 @@ async def _attempt(sub: Subscription, decoded: Any, message: Message, publisher:
     current.begin(message, message.attempt)
     token = CURRENT.set(current)
     try:
-        with anyio.move_on_after(sub.timeout) as scope:
-            await sub.handler.call(decoded, message if sub.handler.wants_message else None, publisher)
+        async with contextlib.AsyncExitStack() as stack:
+            app = AppScope(overrides)
+            await app.open([sub.handler.plan_for(app.overrides)], publisher, stack)
+            call, wants_message = sub.handler.binding(app)
+            with anyio.move_on_after(sub.timeout) as scope:
+                await call(decoded, message if wants_message else None, publisher)
     finally:
         CURRENT.reset(token)
     if scope.cancelled_caught:
@@ -155,6 +164,7 @@ async def call_handler(
     publish_time: datetime | None = None,
     event_time: datetime | None = None,
     message_id: MessageId | None = None,
+    dependencies: Mapping[Provider, Provider] | None = None,
 ) -> CallResult:
     """Run a registered handler on `payload` exactly as the worker would, without a broker.
 
@@ -165,6 +175,8 @@ async def call_handler(
     handler's annotation; a `Message` parameter gets metadata built here (override any part:
     `key`, `properties`, `attempt`, ...); an `EventBus` parameter gets `bus`, by default a
     `RecordingPublisher`. Sync handlers run in a thread; the subscription's `timeout` applies.
+    `dependencies` replace `Depends` providers (``{get_db: fake_db}``); app-scoped ones are made for this call
+    and closed after it.
     Whatever the handler raises is caught and judged as the worker judges it: the result
     says whether the message would be retried or dead-lettered, and why.
     """
@@ -187,7 +199,7 @@ async def call_handler(
     except DecodeError as exc:
         return result("dead_letter" if sub.dead_letter else "drop", error=exc, reason="undecodable")
     try:
-        await _attempt(sub, decoded, message, publisher)
+        await _attempt(sub, decoded, message, publisher, dependencies or {})
     except BaseException as exc:
         if cancelled_by_us(exc):
             raise

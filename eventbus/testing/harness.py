@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from ..bus import EventBus
@@ -63,9 +63,13 @@ class Harness:
     group of the caller's. `run=False` starts the bus only; `start_worker()` later.
     """
 
-    def __init__(self, settings: Settings, routers: Sequence[Router], *, run: bool = True) -> None:
+    def __init__(
+        self, settings: Settings, routers: Sequence[Router], *, run: bool = True,
+        dependency_overrides: Mapping[Callable[..., Any], Callable[..., Any]] | None = None,
+    ) -> None:
+        """`dependency_overrides` replace `Depends` providers: ``{get_db: fake_db}``."""
         self.recorder = Recorder()
-        self.bus = EventBus(settings, routers, observer=self.recorder)
+        self.bus = EventBus(settings, routers, observer=self.recorder, dependency_overrides=dependency_overrides)
         #: `bus.publish`: publish as the app would.
         self.publish = self.bus.publish
         self._run = run

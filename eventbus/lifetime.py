@@ -1,0 +1,43 @@
+"""What a worker opens before its first message and closes after the drain: lifespans, then app-scoped dependencies."""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .dependencies import AppScope, Plan
+from .errors import StartupFailed
+from .handler import Publisher, handler_name
+from .registry import Lifespan
+
+
+@dataclass
+class Lifetime:
+    """The lifespans in order of entry, and the worker's app-scoped dependency values with the plans that need them."""
+
+    lifespans: Sequence[Lifespan] = ()
+    app: AppScope = field(default_factory=AppScope)
+    plans: Sequence[Plan] = ()
+
+    async def open(self, stack: contextlib.AsyncExitStack, bus: Publisher) -> None:
+        """Enter every lifespan, then make the app-scoped values; `stack` exits them in reverse.
+
+        Raises `StartupFailed` with the traceback of whichever raised (what was entered before it is exited).
+        """
+        for lifespan in self.lifespans:
+            try:
+                await stack.enter_async_context(lifespan(bus))
+            except Exception as exc:
+                raise _failed(f"lifespan {handler_name(lifespan)}", exc) from exc
+        try:
+            await self.app.open(self.plans, bus, stack)
+        except Exception as exc:
+            raise _failed("an app-scoped dependency", exc) from exc
+
+
+def _failed(what: str, exc: Exception) -> StartupFailed:
+    error = StartupFailed(f"{what} raised on entry, so the worker stopped before consuming: {type(exc).__name__}: {exc}")
+    error.details = "".join(traceback.format_exception(exc))
+    return error

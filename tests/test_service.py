@@ -1,0 +1,384 @@
+"""Building a service on the bus: lifespans and injected dependencies, on a real broker.
+
+No `from __future__ import annotations`: the providers are local to the tests, and `Annotated[..., Depends(p)]`
+must be read where they are in scope.
+"""
+
+import logging
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated
+
+import anyio
+import pytest
+
+from eventbus import Depends, EventBus, Message, Router, Settings, StartupFailed
+from eventbus.testing import Harness, call_handler
+
+from .conftest import eventually, running
+from .test_observability import _get
+from .test_worker_process import cli
+
+
+class Database:
+    """A resource with a life: open, used, closed."""
+
+    def __init__(self, log: list[str], name: str = "db") -> None:
+        self.log, self.name, self.open = log, name, False
+
+    def use(self, what: object) -> None:
+        if not self.open:
+            raise RuntimeError(f"{self.name} is not open")
+        self.log.append(f"{self.name} used by {what}")
+
+
+async def test_lifespans_enter_before_consuming_in_order_and_exit_after_the_drain_in_reverse(
+    settings: Settings, topic: str
+) -> None:
+    log: list[str] = []
+    first, second = Router(), Router()
+    bus: EventBus
+
+    def lifespan(name: str):  # type: ignore[no-untyped-def]
+        @asynccontextmanager
+        async def life(given: EventBus) -> AsyncIterator[None]:
+            assert given is bus
+            assert all(r.state != "consuming" for r in given.running), "entered before any subscription consumes"
+            log.append(f"enter {name}")
+            yield
+            drained = all(r.state == "stopped" and r.in_flight == 0 for r in given.running)  # the retry topic's too
+            log.append(f"exit {name}: {'drained' if drained else 'NOT drained'}")
+
+        return life
+
+    first.lifespan(lifespan("first"))
+    second.lifespan(lifespan("second"))
+    started, release = anyio.Event(), anyio.Event()
+
+    @first.subscribe(topic, "g", initial_position="earliest")
+    async def slow(n: int) -> None:
+        log.append(f"handling {n}")
+        started.set()
+        await release.wait()
+        log.append(f"handled {n}")
+
+    bus = EventBus(settings, routers=[first, second], lifespan=lifespan("bus"))
+    async with bus:
+        async with anyio.create_task_group() as tg:
+            await tg.start(lambda task_status: bus.run(handle_signals=False, task_status=task_status))
+            await bus.publish(topic, 1)
+            await started.wait()
+            bus.stop()  # the drain begins with the handler running
+            release.set()
+    assert log == [
+        "enter bus", "enter first", "enter second", "handling 1", "handled 1",
+        "exit second: drained", "exit first: drained", "exit bus: drained",
+    ]
+
+
+async def test_a_handler_in_the_drain_still_has_what_a_background_task_holds(
+    settings: Settings, topic: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The trial that dead-lettered an order on SIGTERM: the resource was closed by a background task's `finally`."""
+    caplog.set_level(logging.INFO, logger="eventbus")
+    log: list[str] = []
+    db = Database(log)
+    router = Router()
+    started, release = anyio.Event(), anyio.Event()
+
+    @router.run_in_background
+    async def hold_database(bus: EventBus) -> None:
+        db.open = True
+        try:
+            await anyio.sleep_forever()
+        finally:
+            db.open = False
+            log.append("db closed")
+
+    @router.subscribe(topic, "g", initial_position="earliest", max_retries=0)
+    async def handle(n: int) -> None:
+        started.set()
+        await release.wait()
+        db.use(n)
+
+    async with Harness(settings, [router]) as app:
+        await app.publish(topic, 1)
+        await started.wait()
+        app.bus.stop()
+        # The drain has begun (the background task used to be cancelled just before this line is logged).
+        await eventually(lambda: "stopping: draining" in caplog.text, what="the drain")
+        release.set()
+        await app.wait_handled(topic=topic)
+    assert log == ["db used by 1", "db closed"]
+    assert [h.outcome for h in app.handled] == ["ok"] and app.dead_letters == []
+
+
+async def test_a_lifespan_that_raises_stops_the_worker_before_anything_is_consumed(
+    settings: Settings, topic: str
+) -> None:
+    handled: list[int] = []
+    broken = Router()
+
+    @broken.lifespan
+    @asynccontextmanager
+    async def no_database(bus: EventBus) -> AsyncIterator[None]:
+        raise ConnectionRefusedError("database at 10.0.0.9:5432 refused")
+        yield
+
+    broken.subscribe(topic, "g", initial_position="earliest")(handled.append)
+    async with EventBus(settings, routers=[broken]) as bus:
+        await bus.publish(topic, 1)
+        with pytest.raises(StartupFailed) as failed:
+            await bus.run(handle_signals=False)
+    assert "lifespan" in str(failed.value) and "no_database" in str(failed.value)
+    assert "ConnectionRefusedError: database at 10.0.0.9:5432 refused" in str(failed.value)
+    assert 'raise ConnectionRefusedError("database at 10.0.0.9:5432 refused")' in failed.value.details
+    assert isinstance(failed.value.__cause__, ConnectionRefusedError)
+    assert handled == []
+
+    fixed = Router()
+    fixed.subscribe(topic, "g", initial_position="earliest")(handled.append)
+    async with EventBus(settings, routers=[fixed]) as bus, running(bus):
+        await eventually(lambda: handled == [1], what="the message nobody consumed")
+
+
+async def test_readyz_stays_down_until_every_lifespan_is_entered(settings: Settings, topic: str) -> None:
+    router = Router()
+    entered, release = anyio.Event(), anyio.Event()
+
+    @router.lifespan
+    @asynccontextmanager
+    async def slow_start(bus: EventBus) -> AsyncIterator[None]:
+        entered.set()
+        await release.wait()
+        yield
+
+    router.subscribe(topic, "g")(lambda n: None)
+    observed = settings.model_copy(update={"metrics_port": 0})
+    async with EventBus(observed, routers=[router]) as bus, anyio.create_task_group() as tg:
+        tg.start_soon(lambda: bus.run(handle_signals=False))
+        await entered.wait()
+        await eventually(lambda: bus.probe_port, what="the probe port")
+        port = bus.probe_port
+        assert port is not None
+        assert (await anyio.to_thread.run_sync(_get, port, "/readyz"))[0] == 503
+        release.set()
+        with anyio.fail_after(20):
+            while (await anyio.to_thread.run_sync(_get, port, "/readyz"))[0] != 200:
+                await anyio.sleep(0.05)
+        bus.stop()
+
+
+def test_a_lifespan_must_be_an_async_context_manager_function() -> None:
+    router = Router()
+
+    async def not_a_context_manager(bus: EventBus) -> None: ...
+
+    with pytest.raises(TypeError, match="write `@asynccontextmanager async def lifespan"):
+        router.lifespan(not_a_context_manager)
+
+    async def generator(bus: EventBus) -> AsyncIterator[None]:  # no decorator: taken as one
+        yield
+
+    router.lifespan(generator)
+    assert len(router.lifespans) == 1
+
+
+# -- dependencies -----------------------------------------------------------------------
+
+
+async def test_dependencies_app_scoped_once_per_worker_message_scoped_per_attempt(settings: Settings, topic: str) -> None:
+    log: list[str] = []
+    loop_thread = threading.get_ident()
+
+    async def database(bus: EventBus) -> AsyncIterator[Database]:
+        db = Database(log)
+        db.open = True
+        log.append("db opened")
+        yield db
+        db.open = False
+        log.append("db closed")
+
+    def settings_file() -> dict[str, str]:  # a plain function: it may block, so it runs in a thread
+        log.append(f"settings read in {'a thread' if threading.get_ident() != loop_thread else 'the loop'}")
+        return {"currency": "EUR"}
+
+    async def session(
+        db: Annotated[Database, Depends(database, scope="app")], message: Message
+    ) -> AsyncIterator[str]:
+        log.append(f"session for {message.key} attempt {message.attempt}")
+        try:
+            yield f"session-{message.key}"
+        except ValueError as exc:
+            log.append(f"session rolled back: {exc}")
+            raise
+        finally:
+            log.append(f"session for {message.key} closed")
+
+    router = Router()
+
+    @router.subscribe(topic, "g", initial_position="earliest", max_retries=1, retry_backoff=0)
+    async def charge(
+        order: dict,
+        s: Annotated[str, Depends(session)],
+        db: Annotated[Database, Depends(database, scope="app")],
+        config: Annotated[dict[str, str], Depends(settings_file, scope="app")],
+    ) -> None:
+        db.use(f"{s} in {config['currency']}")
+        if order.get("fail"):
+            raise ValueError("card declined")
+
+    async with Harness(settings, [router]) as app:
+        await app.publish(topic, {"id": 1}, key="o-1")
+        await app.wait_handled(topic=topic)
+        await app.publish(topic, {"id": 2, "fail": True}, key="o-2")
+        await app.wait_handled(topic=topic, outcome="dead_lettered")
+        await eventually(lambda: app.dead_letters, what="the dead letter")
+    assert log == [
+        "db opened", "settings read in a thread",
+        "session for o-1 attempt 1", "db used by session-o-1 in EUR", "session for o-1 closed",
+        "session for o-2 attempt 1", "db used by session-o-2 in EUR", "session rolled back: card declined",
+        "session for o-2 closed",
+        "session for o-2 attempt 2", "db used by session-o-2 in EUR", "session rolled back: card declined",
+        "session for o-2 closed",
+        "db closed",
+    ]
+    [dead] = app.dead_letters
+    assert (dead.reason, dead.error_type, dead.error) == ("handler-failed", "ValueError", "card declined")
+
+
+async def test_a_provider_that_raises_fails_the_attempt_and_a_cleanup_cannot_swallow_a_failure(
+    settings: Settings, topic: str
+) -> None:
+    log: list[str] = []
+
+    def flaky() -> str:
+        raise ConnectionError("pool exhausted")
+
+    def forgiving() -> Iterator[str]:  # a sync generator: entered and left in a thread
+        try:
+            yield "lenient"
+        except Exception as exc:
+            log.append(f"swallowed {exc}")  # and does not raise again: the attempt must fail all the same
+
+    router = Router()
+
+    @router.subscribe(topic, "a", initial_position="earliest", max_retries=0)
+    async def needs_pool(n: int, pool: Annotated[str, Depends(flaky)]) -> None:
+        log.append("never")
+
+    @router.subscribe(topic, "b", initial_position="earliest", max_retries=0)
+    async def fails(n: int, lenient: Annotated[str, Depends(forgiving)]) -> None:
+        raise KeyError("missing sku")
+
+    async with Harness(settings, [router]) as app:
+        await app.publish(topic, 1)
+        await app.wait_handled(2, topic=topic, outcome="dead_lettered")
+        await eventually(lambda: len(app.dead_letters) == 2, what="both dead letters")
+    assert log == ["swallowed 'missing sku'"]
+    errors = {d.group: (d.error_type, d.error) for d in app.dead_letters}
+    assert errors == {"a": ("ConnectionError", "pool exhausted"), "b": ("KeyError", "'missing sku'")}
+
+
+async def test_an_app_scoped_provider_that_raises_stops_the_worker_before_consuming(settings: Settings, topic: str) -> None:
+    async def database() -> Database:
+        raise OSError("disk full")
+
+    router = Router()
+
+    @router.subscribe(topic, "g")
+    async def handle(n: int, db: Annotated[Database, Depends(database, scope="app")]) -> None: ...
+
+    async with EventBus(settings, routers=[router]) as bus:
+        with pytest.raises(StartupFailed, match="app-scoped dependency raised on entry.*OSError: disk full"):
+            await bus.run(handle_signals=False)
+
+
+async def test_dependency_overrides_replace_providers_in_the_worker_and_in_call_handler(
+    settings: Settings, topic: str
+) -> None:
+    def real_db() -> str:
+        raise AssertionError("the real database is never touched in tests")
+
+    async def fake_db() -> str:
+        return "fake"
+
+    seen: list[str] = []
+    router = Router()
+
+    @router.subscribe(topic, "g", initial_position="earliest")
+    async def handle(n: int, db: Annotated[str, Depends(real_db, scope="app")]) -> None:
+        seen.append(db)
+
+    async with Harness(settings, [router], dependency_overrides={real_db: fake_db}) as app:
+        await app.publish(topic, 1)
+        await app.wait_handled(topic=topic)
+    result = await call_handler(handle, 2, routers=[router], dependencies={real_db: fake_db})
+    assert result.ok and seen == ["fake", "fake"]
+    failed = await call_handler(handle, 3, routers=[router])
+    assert failed.outcome == "retry" and "real database" in str(failed.error)
+
+
+def test_a_dependency_graph_that_cannot_be_made_fails_at_registration() -> None:
+    router = Router()
+
+    def needs_nothing_given(url) -> str:  # type: ignore[no-untyped-def]
+        return url  # type: ignore[no-any-return]
+
+    with pytest.raises(TypeError, match=r"on .*bad: parameter 'db': .*needs_nothing_given: its parameter 'url' has nothing"):
+
+        @router.subscribe("orders", "g")
+        async def bad(n: int, db: Annotated[str, Depends(needs_nothing_given)]) -> None: ...
+
+    def a(b: Annotated[str, Depends(lambda: "")]) -> str:
+        return b
+
+    def cyclic_one(x: Annotated[str, Depends(lambda: "")]) -> str:
+        return x
+
+    def cyclic_two(y: str = Depends(cyclic_one)) -> str:
+        return y
+
+    cyclic_one.__annotations__["x"] = Annotated[str, Depends(cyclic_two)]
+    with pytest.raises(TypeError, match=r"parameter 'v' needs a cycle of providers, .*cyclic_two -> .*cyclic_one -> .*cyclic_two"):
+
+        @router.subscribe("orders", "h")
+        async def loops(n: int, v: Annotated[str, Depends(cyclic_two)]) -> None: ...
+
+    async def per_message(m: Message) -> str:
+        return m.key or ""
+
+    async def app_wide(k: Annotated[str, Depends(per_message)]) -> str:
+        return k
+
+    with pytest.raises(TypeError, match="app-scoped but needs .*per_message, made per message"):
+
+        @router.subscribe("orders", "i")
+        async def mixed(n: int, v: Annotated[str, Depends(app_wide, scope="app")]) -> None: ...
+
+    with pytest.raises(ValueError, match="scope is 'message'"):
+        Depends(a, scope="worker")  # type: ignore[arg-type]
+    assert router.subscriptions == []
+
+
+def test_eventbus_run_exits_1_with_the_lifespans_traceback_then_one_line(
+    settings: Settings, topic: str, subprocess_env: dict[str, str], tmp_path: Path
+) -> None:
+    (tmp_path / "shop.py").write_text(
+        "import os\nfrom contextlib import asynccontextmanager\nfrom eventbus import Router\n"
+        "router = Router()\n"
+        "@router.lifespan\n@asynccontextmanager\nasync def database(bus):\n"
+        "    raise ConnectionRefusedError('database refused')\n    yield\n"
+        "router.subscribe(os.environ['EB_TOPIC'], 'g')(print)\n"
+    )
+    env = {**subprocess_env, "EB_TOPIC": topic, "PYTHONPATH": f"{tmp_path}:{subprocess_env['PYTHONPATH']}"}
+    result = cli(env, "run", "shop:router")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1, result.stderr
+    assert f'File "{tmp_path / "shop.py"}", line 8, in database' in result.stderr
+    assert lines[-1] == (
+        "error: lifespan shop.database raised on entry, so the worker stopped before consuming: "
+        "ConnectionRefusedError: database refused"
+    )
