@@ -33,6 +33,7 @@ from .consumer import RunningSubscription
 from .context import UnawaitedPublish
 from .handler import BatchOptions, PublishOptions, Publisher
 from .message import Message, MessageId
+from .middleware import CallNext, Middleware, Outgoing, PublishNext
 from .registry import (
     Publication,
     Router,
@@ -49,6 +50,7 @@ __all__ = [
     "AuthenticationFailed",
     "BatchOptions",
     "BrokerUnavailable",
+    "CallNext",
     "ConfigError",
     "DecodeError",
     "Depends",
@@ -56,9 +58,12 @@ __all__ = [
     "EventBusError",
     "Message",
     "MessageId",
+    "Middleware",
+    "Outgoing",
     "Publication",
     "PublishBatchError",
     "PublishError",
+    "PublishNext",
     "PublishOptions",
     "Publisher",
     "Reject",

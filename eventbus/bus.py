@@ -19,7 +19,8 @@ from .errors import ConfigError
 from .events import Observer
 from .handler import BatchOptions, PublishOptions, Publisher
 from .lifetime import Lifetime
-from .publishing import Instrumented, Publishing
+from .middleware import checked
+from .publishing import Instrumented, Intercepted, Publishing
 from .metrics import Metrics
 from .producers import Producers
 from .registry import Lifespan, Router, Subscription, default_router, lifespan_of
@@ -56,13 +57,16 @@ class EventBus(Publisher):
         observer: Observer | None = None,
         lifespan: Callable[..., Any] | None = None,
         dependency_overrides: Mapping[Provider, Provider] | None = None,
+        middleware: Sequence[object] = (),
     ) -> None:
         """`tracer_provider`: an OpenTelemetry TracerProvider to trace into (default: the global one, if set).
 
         `observer` is told of every confirmed publish, handler attempt and dead letter (the test kit uses it).
         `lifespan`: an async context manager function of the bus that `run()` enters before the routers' lifespans
         (see `Router.lifespan`). `dependency_overrides` replace `Depends` providers by others (tests).
+        `middleware`: around every handler attempt, outside the routers' own, and around every publish.
         """
+        self._middleware = checked(middleware, "EventBus(middleware=...)")
         self.settings = settings if settings is not None else Settings()
         self._lifespans: list[Lifespan] = [lifespan_of(lifespan, "EventBus(lifespan=...)")] if lifespan else []
         #: Providers replaced by others when `run()` makes dependencies (the FastAPI way: for tests).
@@ -124,7 +128,7 @@ class EventBus(Publisher):
     async def start(self) -> None:
         """Connect: start or join the embedded broker, or check the configured one answers."""
         self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
-        for publishing in (Publishing, Instrumented):
+        for publishing in (Publishing, Instrumented, Intercepted):
             watch_unawaited(publishing.publish.__code__)
             watch_unawaited(publishing.publish_batch.__code__)
         connection = await connect(self.settings)
@@ -132,10 +136,11 @@ class EventBus(Publisher):
         self._tracing = Tracing.for_provider(self._tracer_provider)
         publications = {self.settings.topic(p.topic): p for router in self.routers for p in router.publications}
         self._producers = Producers(connection.client, self.settings, connection.bridge, self.metrics)
+        sending = Publishing(self._producers)
         if self._tracing or self._observer or publications:
-            self._publishing = Instrumented(self._producers, self.settings, publications, self._tracing, self._observer)
-        else:
-            self._publishing = Publishing(self._producers)
+            sending = Instrumented(self._producers, self.settings, publications, self._tracing, self._observer)
+        middleware = (*self._middleware, *(item for router in self.routers for item in router.middleware))
+        self._publishing = Intercepted.around(sending, middleware)
 
     async def close(self) -> None:
         """Stop a running `run()` and let it drain, close the producers, then the client.
@@ -270,7 +275,7 @@ class EventBus(Publisher):
         )
         runners = runners_for(
             subs, connection, self.settings, bus=self, dead_letters=producers, metrics=self.metrics,
-            tracing=self._tracing, observer=self._observer, app=app,
+            tracing=self._tracing, observer=self._observer, app=app, middleware=self._middleware,
         )
         self._worker = Worker(runners, background, self, self._stop, self.settings, self.metrics, lifetime)
         self._run_done = asyncio.Event()

@@ -38,6 +38,7 @@ class SubscriptionRunner:
         self, sub: Subscription, topic: str, connection: Connection, settings: Settings, *, bus: Publisher,
         dead_letters: Sender, metrics: Metrics | None = None, tracing: Tracing | None = None,
         observer: Observer | None = None, replays_for: str | None = None, app: AppScope | None = None,
+        middleware: tuple[object, ...] = (),
     ) -> None:
         """`replays_for`: this runner consumes the retry topic of that main topic (dead letters sent back
         by `eventbus dlq replay`): failures go to the main topic's dead-letter topic, and a retry topic
@@ -49,6 +50,7 @@ class SubscriptionRunner:
         self._handling = Handling(
             sub, topic, bus, dead_letters, self._finished_handling, metrics, tracing, observer,
             dead_letter_topic=sub.dead_letter_topic(replays_for) if replays_for else None, app=app,
+            middleware=middleware,
         )
         self._counts = metrics.subscription(topic, sub.group) if metrics is not None else None
         if self._counts is not None:

@@ -21,6 +21,7 @@ from .events import Observer
 from .handler import Publisher
 from .message import Message, UnreadableMessage
 from .metrics import Metrics
+from .middleware import around_attempt, consume_side
 from .registry import Subscription
 from .reporting import report_for
 from .tracing import Tracing, failed
@@ -60,9 +61,11 @@ class Handling:
         observer: Observer | None = None,
         dead_letter_topic: str | None = None,
         app: AppScope | None = None,
+        middleware: tuple[object, ...] = (),
     ) -> None:
         """`dead_letter_topic`: where this topic's dead letters go, if not its own (a retry topic's: its main topic's).
         `app`: the worker's app-scoped dependency values (and overrides), for a handler with dependencies.
+        `middleware`: the bus's, wrapped around the subscription's own (its router's) and the handler.
 
         `finished` is set once the runner hands out no more messages. Not at stop: a message in a retry's
         backoff is in flight, and the drain (bounded by its timeout) finishes it.
@@ -75,6 +78,9 @@ class Handling:
         self._report = report_for(topic, sub.group, sub.name, metrics, observer)
         self._deadlines = Deadlines(sub.timeout) if sub.timeout else None
         call, self._wants_message = sub.handler.binding(app if app is not None else AppScope())
+        middleware = (*middleware, *sub.middleware)
+        call = around_attempt(call, middleware)
+        self._wants_message = self._wants_message or any(map(consume_side, middleware))
         self._numbered = self._wants_message or observer is not None or tracing is not None
         self._dead_letterer = DeadLetterer(
             dead_letters, dead_letter_topic or sub.dead_letter_topic(topic), tracing=tracing, report=self._report,

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import Any, cast
 
 from .client import MessageId, build_message, id_text
 from .codec import encode
@@ -13,6 +13,7 @@ from .context import Caller
 from .errors import PublishBatchError
 from .events import Observer, Published
 from .handler import BatchOptions, PublishOptions
+from .middleware import Outgoing, PublishNext, around_publish
 from .producers import Producers
 from .registry import Publication
 from .settings import Settings
@@ -121,6 +122,47 @@ class Instrumented(Publishing):
         if self._tracing is None:
             return nullcontext((None, properties))
         return self._tracing.send(topic, properties, **attributes)
+
+
+class Intercepted(Publishing):
+    """Sending through the publish sides of middleware (the first outermost), then the plain or instrumented way."""
+
+    def __init__(self, inner: Publishing, one: PublishNext, batch: PublishNext) -> None:
+        super().__init__(inner._producers)
+        self._one, self._batch = one, batch
+
+    @classmethod
+    def around(cls, inner: Publishing, middleware: Sequence[object]) -> Publishing:
+        """`inner` inside the middleware's publish sides, or `inner` itself when none has one."""
+
+        def one(out: Outgoing) -> Awaitable[MessageId]:
+            return inner.publish(out.topic, out.payload, cast(PublishOptions, out.options()), _NOWHERE)
+
+        def batch(out: Outgoing) -> Awaitable[list[MessageId]]:
+            return inner.publish_batch(out.topic, out.payload, cast(BatchOptions, out.options()), _NOWHERE)
+
+        chained, chained_batch = around_publish(one, middleware), around_publish(batch, middleware)
+        return inner if chained is None or chained_batch is None else cls(inner, chained, chained_batch)
+
+    async def publish(self, topic: str, payload: Any, options: PublishOptions, _caller: Caller) -> MessageId:
+        message_id: MessageId = await self._one(_outgoing(topic, payload, options, batch=False))
+        return message_id
+
+    async def publish_batch(self, topic: str, payloads: Iterable[Any], options: BatchOptions, _caller: Caller) -> list[MessageId]:
+        ids: list[MessageId] = await self._batch(_outgoing(topic, list(payloads), options, batch=True))
+        return ids
+
+
+#: The caller of a publish made by the bus itself (it is awaited: nobody reads it).
+_NOWHERE: Caller = ("", 0, "")
+
+
+def _outgoing(topic: str, payload: Any, options: BatchOptions | PublishOptions, *, batch: bool) -> Outgoing:
+    sequence_id = cast(PublishOptions, options).get("sequence_id")
+    return Outgoing(
+        topic, payload, options.get("key"), dict(options.get("properties") or {}), options.get("deliver_after"),
+        options.get("event_time"), sequence_id, batch,
+    )
 
 
 def _encoded(payloads: Iterable[Any]) -> list[tuple[Any, bytes, str | None]]:

@@ -6,13 +6,14 @@ import contextlib
 import difflib
 import inspect
 import typing
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict, TypeVar, Unpack
 
 from .codec import decoder_for
 from .dlq import dead_letter_topic, retry_topic
 from .handler import Handler, Publisher, handler_name
+from .middleware import checked
 from .settings import topic_problem
 
 SubscriptionType = Literal["key_shared", "shared", "failover", "exclusive"]
@@ -60,6 +61,8 @@ class Subscription:
     initial_position: InitialPosition = "latest"
     timeout: float | None = DEFAULT_TIMEOUT
     reject_on: tuple[type[BaseException], ...] = ()
+    #: Its router's middleware, around each attempt (after the bus's).
+    middleware: tuple[object, ...] = ()
 
     def __post_init__(self) -> None:
         where = self.handler.where
@@ -154,7 +157,10 @@ class Router:
     ...     await bus.publish("invoices", Invoice.for_order(order), key=order.id)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, middleware: Sequence[object] = ()) -> None:
+        """`middleware`: around each attempt of this router's handlers (inside the bus's), and around every publish
+        (see `eventbus.middleware`)."""
+        self.middleware = checked(middleware, "Router(middleware=...)")
         self.subscriptions: list[Subscription] = []
         self.background: list[Background] = []
         self.publications: list[Publication] = []
@@ -191,7 +197,9 @@ class Router:
                         f"{where}: group {group!r} on {topic!r} already has a handler ({existing.name}); "
                         "use another group name, or one handler per group"
                     )
-            self.subscriptions.append(Subscription(topic, group, Handler(handler, where), **options))
+            self.subscriptions.append(
+                Subscription(topic, group, Handler(handler, where), **options, middleware=self.middleware)
+            )
             return handler
 
         return register

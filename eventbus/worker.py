@@ -32,15 +32,16 @@ log = logging.getLogger("eventbus")
 def runners_for(
     subs: Sequence[tuple[str, Subscription]], connection: Connection, settings: Settings, *, bus: Publisher,
     dead_letters: Sender, metrics: Metrics | None, tracing: Tracing | None, observer: Observer | None,
-    app: AppScope | None = None,
+    app: AppScope | None = None, middleware: tuple[object, ...] = (),
 ) -> list[SubscriptionRunner]:
     """A runner per (full topic, subscription), and one per retry topic of each group that dead-letters
-    (where `eventbus dlq replay` sends its dead letters back). `app`: the worker's app-scoped dependencies."""
+    (where `eventbus dlq replay` sends its dead letters back). `app`: the worker's app-scoped dependencies;
+    `middleware`: the bus's."""
 
     def runner(sub: Subscription, topic: str, replays_for: str | None = None) -> SubscriptionRunner:
         return SubscriptionRunner(
             sub, topic, connection, settings, bus=bus, dead_letters=dead_letters, metrics=metrics, tracing=tracing,
-            observer=observer, replays_for=replays_for, app=app,
+            observer=observer, replays_for=replays_for, app=app, middleware=middleware,
         )
 
     return [runner(sub, topic) for topic, sub in subs] + [

@@ -14,10 +14,10 @@ from typing import Annotated
 import anyio
 import pytest
 
-from eventbus import Depends, EventBus, Message, Router, Settings, StartupFailed
+from eventbus import CallNext, Depends, EventBus, Message, Outgoing, PublishNext, Reject, Router, Settings, StartupFailed
 from eventbus.testing import Harness, call_handler
 
-from .conftest import eventually, running
+from .conftest import eventually, raw_client, read_messages, running
 from .test_observability import _get
 from .test_worker_process import cli
 
@@ -382,3 +382,105 @@ def test_eventbus_run_exits_1_with_the_lifespans_traceback_then_one_line(
         "error: lifespan shop.database raised on entry, so the worker stopped before consuming: "
         "ConnectionRefusedError: database refused"
     )
+
+
+# -- middleware -------------------------------------------------------------------------
+
+
+class Tagging:
+    """Both sides: around each attempt, and a property on every publish (appended to a chain, to see the order)."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name, self.log = name, log
+
+    async def __call__(self, message: Message, call_next: CallNext) -> object:
+        self.log.append(f"{self.name} before {message.key}#{message.attempt}")
+        try:
+            return await call_next(message)
+        finally:
+            self.log.append(f"{self.name} after")
+
+    async def on_publish(self, outgoing: Outgoing, call_next: PublishNext) -> object:
+        chain = outgoing.properties.get("chain")
+        return await call_next(outgoing.with_properties(chain=f"{chain}>{self.name}" if chain else self.name))
+
+
+def _stored_chains(settings: Settings, url: str, topic: str) -> list[tuple[bytes, str | None]]:
+    client = raw_client(url, settings.jwt())
+    try:
+        return [(m.data(), m.properties().get("chain")) for m in read_messages(client, settings.topic(topic))]
+    finally:
+        client.close()
+
+
+async def test_middleware_wraps_every_attempt_bus_first_and_tags_every_publish(settings: Settings, topic: str) -> None:
+    log: list[str] = []
+    router = Router(middleware=[Tagging("router-1", log), Tagging("router-2", log)])
+    out = f"{topic}-out"
+
+    @router.subscribe(topic, "g", initial_position="earliest", max_retries=1, retry_backoff=0)
+    async def forward(n: int, message: Message, bus: EventBus) -> None:
+        log.append(f"handler {n}")
+        if message.attempt == 1:
+            raise ValueError("first try fails")
+        await bus.publish(out, n, key="k")
+
+    async with EventBus(settings, routers=[router], middleware=[Tagging("bus", log)]) as bus, running(bus):
+        await bus.publish(topic, 1, key="k")
+        await eventually(lambda: log.count("bus after") == 2, what="the second attempt's end")
+        await bus.publish_batch(out, [2, 3], key="k")
+        url = bus.url
+    assert log == [
+        "bus before k#1", "router-1 before k#1", "router-2 before k#1", "handler 1",
+        "router-2 after", "router-1 after", "bus after",
+        "bus before k#2", "router-1 before k#2", "router-2 before k#2", "handler 1",
+        "router-2 after", "router-1 after", "bus after",
+    ]
+    every = "bus>router-1>router-2"
+    assert _stored_chains(settings, url, topic) == [(b"1", every)]
+    assert _stored_chains(settings, url, out) == [(b"1", every), (b"2", every), (b"3", every)]
+
+
+async def test_a_middleware_that_raises_fails_the_attempt_as_a_handler_would(settings: Settings, topic: str) -> None:
+    called: list[int] = []
+
+    async def gatekeeper(message: Message, call_next: CallNext) -> object:
+        if message.properties.get("tenant") is None:
+            raise Reject("no tenant")
+        if message.properties["tenant"] == "flaky" and message.attempt == 1:
+            raise TimeoutError("auth service slow")
+        return await call_next(message)
+
+    router = Router(middleware=[gatekeeper])
+    router.subscribe(topic, "g", initial_position="earliest", max_retries=2, retry_backoff=0)(called.append)
+    async with Harness(settings, [router]) as app:
+        await app.publish(topic, 1)
+        await app.publish(topic, 2, properties={"tenant": "flaky"})
+        await app.publish(topic, 3, properties={"tenant": "acme"})
+        await app.wait_handled(2, topic=topic)
+        await eventually(lambda: app.dead_letters, what="the dead letter")
+    [dead] = app.dead_letters
+    assert (dead.reason, dead.error, dead.attempts, dead.data) == ("rejected", "no tenant", 1, b"1")
+    assert sorted(called) == [2, 3]
+    assert [h.outcome for h in app.handled if h.payload == 2] == ["retried", "ok"]
+
+
+async def test_call_handler_runs_the_routers_middleware() -> None:
+    log: list[str] = []
+    router = Router(middleware=[Tagging("mw", log)])
+
+    @router.subscribe("orders", "g")
+    async def handle(n: int) -> None:
+        log.append(f"handler {n}")
+
+    result = await call_handler(handle, 5, routers=[router], key="o-5")
+    assert result.ok and log == ["mw before o-5#1", "handler 5", "mw after"]
+
+
+def test_middleware_that_is_neither_side_is_refused_at_construction() -> None:
+    def sync_middleware(message: Message, call_next: CallNext) -> None: ...
+
+    with pytest.raises(TypeError, match=r"Router\(middleware=...\): middleware .*sync_middleware.* is neither"):
+        Router(middleware=[sync_middleware])
+    with pytest.raises(TypeError, match="takes a list of middleware"):
+        EventBus(middleware=Tagging("x", []))  # type: ignore[arg-type]

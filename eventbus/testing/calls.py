@@ -19,6 +19,7 @@ from ..events import Published
 from ..handler import BatchOptions, PublishOptions, Publisher
 from ..handling import HandlerTimeout, backoff, cancelled_by_us, verdict
 from ..message import Message, MessageId
+from ..middleware import around_attempt
 from ..registry import Router, Subscription, default_router
 from ..settings import topic_problem
 
@@ -112,8 +113,9 @@ async def _attempt(
             app = AppScope(overrides)
             await app.open([sub.handler.plan_for(app.overrides)], publisher, stack)
             call, wants_message = sub.handler.binding(app)
+            call = around_attempt(call, sub.middleware)
             with anyio.move_on_after(sub.timeout) as scope:
-                await call(decoded, message if wants_message else None, publisher)
+                await call(decoded, message if wants_message or sub.middleware else None, publisher)
     finally:
         CURRENT.reset(token)
     if scope.cancelled_caught:
@@ -175,6 +177,7 @@ async def call_handler(
     handler's annotation; a `Message` parameter gets metadata built here (override any part:
     `key`, `properties`, `attempt`, ...); an `EventBus` parameter gets `bus`, by default a
     `RecordingPublisher`. Sync handlers run in a thread; the subscription's `timeout` applies.
+    The subscription's middleware (its router's) runs around the call.
     `dependencies` replace `Depends` providers (``{get_db: fake_db}``); app-scoped ones are made for this call
     and closed after it.
     Whatever the handler raises is caught and judged as the worker judges it: the result

@@ -1,0 +1,113 @@
+"""Middleware: code wrapped around every handler attempt, and around every publish, composed once per subscription."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from .message import Message
+
+#: The rest of the chain around a handler attempt: call it with the message, get the handler's return value.
+CallNext = Callable[[Message], Awaitable[Any]]
+#: The rest of the chain of a publish: call it with the outgoing message, get its id (a list for a batch).
+PublishNext = Callable[["Outgoing"], Awaitable[Any]]
+#: One attempt's call: (payload, metadata, the bus) -> the handler's return value.
+Call = Callable[[Any, "Message | None", Any], Awaitable[Any]]
+
+
+class Middleware(Protocol):
+    """``async def mw(message, call_next)`` around each attempt; it may also have ``async def on_publish(outgoing,
+    call_next)`` around each publish. Either side alone is fine: a class with only `on_publish` touches no attempt."""
+
+    async def __call__(self, message: Message, call_next: CallNext) -> Any: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Outgoing:
+    """A publish as the publish side of a middleware sees it; pass `with_properties(...)` (or a `replace`d copy)
+    on to change it. `payload` is the list of payloads for `publish_batch`, with `batch` True."""
+
+    topic: str
+    payload: Any
+    key: str | bytes | None = None
+    properties: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    deliver_after: timedelta | float | None = None
+    event_time: datetime | int | None = None
+    sequence_id: int | None = None
+    batch: bool = False
+
+    def with_properties(self, **properties: str) -> Outgoing:
+        """A copy with these properties added (or replaced)."""
+        return dataclasses.replace(self, properties={**self.properties, **properties})
+
+    def options(self) -> dict[str, Any]:
+        """The keyword options of `publish` (or of `publish_batch`) that this publish carries."""
+        out: dict[str, Any] = {"key": self.key, "properties": self.properties or None}
+        for name in ("deliver_after", "event_time") + (() if self.batch else ("sequence_id",)):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+
+def checked(middleware: Sequence[object], where: str) -> tuple[object, ...]:
+    """The middleware as given, once each is an async function of (message, call_next), an object with an async
+    `on_publish`, or both; `TypeError` naming the fix otherwise."""
+    if isinstance(middleware, (str, bytes)) or not isinstance(middleware, Sequence):
+        raise TypeError(f"{where}: middleware=[...] takes a list of middleware, not {type(middleware).__name__}")
+    for item in middleware:
+        consumes, publishes = consume_side(item) is not None, publish_side(item) is not None
+        if not consumes and not publishes:
+            raise TypeError(
+                f"{where}: middleware {item!r} is neither `async def mw(message, call_next)` nor an object with "
+                "`async def on_publish(outgoing, call_next)`: make it one of them"
+            )
+    return tuple(middleware)
+
+
+def consume_side(item: object) -> Callable[[Message, CallNext], Awaitable[Any]] | None:
+    if inspect.iscoroutinefunction(item) or inspect.iscoroutinefunction(getattr(item, "__call__", None)):
+        return item  # type: ignore[return-value]
+    return None
+
+
+def publish_side(item: object) -> Callable[[Outgoing, PublishNext], Awaitable[Any]] | None:
+    on_publish = getattr(item, "on_publish", None)
+    return on_publish if inspect.iscoroutinefunction(on_publish) else None
+
+
+def around_attempt(call: Call, middleware: Sequence[object]) -> Call:
+    """`call` inside the consume sides of `middleware`, the first outermost; `call` itself without any."""
+    for item in reversed(middleware):
+        side = consume_side(item)
+        if side is not None:
+            call = _layer(side, call)
+    return call
+
+
+def _layer(side: Callable[[Message, CallNext], Awaitable[Any]], inner: Call) -> Call:
+    async def layer(payload: Any, message: Message | None, bus: Any) -> Any:
+        assert message is not None  # a subscription with middleware always makes the Message
+        return await side(message, lambda given: inner(payload, given, bus))
+
+    return layer
+
+
+def around_publish(send: PublishNext, middleware: Sequence[object]) -> PublishNext | None:
+    """`send` inside the publish sides of `middleware`, the first outermost; None when none has one."""
+    sides = [side for side in map(publish_side, middleware) if side is not None]
+    if not sides:
+        return None
+    for side in reversed(sides):
+        send = _publish_layer(side, send)
+    return send
+
+
+def _publish_layer(side: Callable[[Outgoing, PublishNext], Awaitable[Any]], inner: PublishNext) -> PublishNext:
+    async def layer(outgoing: Outgoing) -> Any:
+        return await side(outgoing, inner)
+
+    return layer
