@@ -79,6 +79,8 @@ class Handler:
         )
         self.plan = solve(self.dependencies, where, _role)
         self.wants_message = message_name is not None or self.plan.needs_message
+        #: Not annotated `-> None`: what it returns is worth a look (a reply, `returns_to`, a warning).
+        self.may_return = _may_return(func)
         # Async if the function called is, or what it wraps is: an async decorator around a sync function
         # (functools.wraps) was run in a thread, its coroutine never awaited and the handler never run.
         self.is_async = any(
@@ -109,6 +111,14 @@ class Handler:
         return _dependent_call(self._shape, plan, app.values), self.wants_message or plan.needs_message
 
 
+def _may_return(func: Callable[..., Any]) -> bool:
+    try:
+        returns = typing.get_type_hints(func).get("return", inspect.signature(func).return_annotation)
+    except Exception:
+        return True
+    return returns not in (None, type(None), typing.NoReturn, typing.Never)
+
+
 def _role(annotation: Any) -> Role:
     """What a parameter annotated so receives: the message's metadata, the bus, or neither."""
     if annotation is Message:
@@ -136,10 +146,9 @@ class _Shape(typing.NamedTuple):
             kwargs[self.bus_name] = bus
         return ((payload,) if self.positional else ()), kwargs
 
-    async def invoke(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    async def invoke(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self.is_async:
-            await self.func(*args, **kwargs)
-            return
+            return await self.func(*args, **kwargs)
         func = self.func
         # A thread cannot be stopped: cancelled (timeout, drain), it runs on, abandoned.
         result = await anyio.to_thread.run_sync(functools.partial(func, *args, **kwargs), abandon_on_cancel=True)
@@ -150,6 +159,7 @@ class _Shape(typing.NamedTuple):
                 f"{handler_name(func)} is a plain function that returned {type(result).__name__}, which nobody "
                 "awaits: make it `async def`, or give its decorator functools.wraps of an async function"
             )
+        return result
 
 
 def _build_call(shape: _Shape) -> Call:
@@ -162,8 +172,8 @@ def _build_call(shape: _Shape) -> Call:
             return lambda payload, message, bus: func(payload)
         return lambda payload, message, bus: func(**{payload_name: payload})
 
-    async def call(payload: Any, message: Message | None, bus: Publisher) -> None:
-        await shape.invoke(*shape.arguments(payload, message, bus))
+    async def call(payload: Any, message: Message | None, bus: Publisher) -> Any:
+        return await shape.invoke(*shape.arguments(payload, message, bus))
 
     return call
 
@@ -172,18 +182,19 @@ def _dependent_call(shape: _Shape, plan: Plan, app: Mapping[Callable[..., Any], 
     """The call of a handler with dependencies: made for the attempt, closed after it, the handler's error raised
     at each generator's `yield`."""
 
-    async def call(payload: Any, message: Message | None, bus: Publisher) -> None:
+    async def call(payload: Any, message: Message | None, bus: Publisher) -> Any:
         failed: BaseException | None = None
         async with contextlib.AsyncExitStack() as stack:
             args, kwargs = shape.arguments(payload, message, bus)
             kwargs.update(await plan.resolve(app, message, bus, stack))
             try:
-                await shape.invoke(args, kwargs)
+                result = await shape.invoke(args, kwargs)
             except BaseException as exc:
                 failed = exc
                 raise
         if failed is not None:
             raise failed  # a dependency's cleanup swallowed it: the attempt fails all the same
+        return result
 
     return call
 

@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from .answering import Answers
 from .client import RawMessage, id_text, key_of, properties_of
 from .codec import DecodeError
 from .context import CURRENT, Attempt
@@ -31,7 +32,7 @@ __all__ = ["Handling", "HandlerTimeout", "Sender", "backoff", "cancelled_by_us",
 log = logging.getLogger("eventbus")
 
 #: One attempt's call: (payload, metadata, the bus), as `Handler.call`.
-Call = Callable[[Any, "Message | None", Publisher], Awaitable[None]]
+Call = Callable[[Any, "Message | None", Publisher], Awaitable[Any]]
 
 
 def verdict(sub: Subscription, exc: BaseException, attempt: int) -> str:
@@ -87,6 +88,9 @@ class Handling:
             stopped=finished, backoff=(sub.retry_backoff or 0.5, sub.retry_backoff_max),
         )
         self._call = self._attempt_call(call, metrics)
+        self._answers = Answers(sub.name, bus, sub.returns_to, sub.handler.may_return)
+        # A return value is looked at only when the handler may give one, or has somewhere to send it.
+        self._answering = sub.returns_to is not None or sub.handler.may_return
         # Log lines about a message carry these (JSON logs show them as fields).
         self._log_fields = {"topic": topic, "group": sub.group}
 
@@ -132,7 +136,7 @@ class Handling:
                 if slot is not None:
                     slot.start()
                 try:
-                    await self._call(payload, metadata, self._bus)
+                    result = await self._call(payload, metadata, self._bus)
                 except asyncio.CancelledError:
                     if slot is None or not slot.timed_out:
                         raise
@@ -143,6 +147,8 @@ class Handling:
                         slot.deadline = 0.0
                 if current.publishes:
                     current.check()
+                if self._answering and (result is not None or self._answers.always):
+                    await self._answers.send(result, message)
                 self._report.ok(message, payload, metadata, number)
                 return True
             except UnreadableMessage as exc:
@@ -217,6 +223,7 @@ class Handling:
                 exc_info=exc_info, extra=fields,
             )
         self._report.gave_up(message, payload, attempts, reason, exc, sent)
+        await self._answers.failed(message, reason, exc)
         return True
 
     def _fields(self, message: RawMessage, attempt: int) -> dict[str, object]:
@@ -234,10 +241,10 @@ class Handling:
 
 
 def _timed(call: Call, observe: Callable[[float], None]) -> Call:
-    async def timed(payload: Any, metadata: Message | None, bus: Publisher) -> None:
+    async def timed(payload: Any, metadata: Message | None, bus: Publisher) -> Any:
         started = time.perf_counter()
         try:
-            await call(payload, metadata, bus)
+            return await call(payload, metadata, bus)
         finally:
             observe(time.perf_counter() - started)
 
@@ -245,7 +252,7 @@ def _timed(call: Call, observe: Callable[[float], None]) -> Call:
 
 
 def _traced(call: Call, tracing: Tracing, topic: str, group: str) -> Call:
-    async def traced(payload: Any, metadata: Message | None, bus: Publisher) -> None:
+    async def traced(payload: Any, metadata: Message | None, bus: Publisher) -> Any:
         current = CURRENT.get()
         assert current is not None  # the attempt context is set before every call
         message: RawMessage = current.message
@@ -253,7 +260,7 @@ def _traced(call: Call, tracing: Tracing, topic: str, group: str) -> Call:
         attempt = message.redelivery_count() + current.number
         with tracing.process(topic, group, properties, id_text(message.message_id()), attempt) as span:
             try:
-                await call(payload, metadata, bus)
+                return await call(payload, metadata, bus)
             except BaseException as exc:
                 failed(span, exc)
                 raise

@@ -43,6 +43,7 @@ class SubscribeOptions(TypedDict, total=False):
     initial_position: InitialPosition
     timeout: float | None
     reject_on: tuple[type[BaseException], ...]
+    returns_to: str | None
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class Subscription:
     initial_position: InitialPosition = "latest"
     timeout: float | None = DEFAULT_TIMEOUT
     reject_on: tuple[type[BaseException], ...] = ()
+    #: The topic a handler's return value is published to (None: nowhere; a request's reply still goes back).
+    returns_to: str | None = None
     #: Its router's middleware, around each attempt (after the bus's).
     middleware: tuple[object, ...] = ()
 
@@ -94,7 +97,14 @@ def _problems(sub: Subscription) -> list[tuple[bool, str]]:
     """Each check of a subscription's options, with what to write instead."""
     topic, backoff, timeout, reject_on = sub.topic, sub.retry_backoff, sub.timeout, sub.reject_on
     problem = topic_problem(topic) if isinstance(topic, str) else None
+    returns_to = sub.returns_to
+    output = topic_problem(returns_to) if isinstance(returns_to, str) else None
     return [
+        (
+            returns_to is None or (isinstance(returns_to, str) and output is None),
+            f"returns_to={returns_to!r} must be a topic name ({output})" if output else
+            f"returns_to={returns_to!r} must be a topic name, or None",
+        ),
         (isinstance(topic, str), f"topic must be a string, not {type(topic).__name__}"),
         (problem is None, str(problem)),
         (isinstance(sub.group, str) and bool(sub.group.strip()), "group must be a non-empty string"),
@@ -178,7 +188,9 @@ class Router:
         raises `Reject`, or one of the exception types in `reject_on`, skips the
         retries: its message is dead-lettered at once (reason ``rejected``).
         `subscription_type` (key_shared), `concurrency` (1) and `initial_position`
-        (latest) say how it consumes.
+        (latest) say how it consumes. With `returns_to`, what the handler returns (not None)
+        is published there, keyed as its message, and the message is acknowledged only once
+        the broker stored it; a request's reply (`EventBus.request`) goes back either way.
         """
         known = list(SubscribeOptions.__annotations__)
         for name in options:

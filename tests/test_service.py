@@ -13,6 +13,7 @@ from typing import Annotated
 
 import anyio
 import pytest
+from pydantic import BaseModel
 
 from eventbus import CallNext, Depends, EventBus, Message, Outgoing, PublishNext, Reject, Router, Settings, StartupFailed
 from eventbus.testing import Harness, call_handler
@@ -484,3 +485,74 @@ def test_middleware_that_is_neither_side_is_refused_at_construction() -> None:
         Router(middleware=[sync_middleware])
     with pytest.raises(TypeError, match="takes a list of middleware"):
         EventBus(middleware=Tagging("x", []))  # type: ignore[arg-type]
+
+
+# -- return values ----------------------------------------------------------------------
+
+
+class Invoice(BaseModel):
+    order: int
+    total: float
+
+
+async def test_a_return_value_is_published_to_returns_to_keyed_as_its_message(settings: Settings, topic: str) -> None:
+    router = Router()
+    invoices = f"{topic}-invoices"
+
+    @router.subscribe(topic, "billing", initial_position="earliest", returns_to=invoices)
+    async def charge(order: dict) -> Invoice | None:
+        return Invoice(order=order["id"], total=order["qty"] * 2.5) if order["qty"] else None
+
+    async with Harness(settings, [router]) as app:
+        for n, qty in enumerate([2, 0, 4]):
+            await app.publish(topic, {"id": n, "qty": qty}, key=f"o-{n}")
+        await app.wait_handled(3, topic=topic)
+        await eventually(lambda: len(app.published_to(invoices)) == 2, what="two invoices")
+        url = app.bus.url
+    client = raw_client(url, settings.jwt())
+    try:
+        stored = [(m.partition_key(), m.data()) for m in read_messages(client, settings.topic(invoices))]
+    finally:
+        client.close()
+    assert stored == [("o-0", b'{"order":0,"total":5.0}'), ("o-2", b'{"order":2,"total":10.0}')]
+    result = await call_handler(charge, {"id": 9, "qty": 1}, routers=[router], key="o-9")
+    assert result.returned == Invoice(order=9, total=2.5)
+    assert [(p.topic.rsplit("/", 1)[1], p.key, p.payload) for p in result.published] == [(invoices, "o-9", result.returned)]
+
+
+async def test_the_input_is_acknowledged_only_after_its_output_is_stored(settings: Settings, topic: str) -> None:
+    """A failed output publish fails the attempt: the input is retried (its output may be duplicated, never lost)."""
+    router = Router()
+    out = f"{topic}-out"
+    attempts: list[int] = []
+
+    @router.subscribe(topic, "g", initial_position="earliest", returns_to=out, max_retries=3, retry_backoff=0)
+    async def double(n: int) -> object:
+        attempts.append(n)
+        return {"n": n * 2} if len(attempts) > 1 else {"n": object()}  # the first output cannot be encoded
+
+    async with Harness(settings, [router]) as app:
+        await app.publish(topic, 21)
+        await app.wait_handled(topic=topic)
+        await eventually(lambda: app.published_to(out), what="the output")
+    assert attempts == [21, 21]
+    assert [h.outcome for h in app.handled] == ["retried", "ok"]
+    assert "cannot encode payload of type dict" in str(app.handled[0].error)
+    assert [p.payload for p in app.published_to(out)] == [{"n": 42}]
+
+
+async def test_a_value_returned_to_nowhere_is_logged_once_per_handler(
+    settings: Settings, topic: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    router = Router()
+
+    @router.subscribe(topic, "g", initial_position="earliest")
+    async def compute(n: int) -> int:
+        return n + 1
+
+    async with Harness(settings, [router]) as app:
+        for n in range(3):
+            await app.publish(topic, n)
+        await app.wait_handled(3, topic=topic)
+    lines = [r.getMessage() for r in caplog.records if "goes nowhere" in r.getMessage()]
+    assert len(lines) == 1 and "compute returned a int" in lines[0] and "returns_to=" in lines[0]

@@ -90,6 +90,8 @@ class CallResult:
     reason: str | None = None
     retry_in: float | None = None
     published: list[Published] = field(default_factory=list)
+    #: What the handler returned (what `returns_to` would publish, or a request's reply).
+    returned: Any = None
 
     @property
     def ok(self) -> bool:
@@ -98,7 +100,7 @@ class CallResult:
 
 async def _attempt(
     sub: Subscription, decoded: Any, message: Message, publisher: Publisher, overrides: Mapping[Provider, Provider]
-) -> None:
+) -> Any:
     """The handler's call as the worker makes it: in an attempt context (log fields, publishes awaited), timed out,
     its app-scoped dependencies made for this call alone."""
     fields: dict[str, object] = {
@@ -115,12 +117,13 @@ async def _attempt(
             call, wants_message = sub.handler.binding(app)
             call = around_attempt(call, sub.middleware)
             with anyio.move_on_after(sub.timeout) as scope:
-                await call(decoded, message if wants_message or sub.middleware else None, publisher)
+                returned = await call(decoded, message if wants_message or sub.middleware else None, publisher)
     finally:
         CURRENT.reset(token)
     if scope.cancelled_caught:
         raise HandlerTimeout(f"the handler did not finish within {sub.timeout:g}s (subscribe(timeout=...))")
     current.check()
+    return returned
 
 
 def find_subscription(
@@ -202,7 +205,9 @@ async def call_handler(
     except DecodeError as exc:
         return result("dead_letter" if sub.dead_letter else "drop", error=exc, reason="undecodable")
     try:
-        await _attempt(sub, decoded, message, publisher, dependencies or {})
+        returned = await _attempt(sub, decoded, message, publisher, dependencies or {})
+        if returned is not None and sub.returns_to is not None:  # as the worker publishes it, before the ack
+            await publisher.publish(sub.returns_to, returned, key=key)
     except BaseException as exc:
         if cancelled_by_us(exc):
             raise
@@ -210,4 +215,4 @@ async def call_handler(
         if then == "retry":
             return result("retry", error=exc, retry_in=backoff(sub, attempt))
         return result("dead_letter" if sub.dead_letter else "drop", error=exc, reason=then)
-    return result("ok")
+    return result("ok", returned=returned)
