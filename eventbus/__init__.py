@@ -26,6 +26,8 @@ from .errors import (
     PublishBatchError,
     PublishError,
     Reject,
+    RequestFailed,
+    RequestTimeout,
     StartupFailed,
     SubscriptionFailed,
 )
@@ -67,6 +69,8 @@ __all__ = [
     "PublishOptions",
     "Publisher",
     "Reject",
+    "RequestFailed",
+    "RequestTimeout",
     "Router",
     "RunningSubscription",
     "Settings",

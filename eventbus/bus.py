@@ -11,19 +11,20 @@ import anyio
 import anyio.abc
 
 from .connect import Connection, connect
-from .context import CURRENT, caller, tracked, watch_unawaited
+from .context import CURRENT, caller, tracked
 from .consumer import RunningSubscription
 from .client import MessageId
-from .dependencies import AppScope, Provider
+from .dependencies import Provider
 from .errors import ConfigError
 from .events import Observer
 from .handler import BatchOptions, PublishOptions, Publisher
 from .lifetime import Lifetime
 from .middleware import checked
-from .publishing import Instrumented, Intercepted, Publishing
+from .publishing import Publishing, sending_for
 from .metrics import Metrics
 from .producers import Producers
-from .registry import Lifespan, Router, Subscription, default_router, lifespan_of
+from .registry import Lifespan, Router, Subscription, default_router, lifespan_of, subscriptions_of
+from .requesting import Requester
 from .settings import Settings
 from .tracing import Tracing
 from .worker import Worker, runners_for
@@ -59,27 +60,23 @@ class EventBus(Publisher):
         dependency_overrides: Mapping[Provider, Provider] | None = None,
         middleware: Sequence[object] = (),
     ) -> None:
-        """`tracer_provider`: an OpenTelemetry TracerProvider to trace into (default: the global one, if set).
-
-        `observer` is told of every confirmed publish, handler attempt and dead letter (the test kit uses it).
-        `lifespan`: an async context manager function of the bus that `run()` enters before the routers' lifespans
-        (see `Router.lifespan`). `dependency_overrides` replace `Depends` providers by others (tests).
-        `middleware`: around every handler attempt, outside the routers' own, and around every publish.
-        """
+        """`tracer_provider`: an OpenTelemetry TracerProvider (default: the global one, if set); `observer` is told
+        of every confirmed publish, handler attempt and dead letter (the test kit's). `lifespan`: entered by `run()`
+        before the routers' (see `Router.lifespan`); `middleware`: around every attempt (outside the routers') and
+        every publish; `dependency_overrides` replace `Depends` providers when `run()` makes them (for tests)."""
         self._middleware = checked(middleware, "EventBus(middleware=...)")
         self.settings = settings if settings is not None else Settings()
         self._lifespans: list[Lifespan] = [lifespan_of(lifespan, "EventBus(lifespan=...)")] if lifespan else []
-        #: Providers replaced by others when `run()` makes dependencies (the FastAPI way: for tests).
         self.dependency_overrides: dict[Provider, Provider] = dict(dependency_overrides or {})
-        self._tracer_provider = tracer_provider
+        self._tracer_provider, self._observer = tracer_provider, observer
         self._tracing: Tracing | None = None
-        self._observer = observer
         self.routers = list(routers) if routers is not None else [default_router]
         self._publishing: Publishing | None = None  # chosen at start: plain or instrumented
+        self._requester: Requester | None = None  # made on the first request
         self._connection: Connection | None = None
         self._producers: Producers | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread = 0
+        self._loop_thread = 0  # the loop's thread: stop() from another goes through the loop
         self._stop = asyncio.Event()
         self._worker: Worker | None = None
         self._run_done: asyncio.Event | None = None
@@ -128,19 +125,13 @@ class EventBus(Publisher):
     async def start(self) -> None:
         """Connect: start or join the embedded broker, or check the configured one answers."""
         self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
-        for publishing in (Publishing, Instrumented, Intercepted):
-            watch_unawaited(publishing.publish.__code__)
-            watch_unawaited(publishing.publish_batch.__code__)
         connection = await connect(self.settings)
         self._connection = connection
         self._tracing = Tracing.for_provider(self._tracer_provider)
-        publications = {self.settings.topic(p.topic): p for router in self.routers for p in router.publications}
         self._producers = Producers(connection.client, self.settings, connection.bridge, self.metrics)
-        sending = Publishing(self._producers)
-        if self._tracing or self._observer or publications:
-            sending = Instrumented(self._producers, self.settings, publications, self._tracing, self._observer)
-        middleware = (*self._middleware, *(item for router in self.routers for item in router.middleware))
-        self._publishing = Intercepted.around(sending, middleware)
+        self._publishing = sending_for(
+            self._producers, self.settings, self.routers, self._tracing, self._observer, self._middleware
+        )
 
     async def close(self) -> None:
         """Stop a running `run()` and let it drain, close the producers, then the client.
@@ -154,6 +145,9 @@ class EventBus(Publisher):
             # run() still going (another task): its consumers drain before the client goes.
             self.stop()
             await self._run_done.wait()
+        if self._requester is not None:
+            requester, self._requester = self._requester, None
+            await requester.close()
         if self._producers is not None:
             await self._producers.close()
         if self._connection is not None:
@@ -207,23 +201,36 @@ class EventBus(Publisher):
             tracked(coroutine, "publish_batch", topic, where)
         return coroutine
 
+    async def request(
+        self, topic: str, payload: Any, *, key: str | bytes | None = None, timeout: float = 10.0,
+        response_type: Any = None, properties: Mapping[str, str] | None = None,
+    ) -> Any:
+        """Publish a request; return its handler's reply, decoded as `response_type` (default: the JSON value).
+
+        >>> quote = await bus.request("pricing", basket, response_type=Quote, timeout=5)
+
+        A request is an ordinary message (retried, ordered per key, dead-lettered). Raises `RequestFailed` when
+        its handler gave up on it, `RequestTimeout` when no reply came within `timeout`."""
+        connection = self._connection
+        if connection is None:
+            raise RuntimeError(_NOT_STARTED)
+        if self._requester is None:
+            self._requester = Requester(connection, self.settings, self.publish)
+        return await self._requester.request(
+            topic, payload, key=key, timeout=timeout, response_type=Any if response_type is None else response_type,
+            properties=properties,
+        )
+
+    @property
+    def late_replies(self) -> int:
+        """Replies dropped because their request had timed out (or was not this bus's)."""
+        return self._requester.late if self._requester is not None else 0
+
     # -- consuming ------------------------------------------------------------------
 
     def subscriptions(self) -> list[tuple[str, Subscription]]:
         """Every registered subscription with its full topic name; rejects duplicates."""
-        seen: dict[tuple[str, str], Subscription] = {}
-        out = []
-        for router in self.routers:
-            for sub in router.subscriptions:
-                full = self.settings.topic(sub.topic)
-                other = seen.get((full, sub.group))
-                if other is not None:
-                    raise ConfigError(
-                        f"group {sub.group!r} on {full} has two handlers: {other.name} and {sub.name}"
-                    )
-                seen[(full, sub.group)] = sub
-                out.append((full, sub))
-        return out
+        return subscriptions_of(self.routers, self.settings.topic)
 
     def stop(self) -> None:
         """Ask `run()` to stop: no new messages; in-flight handlers finish and are acknowledged.
@@ -268,14 +275,10 @@ class EventBus(Publisher):
             raise ConfigError("no handlers are registered: import a module that uses @subscribe")
         if handle_signals is None:
             handle_signals = threading.current_thread() is threading.main_thread()
-        app = AppScope(self.dependency_overrides)
-        lifetime = Lifetime(
-            [*self._lifespans, *(func for router in self.routers for func in router.lifespans)], app,
-            [sub.handler.plan_for(app.overrides) for _, sub in subs],
-        )
+        lifetime = Lifetime.of(self._lifespans, self.routers, subs, self.dependency_overrides)
         runners = runners_for(
             subs, connection, self.settings, bus=self, dead_letters=producers, metrics=self.metrics,
-            tracing=self._tracing, observer=self._observer, app=app, middleware=self._middleware,
+            tracing=self._tracing, observer=self._observer, app=lifetime.app, middleware=self._middleware,
         )
         self._worker = Worker(runners, background, self, self._stop, self.settings, self.metrics, lifetime)
         self._run_done = asyncio.Event()

@@ -42,6 +42,18 @@ class StartupFailed(EventBusError):
     """
 
 
+class RequestTimeout(EventBusError):
+    """No reply to `EventBus.request` within its timeout (the request itself was stored: it may still be handled)."""
+
+
+class RequestFailed(EventBusError):
+    """The request was dead-lettered (or dropped) by its handler: `reason`, `error_type` and `error` say why."""
+
+    def __init__(self, topic: str, reason: str, error_type: str, error: str) -> None:
+        self.topic, self.reason, self.error_type, self.error = topic, reason, error_type, error
+        super().__init__(f"request to {topic} failed ({reason}): {error_type}: {error}")
+
+
 class Reject(Exception):
     """Raise it from a handler when retrying cannot help: the message goes to the dead-letter topic at once.
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .dependencies import AppScope, Plan
+from .dependencies import AppScope, Plan, Provider
 from .errors import StartupFailed
 from .handler import Publisher, handler_name
-from .registry import Lifespan
+from .registry import Lifespan, Router, Subscription
 
 
 @dataclass
@@ -20,6 +20,16 @@ class Lifetime:
     lifespans: Sequence[Lifespan] = ()
     app: AppScope = field(default_factory=AppScope)
     plans: Sequence[Plan] = ()
+
+    @classmethod
+    def of(
+        cls, first: Sequence[Lifespan], routers: Sequence[Router], subs: Sequence[tuple[str, Subscription]],
+        overrides: Mapping[Provider, Provider],
+    ) -> Lifetime:
+        """The lifespans `first` then each router's, and the subscriptions' app-scoped dependencies."""
+        app = AppScope(overrides)
+        lifespans = [*first, *(func for router in routers for func in router.lifespans)]
+        return cls(lifespans, app, [sub.handler.plan_for(app.overrides) for _, sub in subs])
 
     async def open(self, stack: contextlib.AsyncExitStack, bus: Publisher) -> None:
         """Enter every lifespan, then make the app-scoped values; `stack` exits them in reverse.

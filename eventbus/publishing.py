@@ -9,13 +9,13 @@ from typing import Any, cast
 
 from .client import MessageId, build_message, id_text
 from .codec import encode
-from .context import Caller
+from .context import Caller, watch_unawaited
 from .errors import PublishBatchError
 from .events import Observer, Published
 from .handler import BatchOptions, PublishOptions
 from .middleware import Outgoing, PublishNext, around_publish
 from .producers import Producers
-from .registry import Publication
+from .registry import Publication, Router
 from .settings import Settings
 from .tracing import Tracing
 
@@ -151,6 +151,22 @@ class Intercepted(Publishing):
     async def publish_batch(self, topic: str, payloads: Iterable[Any], options: BatchOptions, _caller: Caller) -> list[MessageId]:
         ids: list[MessageId] = await self._batch(_outgoing(topic, list(payloads), options, batch=True))
         return ids
+
+
+def sending_for(
+    producers: Producers, settings: Settings, routers: Sequence[Router], tracing: Tracing | None,
+    observer: Observer | None, middleware: Sequence[object],
+) -> Publishing:
+    """A bus's sending, chosen once at start: plain; instrumented for declared payload types, tracing or an
+    observer; inside the publish sides of the bus's then the routers' middleware."""
+    for kind in (Publishing, Instrumented, Intercepted):
+        watch_unawaited(kind.publish.__code__)
+        watch_unawaited(kind.publish_batch.__code__)
+    publications = {settings.topic(p.topic): p for router in routers for p in router.publications}
+    sending = Publishing(producers)
+    if tracing or observer or publications:
+        sending = Instrumented(producers, settings, publications, tracing, observer)
+    return Intercepted.around(sending, (*middleware, *(item for router in routers for item in router.middleware)))
 
 
 #: The caller of a publish made by the bus itself (it is awaited: nobody reads it).

@@ -12,6 +12,7 @@ from typing import Any, Literal, TypedDict, TypeVar, Unpack
 
 from .codec import decoder_for
 from .dlq import dead_letter_topic, retry_topic
+from .errors import ConfigError
 from .handler import Handler, Publisher, handler_name
 from .middleware import checked
 from .settings import topic_problem
@@ -278,6 +279,21 @@ class Router:
             raise TypeError(f"{handler_name(func)}: run_in_background takes an async function of one argument (the bus)")
         self.background.append(func)
         return func
+
+
+def subscriptions_of(routers: Sequence[Router], topic_of: Callable[[str], str]) -> list[tuple[str, Subscription]]:
+    """Every subscription of the routers with its full topic name; `ConfigError` for a group handled twice."""
+    seen: dict[tuple[str, str], Subscription] = {}
+    out = []
+    for router in routers:
+        for sub in router.subscriptions:
+            full = topic_of(sub.topic)
+            other = seen.get((full, sub.group))
+            if other is not None:
+                raise ConfigError(f"group {sub.group!r} on {full} has two handlers: {other.name} and {sub.name}")
+            seen[(full, sub.group)] = sub
+            out.append((full, sub))
+    return out
 
 
 def lifespan_of(func: Callable[..., Any], where: str) -> Lifespan:

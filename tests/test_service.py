@@ -4,6 +4,7 @@ No `from __future__ import annotations`: the providers are local to the tests, a
 must be read where they are in scope.
 """
 
+import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -15,7 +16,20 @@ import anyio
 import pytest
 from pydantic import BaseModel
 
-from eventbus import CallNext, Depends, EventBus, Message, Outgoing, PublishNext, Reject, Router, Settings, StartupFailed
+from eventbus import (
+    CallNext,
+    Depends,
+    EventBus,
+    Message,
+    Outgoing,
+    PublishNext,
+    Reject,
+    RequestFailed,
+    RequestTimeout,
+    Router,
+    Settings,
+    StartupFailed,
+)
 from eventbus.testing import Harness, call_handler
 
 from .conftest import eventually, raw_client, read_messages, running
@@ -556,3 +570,82 @@ async def test_a_value_returned_to_nowhere_is_logged_once_per_handler(
         await app.wait_handled(3, topic=topic)
     lines = [r.getMessage() for r in caplog.records if "goes nowhere" in r.getMessage()]
     assert len(lines) == 1 and "compute returned a int" in lines[0] and "returns_to=" in lines[0]
+
+
+# -- request/reply ----------------------------------------------------------------------
+
+
+class Quote(BaseModel):
+    sku: str
+    price: float
+
+
+async def test_request_returns_the_handlers_reply_decoded(settings: Settings, topic: str) -> None:
+    router = Router()
+
+    @router.subscribe(topic, "pricing", initial_position="earliest")
+    async def price(basket: dict):  # type: ignore[no-untyped-def]  # unannotated: it may return something
+        if basket["sku"] == "free":
+            return None
+        return Quote(sku=basket["sku"], price=9.5 * basket["qty"])
+
+    async with Harness(settings, [router]) as responder, EventBus(settings, routers=[]) as requester:
+        quote = await requester.request(topic, {"sku": "tea", "qty": 2}, response_type=Quote, timeout=20)
+        assert quote == Quote(sku="tea", price=19.0)
+        raw = await requester.request(topic, {"sku": "tea", "qty": 1}, key="tea", timeout=20)
+        assert raw == {"sku": "tea", "price": 9.5}
+        assert await requester.request(topic, {"sku": "free", "qty": 1}, timeout=20) is None
+        together = await asyncio.gather(
+            *(requester.request(topic, {"sku": f"s{n}", "qty": n}, response_type=Quote, timeout=20) for n in range(20))
+        )
+        assert [q.price for q in together] == [9.5 * n for n in range(20)]
+        assert requester.late_replies == 0
+    assert len([h for h in responder.handled if h.outcome == "ok"]) == 23
+
+
+async def test_a_request_its_handler_gave_up_on_raises_request_failed(settings: Settings, topic: str) -> None:
+    router = Router()
+
+    @router.subscribe(topic, "g", initial_position="earliest", max_retries=1, retry_backoff=0)
+    async def answer(question: dict) -> str:
+        if question["q"] == "reject":
+            raise Reject("not a question")
+        raise LookupError(f"no answer to {question['q']}")
+
+    async with Harness(settings, [router]), EventBus(settings, routers=[]) as requester:
+        with pytest.raises(RequestFailed) as failed:
+            await requester.request(topic, {"q": "meaning"}, timeout=20)
+        assert (failed.value.reason, failed.value.error_type, failed.value.error) == (
+            "handler-failed", "LookupError", "no answer to meaning"
+        )
+        with pytest.raises(RequestFailed, match=r"failed \(rejected\): Reject: not a question"):
+            await requester.request(topic, {"q": "reject"}, timeout=20)
+
+
+async def test_a_late_reply_is_dropped_and_counted_and_a_gone_requester_stalls_nobody(
+    settings: Settings, topic: str
+) -> None:
+    answered: list[int] = []
+    router = Router()
+
+    @router.subscribe(topic, "g", initial_position="earliest")
+    async def answer(n: int) -> int:
+        answered.append(n)
+        return n * 10
+
+    async with EventBus(settings, routers=[]) as requester:
+        with pytest.raises(RequestTimeout, match="no reply from .* within 0.5s"):
+            await requester.request(topic, 1, timeout=0.5)  # nobody answers yet
+        async with Harness(settings, [router]) as responder:
+            await responder.wait_handled(topic=topic, timeout=20)  # the stored request is handled now
+            await eventually(lambda: requester.late_replies == 1, what="the late reply, dropped")
+            assert await requester.request(topic, 2, timeout=20) == 20
+    async with EventBus(settings, routers=[]) as gone:
+        with pytest.raises(RequestTimeout):
+            await gone.request(topic, 3, timeout=0.5)
+    # Its requester is closed: the reply goes out all the same and the responder carries on.
+    async with Harness(settings, [router]) as responder:
+        await responder.wait_handled(topic=topic, timeout=20)
+        await responder.publish(topic, 4)
+        await responder.wait_handled(2, topic=topic, timeout=20)
+    assert answered == [1, 2, 3, 4]

@@ -179,11 +179,9 @@ async def call_handler(
     The payload is encoded as `publish` would (bytes pass as they are) and decoded by the
     handler's annotation; a `Message` parameter gets metadata built here (override any part:
     `key`, `properties`, `attempt`, ...); an `EventBus` parameter gets `bus`, by default a
-    `RecordingPublisher`. Sync handlers run in a thread; the subscription's `timeout` applies.
-    The subscription's middleware (its router's) runs around the call.
-    `dependencies` replace `Depends` providers (``{get_db: fake_db}``); app-scoped ones are made for this call
-    and closed after it.
-    Whatever the handler raises is caught and judged as the worker judges it: the result
+    `RecordingPublisher`. Sync handlers run in a thread; the subscription's `timeout` applies; its router's
+    middleware runs around the call. `dependencies` replace `Depends` providers (``{get_db: fake_db}``);
+    app-scoped ones are made for this call alone. Whatever the handler raises is caught and judged as the worker judges it: the result
     says whether the message would be retried or dead-lettered, and why.
     """
     sub = find_subscription(handler, topic=topic, group=group, routers=routers)

@@ -72,6 +72,8 @@ class Harness:
         self.bus = EventBus(settings, routers, observer=self.recorder, dependency_overrides=dependency_overrides)
         #: `bus.publish`: publish as the app would.
         self.publish = self.bus.publish
+        #: `bus.request`: ask a handler and wait for its reply, as the app would.
+        self.request = self.bus.request
         self._run = run
         self._task: asyncio.Task[None] | None = None
 

@@ -1,0 +1,129 @@
+"""Request/reply for one bus: a reply topic of its own, subscribed on the first request, and the requests waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import anyio
+
+from .answering import CORRELATION_ID, REPLY_ERROR, REPLY_ERROR_TYPE, REPLY_FAILED, REPLY_TO
+from .client import Consumer, ConsumerClosed, RawMessage, properties_of
+from .codec import DecodeError, Decoder, decoder_for
+from .connect import Connection
+from .errors import RequestFailed, RequestTimeout
+from .settings import Settings
+
+log = logging.getLogger("eventbus")
+
+#: The name of every bus's subscription on its own reply topic.
+REPLY_SUBSCRIPTION = "eventbus-replies"
+#: How long the receiving thread waits before looking at the closing flag again (a close waits this long).
+_POLL_MS = 100
+Publish = Callable[..., Awaitable[Any]]
+
+
+class Requester:
+    """A bus's requests: publishes each with this bus's reply topic and a correlation id, and hands each reply
+    to the request waiting for it.
+
+    A topic per bus instance: a requester receives only its own replies, and one that crashed leaves a
+    subscription with nothing more coming (a topic shared by every requester would pile every later reply up
+    in a crashed one's subscription). Its subscription is removed at close.
+    """
+
+    def __init__(self, connection: Connection, settings: Settings, publish: Publish) -> None:
+        self._connection, self._publish = connection, publish
+        self.topic = settings.topic(f"eventbus-replies-{uuid.uuid4().hex[:16]}")
+        self._waiting: dict[str, tuple[asyncio.Future[Any], Decoder, str]] = {}
+        self._consumer: Consumer | None = None
+        self._receiving: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._closing = False
+        #: Replies that came after their request timed out (or for no request of this bus): dropped.
+        self.late = 0
+
+    async def request(
+        self, topic: str, payload: Any, *, key: str | bytes | None, timeout: float, response_type: Any,
+        properties: Mapping[str, str] | None,
+    ) -> Any:
+        decode = decoder_for(response_type)  # a type that cannot be decoded fails here, before anything is sent
+        await self._subscribe()
+        correlation = uuid.uuid4().hex
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting[correlation] = (future, decode, topic)
+        try:
+            address = {**(properties or {}), REPLY_TO: self.topic, CORRELATION_ID: correlation}
+            with anyio.fail_after(timeout):
+                await self._publish(topic, payload, key=key, properties=address)
+                return await future
+        except TimeoutError:
+            raise RequestTimeout(
+                f"no reply from {topic} within {timeout:g}s (request {correlation}); the request is stored and may "
+                "still be handled: make the handler idempotent, or raise the timeout"
+            ) from None
+        finally:
+            self._waiting.pop(correlation, None)
+
+    async def _subscribe(self) -> None:
+        async with self._lock:
+            if self._consumer is not None:
+                return
+            profile = self._connection.profile
+            self._consumer = await self._connection.client.subscribe(
+                self.topic, REPLY_SUBSCRIPTION, subscription_type="exclusive", initial_position="earliest",
+                receiver_queue_size=1000, consumer_name=f"{REPLY_SUBSCRIPTION}-{os.getpid()}",
+                batch_index_ack=profile.batch_index_ack,
+            )
+            self._receiving = asyncio.ensure_future(self._receive(self._consumer))
+
+    async def _receive(self, consumer: Consumer) -> None:
+        limiter = anyio.CapacityLimiter(1)
+        while not self._closing:
+            try:
+                batch = await anyio.to_thread.run_sync(consumer.receive, 256, _POLL_MS, limiter=limiter)
+            except ConsumerClosed:
+                return
+            for raw in batch:
+                self._answer(raw)
+            if batch:
+                consumer.acknowledge(collections.deque(batch))
+
+    def _answer(self, raw: RawMessage) -> None:
+        properties = properties_of(raw) or {}
+        waiting = self._waiting.get(properties.get(CORRELATION_ID, ""))
+        if waiting is None or waiting[0].done():
+            self.late += 1
+            log.info("dropped a reply for no waiting request (it came after its timeout, or to another bus)")
+            return
+        future, decode, topic = waiting
+        failed = properties.get(REPLY_FAILED)
+        if failed is not None:
+            future.set_exception(
+                RequestFailed(topic, failed, properties.get(REPLY_ERROR_TYPE, ""), properties.get(REPLY_ERROR, ""))
+            )
+            return
+        try:
+            future.set_result(decode(raw.data()))
+        except DecodeError as exc:
+            future.set_exception(exc)
+
+    async def close(self) -> None:
+        """Fail the requests still waiting, stop receiving, remove the subscription."""
+        self._closing = True
+        for future, _, _ in self._waiting.values():
+            if not future.done():
+                future.set_exception(RequestTimeout("the bus closed before the reply came"))
+        if self._receiving is not None:
+            await self._receiving
+        if self._consumer is not None:
+            consumer, self._consumer = self._consumer, None
+            try:
+                await consumer.unsubscribe()
+            except Exception as exc:
+                log.warning("removing the reply subscription of %s: %s", self.topic, exc)
