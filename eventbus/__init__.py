@@ -20,6 +20,7 @@ from .codec import DecodeError
 from .dependencies import Depends
 from .errors import (
     AuthenticationFailed,
+    BatchFailed,
     BrokerUnavailable,
     ConfigError,
     EventBusError,
@@ -37,6 +38,7 @@ from .handler import BatchOptions, PublishOptions, Publisher
 from .message import Message, MessageId
 from .middleware import CallNext, Middleware, Outgoing, PublishNext
 from .registry import (
+    Batch,
     Publication,
     Router,
     SubscribeOptions,
@@ -50,6 +52,8 @@ from .settings import Settings
 
 __all__ = [
     "AuthenticationFailed",
+    "Batch",
+    "BatchFailed",
     "BatchOptions",
     "BrokerUnavailable",
     "CallNext",

@@ -17,6 +17,8 @@ from .errors import EventBusError, SubscriptionFailed, text
 from .events import Observer
 from .handler import Publisher
 from .handling import Handling, Sender, cancelled_by_us
+from .batching import BatchHandling
+from .dispatch import Dispatch
 from .intake import Intake
 from .membership import Membership, State
 from .lanes import Lanes
@@ -47,7 +49,7 @@ class SubscriptionRunner:
         self._settings = settings
         self._stopping = asyncio.Event()
         self._finished_handling = asyncio.Event()
-        self._handling = Handling(
+        self._handling = (BatchHandling if sub.batch is not None else Handling)(
             sub, topic, bus, dead_letters, self._finished_handling, metrics, tracing, observer,
             dead_letter_topic=sub.dead_letter_topic(replays_for) if replays_for else None, app=app,
             middleware=middleware,
@@ -56,7 +58,7 @@ class SubscriptionRunner:
         if self._counts is not None:
             self._counts.in_flight = lambda: self.in_flight
         self._lanes: Lanes[RawMessage, IdKey] = Lanes(entry_of, _REMEMBER_ACKED)
-        self._idle: list[asyncio.Future[None]] = []  # workers waiting for a ready lane
+        self._dispatch: Dispatch | None = None
         self._unique = itertools.count()
         self._intake: Intake | None = None
         self._intake_done = False
@@ -128,6 +130,9 @@ class SubscriptionRunner:
             )
             if self._stopping.is_set():  # stopped while subscribing: take nothing
                 self._intake.drain()
+            self._dispatch = Dispatch(
+                self._lanes, self._intake, self._finished_handling, self._stopping, self._after_each
+            )
             self._consuming = True
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._guard, self._receive)
@@ -165,7 +170,8 @@ class SubscriptionRunner:
         """Once stopped, nothing more to take and nothing left to handle: the workers end."""
         if self._intake_done and self._lanes.empty and not self._finished_handling.is_set():
             self._finished_handling.set()
-            self._wake(len(self._idle))
+            if self._dispatch is not None:
+                self._dispatch.wake(len(self._dispatch.idle))
 
     async def close(self) -> None:
         """Acknowledge what is done, close the consumer, then give up the lease."""
@@ -240,41 +246,22 @@ class SubscriptionRunner:
                 self._not_handled("duplicate")
                 if verdict == "acknowledged":
                     self._intake.acks.append(message)  # acknowledged before, yet here again: once more
-        if self._idle:
-            self._wake(len(self._lanes.ready))
-
-    def _wake(self, count: int) -> None:
-        idle = self._idle
-        while idle and count > 0:
-            waiter = idle.pop()
-            if not waiter.done():
-                waiter.set_result(None)
-                count -= 1
+        dispatch = self._dispatch
+        if dispatch is not None and dispatch.idle:
+            dispatch.wake(len(self._lanes.ready))
 
     async def _worker(self) -> None:
-        intake, lanes, handle = self._intake, self._lanes, self._handling.handle
-        assert intake is not None
-        acks, loop = intake.acks, asyncio.get_running_loop()
-        while True:
-            taken = lanes.take()
-            if taken is None:
-                if self._finished_handling.is_set():
-                    return
-                waiter = loop.create_future()
-                self._idle.append(waiter)
-                await waiter
-                continue
-            lane, message, ident = taken
-            acknowledged = False
-            try:
-                acknowledged = await handle(message)
-                if acknowledged:
-                    acks.append(message)
-            finally:
-                lanes.finish(lane, ident, acknowledged)
-                intake.finish()
-                if self._stopping.is_set() and lanes.empty:
-                    self._finish_if_drained()
+        assert self._dispatch is not None
+        batch = self.sub.batch
+        if batch is None:
+            await self._dispatch.one_at_a_time(self._handling.handle)
+        else:
+            assert isinstance(self._handling, BatchHandling)
+            await self._dispatch.in_batches(self._handling.handle_batch, batch.max_messages, batch.max_wait)
+
+    def _after_each(self) -> None:
+        if self._stopping.is_set() and self._lanes.empty:
+            self._finish_if_drained()
 
 
 class RunningSubscription(Protocol):

@@ -54,6 +54,19 @@ class RequestFailed(EventBusError):
         super().__init__(f"request to {topic} failed ({reason}): {error_type}: {error}")
 
 
+class BatchFailed(Exception):
+    """Raise it from a batch handler to fail only some of the batch: `failures` maps each failed index (in the
+    list the handler was given) to its exception. Those are retried (then dead-lettered, or at once for a
+    `Reject`) as single messages would be; the rest are acknowledged.
+
+    >>> raise BatchFailed({3: ValueError("bad sku"), 7: Reject("duplicate order")})
+    """
+
+    def __init__(self, failures: dict[int, BaseException]) -> None:
+        self.failures = dict(failures)
+        super().__init__(f"{len(self.failures)} of the batch failed: indexes {sorted(self.failures)}")
+
+
 class Reject(Exception):
     """Raise it from a handler when retrying cannot help: the message goes to the dead-letter topic at once.
 

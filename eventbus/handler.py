@@ -69,14 +69,17 @@ class Handler:
     marked `Depends(...)` are solved into `plan` here, so a missing or cyclic dependency fails at import.
     """
 
-    def __init__(self, func: Callable[..., Any], where: str) -> None:
+    def __init__(self, func: Callable[..., Any], where: str, *, batch: bool = False) -> None:
+        """`batch`: the handler takes a list of payloads (and of `Message`s), decoded each as the list's items."""
         self.func = func
         self.name = handler_name(func)
         #: Where it was registered, for errors: ``@subscribe('orders', 'billing') on app.charge``.
         self.where = where
         self.decode, self.payload_type, positional, payload_name, message_name, bus_name, self.dependencies = _analyse(
-            func, where
+            func, where, batch
         )
+        if batch and self.dependencies:
+            raise TypeError(f"{where}: a batch handler cannot take Depends(...) parameters yet; use a lifespan")
         self.plan = solve(self.dependencies, where, _role)
         self.wants_message = message_name is not None or self.plan.needs_message
         #: Not annotated `-> None`: what it returns is worth a look (a reply, `returns_to`, a warning).
@@ -109,6 +112,19 @@ class Handler:
             return self.call, self.wants_message
         plan = self.plan_for(app.overrides)
         return _dependent_call(self._shape, plan, app.values), self.wants_message or plan.needs_message
+
+
+def _item(annotation: Any, name: str) -> Any:
+    """What a batch handler's payloads are, from its `list[T]` annotation."""
+    if annotation in (list, inspect.Parameter.empty, Any):
+        return Any
+    if typing.get_origin(annotation) is list:
+        return (typing.get_args(annotation) or (Any,))[0]
+    raise TypeError(f"a batch handler takes a list of payloads: annotate {name!r} as list[{_type_name(annotation)}]")
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__qualname__", None) or repr(annotation)
 
 
 def _may_return(func: Callable[..., Any]) -> bool:
@@ -200,7 +216,7 @@ def _dependent_call(shape: _Shape, plan: Plan, app: Mapping[Callable[..., Any], 
 
 
 def _analyse(
-    func: Callable[..., Any], where: str
+    func: Callable[..., Any], where: str, batch: bool = False
 ) -> tuple[Decoder, Any, bool, str | None, str | None, str | None, dict[str, Depends]]:
     """The payload decoder and type, whether the payload goes by position, the parameters that receive each part,
     and the dependencies."""
@@ -227,13 +243,13 @@ def _analyse(
         depends = depends_of(param, extras.get(param.name, param.annotation))
         if depends is not None:
             dependencies[param.name] = depends
-        elif annotation is Message:
+        elif annotation is Message or (batch and annotation == list[Message]):
             message_name = param.name
         elif isinstance(annotation, type) and issubclass(annotation, Publisher):
             bus_name = param.name
         elif decode is None and param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
             try:
-                decode = decoder_for(annotation)
+                decode = decoder_for(_item(annotation, param.name) if batch else annotation)
             except TypeError as exc:
                 raise TypeError(f"{where}: {exc}") from None
             payload_type = Any if annotation is param.empty else annotation

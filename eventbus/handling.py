@@ -79,7 +79,7 @@ class Handling:
         self._report = report_for(topic, sub.group, sub.name, metrics, observer)
         self._deadlines = Deadlines(sub.timeout) if sub.timeout else None
         call, self._wants_message = sub.handler.binding(app if app is not None else AppScope())
-        middleware = (*middleware, *sub.middleware)
+        middleware = (*middleware, *sub.middleware) if sub.batch is None else ()  # middleware sees one message
         call = around_attempt(call, middleware)
         self._wants_message = self._wants_message or any(map(consume_side, middleware))
         self._numbered = self._wants_message or observer is not None or tracing is not None

@@ -45,6 +45,22 @@ class SubscribeOptions(TypedDict, total=False):
     timeout: float | None
     reject_on: tuple[type[BaseException], ...]
     returns_to: str | None
+    batch: Batch | None
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A batch subscription: the handler gets up to `max_messages` payloads at once (one per key on ordered
+    subscriptions), waiting at most `max_wait` seconds after the first for more."""
+
+    max_messages: int = 100
+    max_wait: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.max_messages) or self.max_messages < 1:
+            raise ValueError(f"Batch(max_messages={self.max_messages!r}): it must be an int >= 1")
+        if not _is_num(self.max_wait) or self.max_wait < 0:
+            raise ValueError(f"Batch(max_wait={self.max_wait!r}): it must be seconds >= 0")
 
 
 @dataclass(frozen=True)
@@ -65,6 +81,8 @@ class Subscription:
     reject_on: tuple[type[BaseException], ...] = ()
     #: The topic a handler's return value is published to (None: nowhere; a request's reply still goes back).
     returns_to: str | None = None
+    #: Handle many messages per call (see `Batch`); None: one at a time.
+    batch: Batch | None = None
     #: Its router's middleware, around each attempt (after the bus's).
     middleware: tuple[object, ...] = ()
 
@@ -101,6 +119,11 @@ def _problems(sub: Subscription) -> list[tuple[bool, str]]:
     returns_to = sub.returns_to
     output = topic_problem(returns_to) if isinstance(returns_to, str) else None
     return [
+        (sub.batch is None or isinstance(sub.batch, Batch), f"batch={sub.batch!r} must be Batch(max_messages=..., max_wait=...)"),
+        (
+            sub.batch is None or returns_to is None,
+            "returns_to is for handlers of one message: a batch handler publishes what it makes itself",
+        ),
         (
             returns_to is None or (isinstance(returns_to, str) and output is None),
             f"returns_to={returns_to!r} must be a topic name ({output})" if output else
@@ -210,9 +233,8 @@ class Router:
                         f"{where}: group {group!r} on {topic!r} already has a handler ({existing.name}); "
                         "use another group name, or one handler per group"
                     )
-            self.subscriptions.append(
-                Subscription(topic, group, Handler(handler, where), **options, middleware=self.middleware)
-            )
+            wrapped = Handler(handler, where, batch="batch" in options and options["batch"] is not None)
+            self.subscriptions.append(Subscription(topic, group, wrapped, **options, middleware=self.middleware))
             return handler
 
         return register
