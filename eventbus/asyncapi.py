@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, TypeAdapter
 
+from .answering import CORRELATION_ID, REPLY_FAILED, REPLY_TO
 from .codec import BINARY, JSON
 from .dlq import DEAD_LETTER_PROPERTIES
 from .registry import Router, Subscription
@@ -128,12 +129,27 @@ class _Builder:
                 "timeoutSeconds": sub.timeout,
                 "initialPosition": sub.initial_position,
                 "deadLetterTopic": sub.dead_letter_topic(topic) if sub.dead_letter else None,
+                "returnsTo": self.settings.topic(sub.returns_to) if sub.returns_to else None,
+                "batch": {"maxMessages": sub.batch.max_messages, "maxWaitSeconds": sub.batch.max_wait} if sub.batch else None,
             },
         }
+        if sub.handler.may_return and sub.batch is None:
+            operation["reply"] = {
+                "address": {
+                    "location": f"$message.header#/{REPLY_TO}",
+                    "description": "The requester's reply topic (EventBus.request); the reply carries its "
+                    f"{CORRELATION_ID} back, or {REPLY_FAILED} when the request was dead-lettered.",
+                },
+                "messages": [{"$ref": f"#/components/messages/{self._component(sub.handler.return_type, False)}"}],
+            }
         doc = _docstring(sub.handler.func)
         if doc:
             operation["description"] = doc
         self.operations[_unique(self.operations, f"{channel_id}.{sub.group}.receive")] = operation
+        if sub.returns_to and sub.handler.may_return:
+            self.send(
+                self.settings.topic(sub.returns_to), sub.handler.return_type, f"What {sub.name} returns (returns_to)."
+            )
         if sub.dead_letter:
             dead = self.channel(sub.dead_letter_topic(topic), f"Dead letters of group {sub.group} on {topic}.")
             self.operations[_unique(self.operations, f"{channel_id}.{sub.group}.dead-letter")] = {

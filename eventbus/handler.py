@@ -82,8 +82,10 @@ class Handler:
             raise TypeError(f"{where}: a batch handler cannot take Depends(...) parameters yet; use a lifespan")
         self.plan = solve(self.dependencies, where, _role)
         self.wants_message = message_name is not None or self.plan.needs_message
+        #: What it is annotated to return (Any when it is not); None for `-> None`.
+        self.return_type = _return_type(func)
         #: Not annotated `-> None`: what it returns is worth a look (a reply, `returns_to`, a warning).
-        self.may_return = _may_return(func)
+        self.may_return = self.return_type is not None
         # Async if the function called is, or what it wraps is: an async decorator around a sync function
         # (functools.wraps) was run in a thread, its coroutine never awaited and the handler never run.
         self.is_async = any(
@@ -127,12 +129,14 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__qualname__", None) or repr(annotation)
 
 
-def _may_return(func: Callable[..., Any]) -> bool:
+def _return_type(func: Callable[..., Any]) -> Any:
     try:
         returns = typing.get_type_hints(func).get("return", inspect.signature(func).return_annotation)
     except Exception:
-        return True
-    return returns not in (None, type(None), typing.NoReturn, typing.Never)
+        return Any
+    if returns in (None, type(None), typing.NoReturn, typing.Never):
+        return None
+    return Any if returns is inspect.Signature.empty else returns
 
 
 def _role(annotation: Any) -> Role:
@@ -252,7 +256,7 @@ def _analyse(
                 decode = decoder_for(_item(annotation, param.name) if batch else annotation)
             except TypeError as exc:
                 raise TypeError(f"{where}: {exc}") from None
-            payload_type = Any if annotation is param.empty else annotation
+            payload_type = Any if annotation is param.empty else _item(annotation, param.name) if batch else annotation
             payload_name = param.name
             # Positional-only (builtins such as list.append) cannot take it by name;
             # the first parameter takes it by position, which is quicker.

@@ -127,6 +127,7 @@ def test_channels_operations_and_schemas_say_what_the_app_does() -> None:
         "group": "billing", "subscriptionType": "key_shared", "ordered": True, "concurrency": 8, "maxRetries": 5,
         "retryBackoffSeconds": 0.5, "retryBackoffMaxSeconds": 30.0, "timeoutSeconds": 60.0,
         "initialPosition": "latest", "deadLetterTopic": "persistent://shop/orders/orders-billing-DLQ",
+        "returnsTo": None, "batch": None,
     }
     assert ops["orders.audit.receive"]["x-eventbus-subscription"]["deadLetterTopic"] is None
     assert "orders.audit.dead-letter" not in ops
@@ -175,3 +176,39 @@ def test_eventbus_docs_writes_the_example_apps_document_as_json_or_yaml(
 
     assert main(["docs"]) == 2
     assert "error: name the app: `myapp.handlers`" in capsys.readouterr().err
+
+
+def test_return_values_request_replies_and_batches_are_documented() -> None:
+    from eventbus import Batch
+
+    router = Router()
+
+    @router.subscribe("orders", "billing", returns_to="invoices")
+    async def charge(order: Order) -> Invoice:
+        return Invoice(order=order.id)
+
+    @router.subscribe("baskets", "pricing")
+    async def quote(basket: Basket) -> Line: ...
+
+    @router.subscribe("orders", "warehouse", batch=Batch(max_messages=500, max_wait=0.2))
+    async def load(orders: list[Order]) -> None: ...
+
+    settings = Settings(_env_file=None)
+    doc = document([router], settings, title="shop", version="1")
+    assert errors(doc) == []
+    for ref in refs(doc):
+        resolve(doc, ref)
+    ops = doc["operations"]
+    assert ops["orders.billing.receive"]["x-eventbus-subscription"]["returnsTo"] == settings.topic("invoices")
+    def message(ref: str) -> Any:
+        node = resolve(doc, ref)
+        return resolve(doc, node["$ref"]) if "$ref" in node else node
+
+    assert message(ops["invoices.send"]["messages"][0]["$ref"])["payload"] == {"$ref": "#/components/schemas/Invoice"}
+    reply = ops["baskets.pricing.receive"]["reply"]
+    assert reply["address"]["location"] == "$message.header#/eventbus-reply-to"
+    assert message(reply["messages"][0]["$ref"])["payload"] == {"$ref": "#/components/schemas/Line"}
+    batch = ops["orders.warehouse.receive"]
+    assert batch["x-eventbus-subscription"]["batch"] == {"maxMessages": 500, "maxWaitSeconds": 0.2}
+    assert "reply" not in batch
+    assert message(batch["messages"][0]["$ref"])["payload"] == {"$ref": "#/components/schemas/Order"}
