@@ -63,6 +63,14 @@ def _raw(data: bytes) -> bytes:
 
 
 def _utf8(data: bytes) -> str:
+    """The text: a JSON string as `publish` writes a `str` ("tea" for `"tea"`), anything else as UTF-8 as it is."""
+    if data[:1] == b'"' and data[-1:] == b'"':
+        try:
+            value = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            value = None
+        if isinstance(value, str):
+            return value
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -78,9 +78,12 @@ class Handler:
         self.decode, self.payload_type, positional, payload_name, message_name, bus_name, self.dependencies = _analyse(
             func, where, batch
         )
-        if batch and self.dependencies:
-            raise TypeError(f"{where}: a batch handler cannot take Depends(...) parameters yet; use a lifespan")
         self.plan = solve(self.dependencies, where, _role)
+        if batch and self.plan.needs_message:
+            raise TypeError(
+                f"{where}: a batch handler's dependencies cannot take the Message (a batch has many): "
+                "take `messages: list[Message]` in the handler instead"
+            )
         self.wants_message = message_name is not None or self.plan.needs_message
         #: What it is annotated to return (Any when it is not); None for `-> None`.
         self.return_type = _return_type(func)

@@ -5,6 +5,8 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
+import hypothesis
+import hypothesis.strategies
 import pytest
 from pydantic import BaseModel
 
@@ -75,3 +77,16 @@ def test_decodes_by_annotation(annotation: Any, data: bytes, expected: Any) -> N
 def test_decode_errors_say_what_is_wrong(annotation: Any, data: bytes, words: str) -> None:
     with pytest.raises(DecodeError, match=words):
         decoder_for(annotation)(data)
+
+
+@hypothesis.given(hypothesis.strategies.text())
+def test_a_str_published_is_the_str_a_str_handler_gets(text: str) -> None:
+    """publish("pricing", "tea") writes the JSON string; a `sku: str` handler got '"tea"' with its quotes."""
+    assert decoder_for(str)(encode(text)[0]) == text
+
+
+def test_text_from_other_producers_stays_as_it_is() -> None:
+    decode = decoder_for(str)
+    assert decode(b"plain text") == "plain text"
+    assert decode(b'"not" json"') == '"not" json"'
+    assert decode("caf\u00e9".encode()) == "caf\u00e9"

@@ -649,3 +649,19 @@ async def test_a_late_reply_is_dropped_and_counted_and_a_gone_requester_stalls_n
         await responder.publish(topic, 4)
         await responder.wait_handled(2, topic=topic, timeout=20)
     assert answered == [1, 2, 3, 4]
+
+
+def test_the_readme_service_runs_as_pasted_into_a_fresh_project(pytester: pytest.Pytester) -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Building a service", 1)[1].split("\n## ", 1)[0]
+    blocks = {
+        match.group(2).split("\n", 1)[0].removeprefix("# "): match.group(2)
+        for match in re.finditer(r"```(toml|python)\n(.*?)```", section, re.S)
+    }
+    assert set(blocks) == {"pyproject.toml", "shop.py", "test_shop.py"}, list(blocks)
+    pytester.makepyprojecttoml(blocks["pyproject.toml"])
+    pytester.makepyfile(shop=blocks["shop.py"], test_shop=blocks["test_shop.py"])
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)

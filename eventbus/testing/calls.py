@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -99,7 +100,8 @@ class CallResult:
 
 
 async def _attempt(
-    sub: Subscription, decoded: Any, message: Message, publisher: Publisher, overrides: Mapping[Provider, Provider]
+    sub: Subscription, decoded: Any, message: Message, publisher: Publisher, overrides: Mapping[Provider, Provider],
+    batch: list[Message] | None = None,
 ) -> Any:
     """The handler's call as the worker makes it: in an attempt context (log fields, publishes awaited), timed out,
     its app-scoped dependencies made for this call alone."""
@@ -115,15 +117,25 @@ async def _attempt(
             app = AppScope(overrides)
             await app.open([sub.handler.plan_for(app.overrides)], publisher, stack)
             call, wants_message = sub.handler.binding(app)
-            call = around_attempt(call, sub.middleware)
+            middleware = sub.middleware if batch is None else ()  # middleware sees one message
+            call = around_attempt(call, middleware)
+            metadata: Any = batch if batch is not None else message
             with anyio.move_on_after(sub.timeout) as scope:
-                returned = await call(decoded, message if wants_message or sub.middleware else None, publisher)
+                returned = await call(decoded, metadata if wants_message or middleware else None, publisher)
     finally:
         CURRENT.reset(token)
     if scope.cancelled_caught:
         raise HandlerTimeout(f"the handler did not finish within {sub.timeout:g}s (subscribe(timeout=...))")
     current.check()
     return returned
+
+
+def _items(sub: Subscription, payload: Any) -> list[bytes]:
+    """Each payload's bytes as `publish` encodes it (bytes pass as they are): one, or a batch handler's list."""
+    if sub.batch is not None and not (isinstance(payload, (list, tuple)) and payload):
+        raise TypeError(f"{sub.name} is a batch handler: call it with a list of one or more payloads")
+    items = list(payload) if sub.batch is not None else [payload]
+    return [item if isinstance(item, bytes) else encode(item)[0] for item in items]
 
 
 def find_subscription(
@@ -188,7 +200,8 @@ async def call_handler(
     publisher = bus if bus is not None else RecordingPublisher()
     recorded = publisher.published if isinstance(publisher, RecordingPublisher) else []
     before = len(recorded)
-    data = payload if isinstance(payload, bytes) else encode(payload)[0]
+    items = _items(sub, payload)
+    data = items[0]
     full_topic = publisher.topic(sub.topic) if isinstance(publisher, RecordingPublisher) else sub.topic
     message = Message(
         full_topic, key, dict(properties or {}), message_id if message_id is not None else new_message_id(0, 0),
@@ -198,12 +211,13 @@ async def call_handler(
     def result(outcome: CallOutcome, **rest: Any) -> CallResult:
         return CallResult(outcome, message, published=recorded[before:], **rest)
 
+    batch = [dataclasses.replace(message, data=item) for item in items] if sub.batch is not None else None
     try:
-        decoded = sub.handler.decode(data)
+        decoded = [sub.handler.decode(item) for item in items] if batch is not None else sub.handler.decode(data)
     except DecodeError as exc:
         return result("dead_letter" if sub.dead_letter else "drop", error=exc, reason="undecodable")
     try:
-        returned = await _attempt(sub, decoded, message, publisher, dependencies or {})
+        returned = await _attempt(sub, decoded, message, publisher, dependencies or {}, batch)
         if returned is not None and sub.returns_to is not None:  # as the worker publishes it, before the ack
             await publisher.publish(sub.returns_to, returned, key=key)
     except BaseException as exc:
