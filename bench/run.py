@@ -23,9 +23,9 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import _pulsar
 import anyio
@@ -33,7 +33,7 @@ import pulsar
 import pulsar.asyncio
 from pydantic import BaseModel
 
-from eventbus import EventBus, Router, Settings
+from eventbus import Batch, CallNext, Depends, EventBus, Message, Router, Settings
 
 Row = dict[str, Any]
 AUTH: dict[str, Any] = {}  # authentication for the raw clients, when the broker wants a token
@@ -282,6 +282,91 @@ async def consume_rows(url: str, settings: Settings, n: int, size: int) -> list[
     return rows
 
 
+async def _consume_with(url: str, settings: Settings, n: int, router: Router, t: str, counted: list[int], done: anyio.Event) -> float:
+    """Messages per second a worker with `router` handles a backlog of `n` at, from its start."""
+    async with EventBus(settings, routers=[router]) as bus:
+        await fill(url, settings, t, n, 100)
+        async with anyio.create_task_group() as tg:
+            start = time.perf_counter()
+            await tg.start(lambda task_status: bus.run(handle_signals=False, task_status=task_status))
+            await done.wait()
+            rate = n / (time.perf_counter() - start)
+            bus.stop()
+    return rate
+
+
+async def service_rows(url: str, settings: Settings, n: int, raw_rate: float) -> list[Row]:
+    """The service features' costs: an app-scoped dependency, one middleware, a batch handler, request/reply."""
+    rows: list[Row] = []
+
+    async def app_db() -> AsyncIterator[dict[str, int]]:
+        yield {"rows": 0}
+
+    async def passthrough(message: Message, call_next: CallNext) -> Any:
+        return await call_next(message)
+
+    for label, middleware, batch in (
+        ("an app-scoped dependency", [], None), ("one middleware", [passthrough], None),
+        ("a batch handler, batches of up to 500, shared", [], Batch(500, 0.05)),
+    ):
+        t, counted, done = topic(), [0], anyio.Event()
+        router = Router(middleware=middleware)
+        if batch is None:
+
+            async def one(body: dict, db: Annotated[dict[str, int], Depends(app_db, scope="app")], _n: int = n) -> None:
+                counted[0] += 1
+                if counted[0] == _n:
+                    done.set()
+
+            router.subscribe(t, "bench", initial_position="earliest")(one)
+        else:
+
+            async def many(bodies: list[dict], _n: int = n) -> None:
+                counted[0] += len(bodies)
+                if counted[0] >= _n:
+                    done.set()
+
+            router.subscribe(t, "bench", subscription_type="shared", initial_position="earliest", batch=batch)(many)
+        rate = await _consume_with(url, settings, n, router, t, counted, done)
+        rows.append({"op": "consume", "path": f"bus worker, dict, {label}", "msg_s": rate, "vs_raw": rate / raw_rate})
+    rows.append(await request_row(settings, 2000))
+    for row in rows:
+        row["size"] = 100
+    return rows
+
+
+async def request_row(settings: Settings, n: int, tasks: int = 50) -> Row:
+    """Request/reply round trips per second from `tasks` tasks, and each one's latency."""
+    t = topic()
+    router = Router()
+
+    @router.subscribe(t, "bench", concurrency=8, initial_position="earliest")
+    async def answer(body: dict) -> dict:
+        return body
+
+    latencies: list[float] = []
+    async with EventBus(settings, routers=[router]) as responder, anyio.create_task_group() as tg:
+        await tg.start(lambda task_status: responder.run(handle_signals=False, task_status=task_status))
+        async with EventBus(settings, routers=[]) as requester:
+            await requester.request(t, {"warm": True}, timeout=30)
+
+            async def ask(j: int) -> None:
+                for i in range(j, n, tasks):
+                    started = time.perf_counter()
+                    await requester.request(t, {"i": i}, key=f"k{i % 64}", timeout=30)
+                    latencies.append(time.perf_counter() - started)
+
+            start = time.perf_counter()
+            await asyncio.gather(*(ask(j) for j in range(tasks)))
+            rate = n / (time.perf_counter() - start)
+        responder.stop()
+    q = statistics.quantiles(sorted(latencies), n=100)
+    return {
+        "op": "request", "path": f"bus.request round trips, {tasks} tasks", "msg_s": rate,
+        "p50_ms": q[49] * 1000, "p99_ms": q[98] * 1000,
+    }
+
+
 def _paced_publisher(url: str, token: str, t: str, rate: float, n: int) -> None:
     """Publish n messages at `rate`, stamped with the wall clock; runs in a process of its own."""
 
@@ -436,6 +521,9 @@ def print_table(rows: list[Row], broker: str) -> None:
         if r["op"] == "latency":
             extra = f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  p99.9 {r['p999_ms']:.2f} ms  (n={r['count']})"
             print(f"{r['op']:8} {r['size']:>6}  {r['path']:62} {'':>10} {'':>7}  {extra}")
+        elif r["op"] == "request":
+            extra = f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms"
+            print(f"{r['op']:8} {r['size']:>6}  {r['path']:62} {r['msg_s']:>10,.0f} {'':>7}  {extra}")
         else:
             extra = f"peak RSS {r['rss_mb']:.0f} MB " if "rss_mb" in r else ""
             if r.get("runs", 1) > 1:
@@ -470,6 +558,9 @@ async def one_run(args: argparse.Namespace, url: str, settings: Settings) -> lis
     for size in args.sizes:
         rows += await publish_rows(url, settings, args.messages, size)
         rows += await consume_rows(url, settings, args.messages, size)
+        if size == 100 and not args.no_service:
+            raw = next(r["msg_s"] for r in rows if r["path"].startswith("raw blocking") and r["size"] == 100)
+            rows += await service_rows(url, settings, args.messages, raw)
     if args.latency_seconds:
         rows.append(await raw_latency_row(url, settings, 1000, args.latency_seconds))
         rows += await latency_rows(url, settings, 1000, args.latency_seconds)
@@ -493,4 +584,5 @@ def main() -> None:
     parser.add_argument("--workers-messages", type=int, default=0, help="backlog for the --workers rows (default 4x --messages)")
     parser.add_argument("--only-workers", action="store_true", help="only the --workers rows (Apache Pulsar)")
     parser.add_argument("--no-workers", action="store_true", help="without the --workers rows")
+    parser.add_argument("--no-service", action="store_true", help="without the service rows (dependency, middleware, batch, request)")
     asyncio.run(amain(parser.parse_args()))

@@ -18,6 +18,11 @@ BaseException once (retried), an error text with a lone surrogate (dead-lettered
 a poison key that is not UTF-8; `--subscription failover` runs the group as failover
 (members standing by, taking over when one is killed or stopped).
 
+`--app` runs the workers as a service (tests/chaos_app.py): a lifespan holds the record files, a
+middleware writes the records, and a second group handles the topic with a batch handler; that
+group's deliveries are checked the same way (nothing lost, order per key, no duplicate after a
+SIGTERM), and a message that should be handled but was dead-lettered fails the run.
+
 `--schedule rolling` is a rolling deploy and nothing else: a new worker starts, then the
 oldest gets SIGTERM, one at a time, under load. The report attributes every duplicate
 handling to the fault that caused it (the first handler's worker killed or stopped, or a
@@ -178,7 +183,7 @@ class Run:
         name = f"w{self.counter}"
         log = self.workdir / f"{name}.log"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "eventbus", "run", "tests.chaos_app"],
+            [sys.executable, "-m", "eventbus", "run", "tests.chaos_app:router"],
             env={**self.env, "CHAOS_WORKER": name}, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
         )
         worker = Worker(name, proc, log)
@@ -272,6 +277,8 @@ async def harness(args: argparse.Namespace) -> int:
     )
     if args.odd:
         env["CHAOS_ODD"] = "1"
+    if args.app:
+        env["CHAOS_APP"] = "1"
     run = Run(args, workdir, broker, env, random.Random(args.seed))
     settings = (
         Settings(_env_file=None, data_dir=workdir / "broker") if args.broker == "embedded"
@@ -311,11 +318,13 @@ async def harness(args: argparse.Namespace) -> int:
         must_die = {(int(p), k, int(s)) for p, k, s, kind in confirmed if kind in ("always", "surrogate")}
         poison = {f"{p}-{s}" for p, k, s, kind in confirmed if kind == "poison"}
 
-        def handled() -> dict[tuple[int, str, int], list[list[str]]]:
+        def handled(pattern: str = "handled-*.log") -> dict[tuple[int, str, int], list[list[str]]]:
             out: dict[tuple[int, str, int], list[list[str]]] = collections.defaultdict(list)
-            for line in read_lines("handled-*.log", workdir):
+            for line in read_lines(pattern, workdir):
                 out[(int(line[1]), line[2], int(line[3]))].append(line)
             return out
+
+        must_batch = (must_handle | must_die) if args.app else set()
 
         def dead_ids() -> tuple[set[tuple[int, str, int]], set[str]]:
             events, poisons = set(), set()
@@ -334,7 +343,10 @@ async def harness(args: argparse.Namespace) -> int:
                     while True:
                         h = handled()
                         events, poisons = dead_ids()
-                        if must_handle <= (h.keys() | events) and must_die <= events and poison <= poisons:
+                        if (
+                            must_handle <= (h.keys() | events) and must_die <= events and poison <= poisons
+                            and must_batch <= handled("batch-*.log").keys()
+                        ):
                             break
                         run.check_deaths()
                         await anyio.sleep(0.5)
@@ -360,20 +372,23 @@ async def harness(args: argparse.Namespace) -> int:
     events, poisons = dead_ids()
     lost = sorted((must_handle - h.keys() - events) | (must_die - events))
     poison_missing = sorted(poison - poisons)
-    first: dict[tuple[int, str], list[tuple[int, int]]] = collections.defaultdict(list)
-    for (pub, key, seq), lines in h.items():
-        first[(pub, key)].append((min(int(line[0]) for line in lines), seq))
-    violations = []
-    for key, seen in first.items():
-        seqs = [seq for _, seq in sorted(seen)]
-        violations += [(key, a, b) for a, b in zip(seqs, seqs[1:]) if b < a]
+    violations, causes, handlings = examine(h, run)
     failed = read_lines("failed-*.log", workdir)
-    handlings = sum(len(v) for v in h.values())
-    causes: collections.Counter[str] = collections.Counter()
-    for lines in h.values():
-        lines = sorted(lines, key=lambda line: int(line[0]))
-        for first_line, again in zip(lines, lines[1:]):
-            causes[run.cause(first_line, again)] += 1
+    batch_rows: list[tuple[str, object]] = []
+    wrongly_dead = sorted(events & must_handle) if args.app else []
+    if args.app:
+        hb = handled("batch-*.log")
+        batch_lost = sorted(must_batch - hb.keys())
+        batch_violations, batch_causes, batch_handlings = examine(hb, run)
+        lost += batch_lost
+        violations += batch_violations
+        causes["sigterm"] += batch_causes["sigterm"]
+        batch_rows = [
+            ("batch group: handled (distinct)", len(hb)), ("  duplicates (extra handlings)", batch_handlings - len(hb)),
+        ] + [(f"    after {cause}", batch_causes[cause]) for cause in ("sigkill", "sigterm", "broker-restart", "none")] + [
+            ("  lost", len(batch_lost)), ("  order violations", len(batch_violations)),
+            ("dead-lettered though handleable", len(wrongly_dead)),
+        ]
     rows = [
         ("broker", broker.kind), ("seconds", f"{time.monotonic() - started:.0f}"), ("seed", args.seed),
         ("published (attempted)", len(confirmed) + len(failed)), ("confirmed", len(confirmed)),
@@ -383,7 +398,7 @@ async def harness(args: argparse.Namespace) -> int:
         ("dead-lettered", len(dead)), ("  of which poison", len(poisons)), ("  of which always-failing", len(events & must_die)),
         ("lost", len(lost)), ("order violations", len(violations)), ("poison not dead-lettered", len(poison_missing)),
         ("unexpected deaths", len(run.unexpected)),
-    ] + [(f"faults: {k}", v) for k, v in sorted(run.faults.items())]
+    ] + batch_rows + [(f"faults: {k}", v) for k, v in sorted(run.faults.items())]
     width = max(len(str(k)) for k, _ in rows)
     print(f"\nchaos run, work dir {workdir}")
     for k, v in rows:
@@ -399,7 +414,28 @@ async def harness(args: argparse.Namespace) -> int:
     rolling_duplicates = args.schedule == "rolling" and handlings > len(h)
     if rolling_duplicates:
         print(f"  DUPLICATED IN A ROLLING DEPLOY {handlings - len(h)}")
-    return 1 if lost or violations or poison_missing or run.unexpected or causes["sigterm"] or rolling_duplicates else 0
+    failing = lost or violations or poison_missing or run.unexpected or causes["sigterm"] or rolling_duplicates
+    return 1 if failing or wrongly_dead else 0
+
+
+def examine(
+    handled: dict[tuple[int, str, int], list[list[str]]], run: Run
+) -> tuple[list[tuple[object, int, int]], collections.Counter[str], int]:
+    """Per-key order violations (by each message's first handling), the cause of every extra handling, and
+    how many handlings there were."""
+    first: dict[tuple[int, str], list[tuple[int, int]]] = collections.defaultdict(list)
+    for (pub, key, seq), lines in handled.items():
+        first[(pub, key)].append((min(int(line[0]) for line in lines), seq))
+    violations: list[tuple[object, int, int]] = []
+    for key, seen in first.items():
+        seqs = [seq for _, seq in sorted(seen)]
+        violations += [(key, a, b) for a, b in zip(seqs, seqs[1:]) if b < a]
+    causes: collections.Counter[str] = collections.Counter()
+    for lines in handled.values():
+        lines = sorted(lines, key=lambda line: int(line[0]))
+        for first_line, again in zip(lines, lines[1:]):
+            causes[run.cause(first_line, again)] += 1
+    return violations, causes, sum(len(v) for v in handled.values())
 
 
 def main() -> None:
@@ -418,6 +454,7 @@ def main() -> None:
     parser.add_argument("--keep-broker", action="store_true", help="leave the broker running, to inspect it")
     parser.add_argument("--id", type=int, default=1)
     parser.add_argument("--odd", action="store_true", help="odd exceptions, error texts and keys (see above)")
+    parser.add_argument("--app", action="store_true", help="workers built as a service: lifespan, middleware, a batch group")
     parser.add_argument("--subscription", choices=["key_shared", "failover"], default="key_shared")
     parser.add_argument("--schedule", choices=["chaos", "rolling"], default="chaos",
                         help="rolling: only a rolling deploy (a new worker, then SIGTERM to the oldest), under load")

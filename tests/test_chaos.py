@@ -42,3 +42,19 @@ def test_a_rolling_deploy_under_load_handles_every_message_exactly_once(
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "duplicates (extra handlings)          0" in result.stdout
     assert "faults: sigterm" in result.stdout, "the deploy replaced workers"
+
+
+@pytest.mark.timeout(300)
+def test_a_service_built_worker_loses_nothing_under_chaos(broker_kind: str, request: pytest.FixtureRequest) -> None:
+    """`--app`: a lifespan holds the records, a middleware writes them, a second group handles in batches."""
+    if broker_kind == "pulsar":
+        request.getfixturevalue("pulsar")
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.chaos", "--seconds", "30", "--broker", broker_kind, "--seed", "3", "--app",
+         "--drain-timeout", "120"],
+        cwd=ROOT, capture_output=True, text=True, timeout=280,
+    )
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "batch group: handled (distinct)" in result.stdout
+    assert "dead-lettered though handleable       0" in result.stdout
