@@ -665,3 +665,86 @@ def test_the_readme_service_runs_as_pasted_into_a_fresh_project(pytester: pytest
     pytester.makepyfile(shop=blocks["shop.py"], test_shop=blocks["test_shop.py"])
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=3)
+
+
+async def test_a_worker_killed_between_the_output_and_the_ack_duplicates_the_output_never_loses_it(
+    settings: Settings, topic: str, subprocess_env: dict[str, str], tmp_path: Path
+) -> None:
+    """SIGKILL after the broker stored the output and before the input was acknowledged: the input comes back."""
+    from .test_worker_process import Worker
+
+    (tmp_path / "doubler.py").write_text(
+        "import os, signal\nfrom pathlib import Path\nfrom eventbus import Router\n"
+        "MARK = Path(os.environ['EB_MARK'])\n"
+        "class KillOnce:\n"
+        "    async def on_publish(self, outgoing, call_next):\n"
+        "        stored = await call_next(outgoing)\n"
+        "        if not MARK.exists():\n"
+        "            MARK.write_text('killed')\n"
+        "            os.kill(os.getpid(), signal.SIGKILL)  # the output is stored; the input is not acknowledged\n"
+        "        return stored\n"
+        "router = Router(middleware=[KillOnce()])\n"
+        "@router.subscribe(os.environ['EB_TOPIC'], 'g', initial_position='earliest', returns_to=os.environ['EB_OUT'])\n"
+        "async def double(n: int) -> int:\n"
+        "    return 2 * n\n"
+    )
+    out = f"{topic}-out"
+    env = {**subprocess_env, "EB_TOPIC": topic, "EB_OUT": out, "EB_MARK": str(tmp_path / "mark"),
+           "PYTHONPATH": f"{tmp_path}:{subprocess_env['PYTHONPATH']}"}
+    async with EventBus(settings, routers=[]) as bus:
+        await bus.publish(topic, 21)
+        first = Worker(env, tmp_path / "first.log", "doubler:router")
+        assert await first.wait_exit(60) == -9, first.text()
+        second = Worker(env, tmp_path / "second.log", "doubler:router")
+        try:
+            await second.wait_subscribed()
+            client = raw_client(bus.url or settings.url, settings.jwt())
+            try:
+                await eventually(lambda: len(read_messages(client, settings.topic(out))) == 2, timeout=60, what="the output again")
+                stored = [m.data() for m in read_messages(client, settings.topic(out))]
+            finally:
+                client.close()
+        finally:
+            second.kill()
+    assert stored == [b"42", b"42"], "stored before the kill, and again by the worker the input came back to"
+
+
+async def test_a_request_survives_its_responder_being_killed(
+    settings: Settings, topic: str, subprocess_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The responder dies with the request in hand; its replacement handles it and the reply still comes."""
+    from .test_worker_process import Worker
+
+    (tmp_path / "pricing.py").write_text(
+        "import os, signal\nfrom pathlib import Path\nfrom eventbus import Router\n"
+        "MARK = Path(os.environ['EB_MARK'])\n"
+        "async def die_once(message, call_next):\n"
+        "    if not MARK.exists():\n"
+        "        MARK.write_text('killed')\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return await call_next(message)\n"
+        "router = Router(middleware=[die_once])\n"
+        "@router.subscribe(os.environ['EB_TOPIC'], 'pricing', initial_position='earliest')\n"
+        "async def price(sku: str) -> dict:\n"
+        "    return {'sku': sku, 'price': 4.5, 'pid': os.getpid()}\n"
+    )
+    env = {**subprocess_env, "EB_TOPIC": topic, "EB_MARK": str(tmp_path / "mark"),
+           "PYTHONPATH": f"{tmp_path}:{subprocess_env['PYTHONPATH']}"}
+    first = Worker(env, tmp_path / "first.log", "pricing:router")
+    second: Worker | None = None
+    try:
+        await first.wait_subscribed()
+        async with EventBus(settings, routers=[]) as requester, anyio.create_task_group() as tg:
+            replies: list[dict] = []
+
+            async def ask() -> None:
+                replies.append(await requester.request(topic, "tea", timeout=90))
+
+            tg.start_soon(ask)
+            assert await first.wait_exit(60) == -9, first.text()
+            second = Worker(env, tmp_path / "second.log", "pricing:router")
+        assert replies[0]["sku"] == "tea" and replies[0]["pid"] == second.proc.pid
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
