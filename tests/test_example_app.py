@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Iterator
 from datetime import datetime, timezone
 
 from eventbus.testing import Harness, call_handler
-from handlers.pipeline import Record, aggregate
+from handlers.pipeline import Record, aggregate, database
 from handlers.workflow import EVENTS_TOPIC, STEPS_TOPIC, StepEvent, WorkflowStep, run_step
 
 
@@ -42,9 +44,17 @@ async def test_a_step_publishes_its_event_without_a_broker() -> None:
     ]
 
 
-async def test_an_invalid_record_would_be_dead_lettered_without_a_broker() -> None:
-    at = datetime(2026, 11, 30, tzinfo=timezone.utc)
-    assert (await call_handler(aggregate, Record(source="s", metric="m", value=1, at=at))).ok
+async def test_records_are_added_up_in_the_database_a_batch_at_a_time() -> None:
+    db = sqlite3.connect(":memory:", check_same_thread=False)
+    db.execute("create table totals (key text primary key, total real not null)")
 
-    result = await call_handler(aggregate, b'{"source": "s", "metric": "m", "value": -1}')
-    assert (result.outcome, result.reason) == ("dead_letter", "undecodable")
+    def test_database() -> Iterator[sqlite3.Connection]:
+        yield db
+
+    at = datetime(2026, 11, 30, tzinfo=timezone.utc)
+    records = [Record(source="s", metric="m", value=v, at=at) for v in (1, 2.5, 3)]
+    result = await call_handler(aggregate, records, dependencies={database: test_database})
+    assert result.ok and db.execute("select key, total from totals").fetchall() == [("s/m", 6.5)]
+
+    invalid = await call_handler(aggregate, [b'{"source": "s", "metric": "m", "value": -1}'])
+    assert (invalid.outcome, invalid.reason) == ("dead_letter", "undecodable")
