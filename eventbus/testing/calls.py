@@ -193,19 +193,17 @@ async def call_handler(
     `key`, `properties`, `attempt`, ...); an `EventBus` parameter gets `bus`, by default a
     `RecordingPublisher`. Sync handlers run in a thread; the subscription's `timeout` applies; its router's
     middleware runs around the call. `dependencies` replace `Depends` providers (``{get_db: fake_db}``);
-    app-scoped ones are made for this call alone. Whatever the handler raises is caught and judged as the worker judges it: the result
-    says whether the message would be retried or dead-lettered, and why.
+    app-scoped ones are made for this call alone. A batch handler takes a list. Whatever the handler raises
+    is caught and judged as the worker judges it: retried or dead-lettered, and why.
     """
     sub = find_subscription(handler, topic=topic, group=group, routers=routers)
     publisher = bus if bus is not None else RecordingPublisher()
     recorded = publisher.published if isinstance(publisher, RecordingPublisher) else []
-    before = len(recorded)
-    items = _items(sub, payload)
-    data = items[0]
+    before, items = len(recorded), _items(sub, payload)
     full_topic = publisher.topic(sub.topic) if isinstance(publisher, RecordingPublisher) else sub.topic
     message = Message(
         full_topic, key, dict(properties or {}), message_id if message_id is not None else new_message_id(0, 0),
-        publish_time or datetime.now(timezone.utc), event_time, redelivery_count, attempt, data,
+        publish_time or datetime.now(timezone.utc), event_time, redelivery_count, attempt, items[0],
     )
 
     def result(outcome: CallOutcome, **rest: Any) -> CallResult:
@@ -213,7 +211,7 @@ async def call_handler(
 
     batch = [dataclasses.replace(message, data=item) for item in items] if sub.batch is not None else None
     try:
-        decoded = [sub.handler.decode(item) for item in items] if batch is not None else sub.handler.decode(data)
+        decoded = [sub.handler.decode(item) for item in items] if batch is not None else sub.handler.decode(items[0])
     except DecodeError as exc:
         return result("dead_letter" if sub.dead_letter else "drop", error=exc, reason="undecodable")
     try:
