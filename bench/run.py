@@ -295,16 +295,18 @@ async def _consume_with(url: str, settings: Settings, n: int, router: Router, t:
     return rate
 
 
+async def app_db() -> AsyncIterator[dict[str, int]]:
+    """An app-scoped resource (the handlers' annotations are read at module level: no local providers)."""
+    yield {"rows": 0}
+
+
+async def passthrough(message: Message, call_next: CallNext) -> Any:
+    return await call_next(message)
+
+
 async def service_rows(url: str, settings: Settings, n: int, raw_rate: float) -> list[Row]:
     """The service features' costs: an app-scoped dependency, one middleware, a batch handler, request/reply."""
     rows: list[Row] = []
-
-    async def app_db() -> AsyncIterator[dict[str, int]]:
-        yield {"rows": 0}
-
-    async def passthrough(message: Message, call_next: CallNext) -> Any:
-        return await call_next(message)
-
     for label, middleware, batch in (
         ("an app-scoped dependency", [], None), ("one middleware", [passthrough], None),
         ("a batch handler, batches of up to 500, shared", [], Batch(500, 0.05)),
