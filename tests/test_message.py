@@ -1,0 +1,73 @@
+"""`Message.of` reads a received message's parts on demand: each equals what reading them all at once gave."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime, timezone
+from typing import Any
+
+import pulsar
+import pytest
+
+from eventbus import Message, Settings
+from eventbus.client import key_of, properties_of
+from eventbus.message import UnreadableMessage, _from_millis
+
+from .conftest import raw_client
+
+
+def _eager(raw: Any, attempt: int) -> Message:
+    """What `Message.of` built before it read lazily: every part at once."""
+    key = key_of(raw)
+    properties = properties_of(raw)
+    assert properties is not None
+    return Message(
+        raw.topic_name(), (key.decode("utf-8", "backslashreplace") if isinstance(key, bytes) else key) or None,
+        properties, raw.message_id(), _from_millis(raw.publish_timestamp()), _from_millis(raw.event_timestamp()),
+        raw.redelivery_count(), attempt, raw.data(),
+    )
+
+
+def test_each_part_read_on_demand_is_what_reading_it_all_at_once_gave(
+    settings: Settings, topic: str, request: pytest.FixtureRequest
+) -> None:
+    url = settings.url or request.getfixturevalue("broker").url
+    client = raw_client(url, settings.jwt())
+    try:
+        full = settings.topic(topic)
+        consumer = client.subscribe(full, "g", initial_position=pulsar.InitialPosition.Earliest)
+        producer = client.create_producer(full)
+        event = int(datetime(2026, 12, 3, tzinfo=timezone.utc).timestamp() * 1000)
+        producer.send(b'{"a":1}', properties={"tenant": "acme", "caf\u00e9": "cr\u00e8me"}, partition_key="k-1", event_timestamp=event)
+        producer.send(b"raw", partition_key="\u00ff\u00fe")
+        producer.send(b"")
+        for _ in range(3):
+            raw = consumer.receive(10_000)
+            lazy = Message.of(raw, 2)
+            eager = _eager(raw, 2)
+            assert lazy == eager and eager == lazy
+            assert [getattr(lazy, f.name) for f in dataclasses.fields(Message)] == [
+                getattr(eager, f.name) for f in dataclasses.fields(Message)
+            ]
+            assert repr(lazy) == repr(eager) and isinstance(lazy, Message)
+            changed = dataclasses.replace(lazy, attempt=5)
+            assert type(changed) is Message and changed.attempt == 5 and changed.data == eager.data
+            with pytest.raises(dataclasses.FrozenInstanceError):
+                lazy.attempt = 3  # type: ignore[misc]
+    finally:
+        client.close()
+
+
+def test_a_property_that_is_not_utf8_fails_when_it_is_read() -> None:
+    class Raw:
+        def properties(self) -> dict[str, str]:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+        def data(self) -> bytes:
+            return b"x"
+
+    lazy = Message.of(Raw(), 1)  # type: ignore[arg-type]
+    assert lazy.data == b"x"
+    with pytest.raises(UnreadableMessage, match="a property is not UTF-8"):
+        lazy.properties
+
