@@ -11,9 +11,13 @@ import pytest
 
 from eventbus import Message, Settings
 from eventbus.client import key_of, properties_of
-from eventbus.message import UnreadableMessage, _from_millis
+from eventbus.message import UnreadableMessage
 
 from .conftest import raw_client
+
+
+def _from_millis(ms: int) -> datetime | None:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc) if ms > 0 else None
 
 
 def _eager(raw: Any, attempt: int) -> Message:
