@@ -110,11 +110,10 @@ class Observing(Report):
         exc: BaseException | None,
     ) -> None:
         if metadata is None:
-            metadata = Message.of(message, attempt)
-        try:
-            metadata.properties  # read now: what cannot be shown is not shown
-        except UnreadableMessage:
-            metadata = None
+            try:
+                metadata = Message.of(message, attempt)
+            except UnreadableMessage:
+                pass
         self._record(Handled(*self._where, payload, metadata, outcome, exc))
 
 
