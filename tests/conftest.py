@@ -158,6 +158,23 @@ def read_messages(client: Any, topic: str) -> list[Any]:
         consumer.unsubscribe()
 
 
+def run_readme_project(pytester: pytest.Pytester, heading: str, passed: int) -> None:
+    """Build a fresh project from the README section under `heading` (its pyproject.toml, shop.py and test_shop.py
+    blocks, as pasted) and run its tests: each must pass."""
+    import re
+
+    section = (ROOT / "README.md").read_text().split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+    blocks = {
+        match.group(2).split("\n", 1)[0].removeprefix("# "): match.group(2)
+        for match in re.finditer(r"```(toml|python)\n(.*?)```", section, re.S)
+    }
+    assert set(blocks) == {"pyproject.toml", "shop.py", "test_shop.py"}, list(blocks)
+    pytester.makepyprojecttoml(blocks["pyproject.toml"])
+    pytester.makepyfile(shop=blocks["shop.py"], test_shop=blocks["test_shop.py"])
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=passed)
+
+
 def raw_client(url: str, token: str | None) -> Any:
     import pulsar
 

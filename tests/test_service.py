@@ -32,7 +32,7 @@ from eventbus import (
 )
 from eventbus.testing import Harness, call_handler
 
-from .conftest import eventually, raw_client, read_messages, running
+from .conftest import eventually, raw_client, read_messages, run_readme_project, running
 from .test_observability import _get
 from .test_worker_process import cli
 
@@ -652,19 +652,7 @@ async def test_a_late_reply_is_dropped_and_counted_and_a_gone_requester_stalls_n
 
 
 def test_the_readme_service_runs_as_pasted_into_a_fresh_project(pytester: pytest.Pytester) -> None:
-    import re
-
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("## Building a service", 1)[1].split("\n## ", 1)[0]
-    blocks = {
-        match.group(2).split("\n", 1)[0].removeprefix("# "): match.group(2)
-        for match in re.finditer(r"```(toml|python)\n(.*?)```", section, re.S)
-    }
-    assert set(blocks) == {"pyproject.toml", "shop.py", "test_shop.py"}, list(blocks)
-    pytester.makepyprojecttoml(blocks["pyproject.toml"])
-    pytester.makepyfile(shop=blocks["shop.py"], test_shop=blocks["test_shop.py"])
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    result.assert_outcomes(passed=3)
+    run_readme_project(pytester, "Building a service", passed=3)
 
 
 async def test_a_worker_killed_between_the_output_and_the_ack_duplicates_the_output_never_loses_it(

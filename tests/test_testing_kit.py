@@ -14,7 +14,7 @@ from eventbus import EventBus, Message, Reject, Router, Settings
 from eventbus.handling import HandlerTimeout
 from eventbus.testing import Harness, RecordingPublisher, call_handler
 
-from .conftest import ROOT, id_of, read_stored
+from .conftest import id_of, read_stored, run_readme_project
 
 
 class Order(BaseModel):
@@ -344,15 +344,4 @@ async def test_a_worker_started_later_takes_the_backlog_and_a_wait_fails_at_once
 
 
 def test_the_readme_testing_example_runs_as_pasted_into_a_fresh_project(pytester: pytest.Pytester) -> None:
-    import re
-
-    section = (ROOT / "README.md").read_text().split("## Testing an app", 1)[1].split("\n## ", 1)[0]
-    blocks = {
-        match.group(2).split("\n", 1)[0].removeprefix("# "): match.group(2)
-        for match in re.finditer(r"```(toml|python)\n(.*?)```", section, re.S)
-    }
-    assert set(blocks) == {"pyproject.toml", "shop.py", "test_shop.py"}, list(blocks)
-    pytester.makepyprojecttoml(blocks["pyproject.toml"])
-    pytester.makepyfile(shop=blocks["shop.py"], test_shop=blocks["test_shop.py"])
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    result.assert_outcomes(passed=2)
+    run_readme_project(pytester, "Testing an app", passed=2)
