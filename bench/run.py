@@ -263,14 +263,7 @@ async def consume_rows(url: str, settings: Settings, n: int, size: int) -> list[
         router.subscribe(t, "bench", subscription_type="key_shared", concurrency=concurrency, initial_position="earliest")(handler)
         options = {"tracer_provider": tracer_provider()} if extra == "tracing on" else {}
         measured_settings = settings.model_copy(update={"metrics": extra == "metrics on"})
-        async with EventBus(measured_settings, routers=[router], **options) as bus:
-            await fill(url, settings, t, n, size)
-            async with anyio.create_task_group() as tg:
-                start = time.perf_counter()
-                await tg.start(lambda task_status: bus.run(handle_signals=False, task_status=task_status))
-                await done.wait()
-                rate = n / (time.perf_counter() - start)
-                bus.stop()
+        rate = await _consume_with(url, measured_settings, n, router, t, done, size, **options)
         rows.append({
             "op": "consume",
             "path": f"bus worker, {kind}, no-op handler, concurrency {concurrency}{', ' + extra if extra else ''}",
@@ -282,10 +275,12 @@ async def consume_rows(url: str, settings: Settings, n: int, size: int) -> list[
     return rows
 
 
-async def _consume_with(url: str, settings: Settings, n: int, router: Router, t: str, counted: list[int], done: anyio.Event) -> float:
-    """Messages per second a worker with `router` handles a backlog of `n` at, from its start."""
-    async with EventBus(settings, routers=[router]) as bus:
-        await fill(url, settings, t, n, 100)
+async def _consume_with(
+    url: str, settings: Settings, n: int, router: Router, t: str, done: anyio.Event, size: int = 100, **options: Any
+) -> float:
+    """Messages per second a worker with `router` handles a backlog of `n` at, from its start (`done` set at the last)."""
+    async with EventBus(settings, routers=[router], **options) as bus:
+        await fill(url, settings, t, n, size)
         async with anyio.create_task_group() as tg:
             start = time.perf_counter()
             await tg.start(lambda task_status: bus.run(handle_signals=False, task_status=task_status))
@@ -329,7 +324,7 @@ async def service_rows(url: str, settings: Settings, n: int, raw_rate: float) ->
                     done.set()
 
             router.subscribe(t, "bench", subscription_type="shared", initial_position="earliest", batch=batch)(many)
-        rate = await _consume_with(url, settings, n, router, t, counted, done)
+        rate = await _consume_with(url, settings, n, router, t, done)
         rows.append({"op": "consume", "path": f"bus worker, dict, {label}", "msg_s": rate, "vs_raw": rate / raw_rate})
     rows.append(await request_row(settings, 2000))
     for row in rows:
