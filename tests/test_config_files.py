@@ -54,7 +54,7 @@ def test_compose_runs_the_pulsar_the_tests_run_with_health_check_and_volume() ->
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     pulsar = compose["services"]["pulsar"]
     image, _, tag = pulsar["image"].partition(":")
-    assert image == "apachepulsar/pulsar" and tag in standalone_script().PULSAR_VERSIONS, "the 4.0 LTS the tests run"
+    assert image == "apachepulsar/pulsar" and tag in standalone_script().pulsarkit.PULSAR_VERSIONS, "the 4.0 LTS the tests run"
     assert "--no-functions-worker" in pulsar["command"] and "--no-stream-storage" in pulsar["command"]
     assert "/admin/v2/clusters" in " ".join(pulsar["healthcheck"]["test"])
     assert any(v.endswith(":/pulsar/data") for v in pulsar["volumes"])
@@ -116,3 +116,50 @@ def test_compose_auth_opt_in_sets_what_the_test_broker_sets(tmp_path) -> None:
     assert auth["pulsar"]["environment"]["superUserRoles"] == conf["superUserRoles"]
     assert "Authorization: Bearer" in " ".join(auth["pulsar"]["healthcheck"]["test"])
     assert set(auth["worker"]["environment"]) <= setting_env_names()
+
+
+def cluster_script():  # type: ignore[no-untyped-def]
+    path = ROOT / "scripts" / "pulsar-cluster"
+    loader = importlib.machinery.SourceFileLoader("pulsar_cluster", str(path))
+    spec = importlib.util.spec_from_loader("pulsar_cluster", loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def test_compose_cluster_is_the_shape_the_cluster_tests_run() -> None:
+    """compose.cluster.yaml: three brokers set as scripts/pulsar-cluster sets its, a worker naming every broker."""
+    services = yaml.safe_load((ROOT / "compose.cluster.yaml").read_text())["services"]
+    brokers = {n: s for n, s in services.items() if n.startswith("broker-")}
+    bookies = {n: s for n, s in services.items() if n.startswith("bookie-")}
+    assert len(brokers) == 3 and len(bookies) == 3 and len([n for n in services if n.startswith("zk-")]) == 3
+    script = cluster_script()
+    tested = dict(line.split("=", 1) for line in script.broker_conf(
+        {"ports": {"zk": {"client": 1}, "broker-1": {"service": 2, "web": 3, "tls": 4}}, "admin_token": "x"}, "broker-1"
+    ))
+    same = ("clusterName", "managedLedgerDefaultEnsembleSize", "managedLedgerDefaultWriteQuorum",
+            "managedLedgerDefaultAckQuorum", "preciseDispatcherFlowControl", "acknowledgmentAtBatchIndexLevelEnabled",
+            "brokerShutdownTimeoutMs")
+    for name, service in brokers.items():
+        env = service["environment"]
+        assert {k: env[k] for k in same} == {k: tested[k] for k in same}, name
+        assert env["advertisedAddress"] == name and "bin/pulsar broker" in service["command"]
+        assert env["metadataStoreUrl"] == env["configurationMetadataStoreUrl"] == "zk:zk-1:2181,zk-2:2181,zk-3:2181"
+        assert int(env["metadataStoreSessionTimeoutMillis"]) <= 30_000
+    # One bookie may die: the ensemble leaves one to take its place.
+    assert int(tested["managedLedgerDefaultEnsembleSize"]) < len(bookies)
+    assert int(tested["managedLedgerDefaultAckQuorum"]) <= int(tested["managedLedgerDefaultWriteQuorum"])
+    worker = services["worker"]
+    env = worker["environment"]
+    assert set(env) <= setting_env_names()
+    settings = Settings(_env_file=None, **{k.removeprefix("EVENTBUS_").lower(): v for k, v in env.items()})
+    assert settings.url == "pulsar://" + ",".join(f"{n}:6650" for n in sorted(brokers))
+    assert env["EVENTBUS_ADMIN_URL"].split(",") == [f"http://{n}:8080" for n in sorted(brokers)]
+    assert set(worker["depends_on"]) == set(brokers)
+    # The publish deadline outlasts a failover: the metadata session plus a lookup.
+    session = max(int(s["environment"]["metadataStoreSessionTimeoutMillis"]) for s in brokers.values())
+    assert settings.producer_send_timeout_ms > 2 * session
+    assert float(worker["stop_grace_period"].rstrip("s")) > float(env["EVENTBUS_SHUTDOWN_DRAIN_TIMEOUT"])
+    assert services["worker"]["image"] == yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]["worker"]["image"]
+    image = {s["image"] for s in services.values() if s is not worker}
+    assert image == {yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]["pulsar"]["image"]}
