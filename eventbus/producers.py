@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from .bridge import LoopBridge
 from .client import OK, Client, MessageId, Producer, RawMessage, Result, build_message, sibling_id
-from .errors import EventBusError, PublishError
+from .errors import BrokerUnavailable, EventBusError, PublishError
 from .metrics import Metrics
 from .settings import Settings
 
@@ -19,6 +19,12 @@ log = logging.getLogger("eventbus")
 
 _NEVER_MS = 24 * 3600 * 1000
 _GROUP_BYTES_MAX = 1024 * 1024
+#: The client's results while a topic has no live owner (its broker died, it is being unloaded or split):
+#: a later try reaches the new owner. Anything else (terminated, refused) is final.
+_FAILOVER = frozenset({
+    "Timeout", "ConnectError", "ServiceUnitNotReady", "TooManyLookupRequestException", "LookupError",
+    "NotConnected", "BrokerMetadataError", "BrokerPersistenceError",
+})
 
 
 class Slots:
@@ -307,6 +313,28 @@ class TopicProducer:
 
 async def create_producer(
     client: Client, topic: str, settings: Settings, bridge: LoopBridge, metrics: Metrics | None = None
+) -> TopicProducer:
+    """The topic's producer; a broker that cannot serve it yet (a failover) is asked again until the publish deadline.
+
+    While a dead broker's topics wait for a new owner (its metadata session, 30 s by Pulsar's default)
+    the client's lookup and connect fail after its operation timeout; the publish waiting for this
+    producer would fail with them although the next try succeeds (measured on scripts/pulsar-cluster).
+    """
+    deadline = time.monotonic() + settings.producer_send_timeout_ms / 1000 if settings.producer_send_timeout_ms else None
+    pause = 0.2
+    while True:
+        try:
+            return await _create_producer(client, topic, settings, bridge, metrics)
+        except BrokerUnavailable as exc:
+            if exc.result not in _FAILOVER or deadline is not None and time.monotonic() + pause > deadline:
+                raise
+            log.warning("creating the producer of %s: %s; trying again in %.1fs", topic, exc, pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 5.0)
+
+
+async def _create_producer(
+    client: Client, topic: str, settings: Settings, bridge: LoopBridge, metrics: Metrics | None
 ) -> TopicProducer:
     # A partitioned topic, even of one partition, names its partitions ("...-partition-0").
     grouped = await client.partitions(topic) == [topic]

@@ -161,7 +161,12 @@ class Settings(BaseSettings):
     producer_batching_max_bytes: int = Field(default=1024 * 1024, ge=1024)
     producer_batching_max_delay_ms: int = Field(default=1, ge=0)
     producer_compression: Literal["none", "lz4", "zlib", "zstd", "snappy"] = "lz4"
-    producer_send_timeout_ms: int = Field(default=30_000, ge=0)
+    producer_send_timeout_ms: int = Field(
+        default=120_000, ge=0,
+        description="The publish deadline: how long a publish waits for the broker's confirmation. Longer than a "
+        "broker failover (the client resends to the topic's new owner meanwhile); past it the client fails every "
+        "message it holds for that topic with Timeout. 0: wait forever.",
+    )
     producer_max_pending_messages: int = Field(default=10_000, ge=1)
     producer_name: str | None = Field(
         default=None,
