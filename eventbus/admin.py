@@ -6,18 +6,23 @@ import difflib
 import re
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import httpx
 
 from .embedded import stored_topics
 from .errors import ConfigError, EventBusError
 from .dlq import REPLAY_SUBSCRIPTION, dead_letter_topic
-from .settings import Settings
+from .settings import Settings, broker_addresses
 
 #: Where the test kit's and compose's Pulsar serve the admin API beside the broker's 6650.
 _ADMIN_PORT = 8080
 _REDIRECTS_MAX = 5
+
+
+def _path(topic: str) -> str:
+    """The admin API's path of a full topic name."""
+    return "/admin/v2/" + quote(topic.replace("://", "/"), safe="/")
 
 
 def _reason(response: httpx.Response) -> str | None:
@@ -45,26 +50,29 @@ class SubscriptionStatus:
     #: Bytes stored on the group's dead-letter topic (0: none), and how many of them no replay has sent back.
     dead_letter_bytes: int
     dead_letters_not_replayed: int | None
+    #: The brokers that own the topic (or its partitions) now: the one whose log and metrics to read.
+    owners: list[str]
 
 
-def admin_url(settings: Settings) -> str:
-    """The admin API's base URL: EVENTBUS_ADMIN_URL, else the first broker's host on port 8080."""
+def admin_urls(settings: Settings) -> list[str]:
+    """The admin API's base URLs: EVENTBUS_ADMIN_URL's (comma-separated), else each broker's host on port 8080."""
     if settings.admin_url:
-        return settings.admin_url.rstrip("/")
-    host = urlsplit(settings.url.split(",")[0]).hostname or "localhost"
+        return [url.strip().rstrip("/") for url in settings.admin_url.split(",") if url.strip()]
     scheme = "https" if settings.url.startswith("pulsar+ssl://") else "http"
-    return f"{scheme}://{host}:{_ADMIN_PORT}"
+    return [f"{scheme}://{host}:{_ADMIN_PORT}" for host, _ in broker_addresses(settings.url)]
 
 
 class Admin:
     """A small client of the admin API; every failure is one `EventBusError` line naming the fix."""
 
     def __init__(self, settings: Settings, timeout: float = 10.0) -> None:
-        self.base = admin_url(settings)
+        #: A cluster's brokers each serve the API: the first that answers does.
+        self.bases = list(dict.fromkeys(admin_urls(settings)))
+        self.base = self.bases[0]
         token = settings.admin_token.get_secret_value() if settings.admin_token else settings.jwt()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         verify: Any = str(settings.tls_trust_certs_file) if settings.tls_trust_certs_file else True
-        self._http = httpx.Client(base_url=self.base, headers=headers, timeout=timeout, verify=verify)
+        self._http = httpx.Client(headers=headers, timeout=timeout, verify=verify)
 
     def close(self) -> None:
         self._http.close()
@@ -103,29 +111,48 @@ class Admin:
         """
         url = path
         for _ in range(_REDIRECTS_MAX):
-            try:
-                response = self._http.get(url)
-            except httpx.HTTPError as exc:
-                raise EventBusError(
-                    f"cannot reach the admin API at {self.base} ({type(exc).__name__}: {exc}): is EVENTBUS_ADMIN_URL right?"
-                ) from None
+            response = self._get(url)
             location = response.headers.get("location")
             if not response.is_redirect or not location:
                 return response
             url = str(response.url.join(location))
         raise EventBusError(f"the admin API redirected {path} more than {_REDIRECTS_MAX} times: last to {url}")
 
-    def topic_stats(self, topic: str) -> dict[str, Any]:
-        """The topic's stats (a partitioned topic's summed over its partitions)."""
-        path = "/admin/v2/" + quote(topic.replace("://", "/"), safe="/")
+    def _get(self, url: str) -> httpx.Response:
+        """GET from the first of the admin URLs that answers (a redirect's absolute URL as it is)."""
+        bases = [""] if "://" in url else self.bases
+        problems = []
+        for base in bases:
+            try:
+                return self._http.get(base + url)
+            except httpx.HTTPError as exc:
+                problems.append(f"at {base or url} ({type(exc).__name__}: {exc})")
+        raise EventBusError(f"cannot reach the admin API {'; '.join(problems)}: is EVENTBUS_ADMIN_URL right?") from None
+
+    def owners(self, topic: str, partitions: int) -> list[str]:
+        """The brokers (service URLs) that own the topic, or its partitions, now."""
+        names = [f"{topic}-partition-{i}" for i in range(partitions)] if partitions else [topic]
+        found = []
+        for name in names:
+            answer = self.get("/lookup/v2/topic/" + quote(name.replace("://", "/"), safe="/"), f"no owner for {name}")
+            found.append(str(answer.get("brokerUrl", "?")))
+        return sorted(set(found))
+
+    def partitions(self, topic: str) -> int:
+        """The topic's partitions (0: not partitioned); a topic that does not exist names its neighbours."""
         missing = f"topic {topic} does not exist on {self.base}"
         try:
-            partitions = self.get(f"{path}/partitions", missing).get("partitions", 0)
+            return int(self.get(f"{_path(topic)}/partitions", missing).get("partitions", 0))
         except ConfigError as exc:
             if str(exc).startswith(missing):
                 raise ConfigError(f"{exc}: {self._neighbours(topic)}") from None
             raise
-        stats: dict[str, Any] = self.get(f"{path}/partitioned-stats" if partitions else f"{path}/stats", missing)
+
+    def topic_stats(self, topic: str) -> dict[str, Any]:
+        """The topic's stats (a partitioned topic's summed over its partitions)."""
+        partitions = self.partitions(topic)
+        path = _path(topic) + ("/partitioned-stats" if partitions else "/stats")
+        stats: dict[str, Any] = self.get(path, f"topic {topic} does not exist on {self.base}")
         return stats
 
     def topics(self, namespace: str) -> list[str]:
@@ -172,6 +199,7 @@ class Admin:
             rate_out=float(subscription.get("msgRateOut", 0.0)),
             dead_letter_bytes=dead_bytes,
             dead_letters_not_replayed=not_replayed,
+            owners=self.owners(topic, self.partitions(topic)),
         )
 
 

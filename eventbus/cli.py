@@ -274,13 +274,20 @@ def _status(settings: Settings, args: argparse.Namespace) -> None:
     finally:
         api.close()
     print(f"{'topic':<40} {'group':<20} {'type':<10} {'backlog':>8} {'unacked':>8} {'consumers':>9} "
-          f"{'in/s':>8} {'out/s':>8}  dead letters")
+          f"{'in/s':>8} {'out/s':>8}  {'owner':<22} dead letters")
     for r in rows:
         dead = "none" if not r.dead_letter_bytes else f"{r.dead_letter_bytes} B" + (
             f", {r.dead_letters_not_replayed} not replayed" if r.dead_letters_not_replayed is not None else ", none replayed"
         )
         print(f"{r.topic:<40} {r.group:<20} {r.subscription_type:<10} {r.backlog:>8} {r.unacked:>8} {r.consumers:>9} "
-              f"{r.rate_in:>8.1f} {r.rate_out:>8.1f}  {dead}")
+              f"{r.rate_in:>8.1f} {r.rate_out:>8.1f}  {_owner(r.owners):<22} {dead}")
+
+
+def _owner(owners: list[str]) -> str:
+    """The owning broker's host:port, or how many brokers own a partitioned topic's partitions."""
+    if len(owners) == 1:
+        return owners[0].split("://", 1)[-1]
+    return f"{len(owners)} brokers"
 
 
 def _status_embedded(settings: Settings, pairs: list[tuple[str, str]]) -> None:

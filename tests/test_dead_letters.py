@@ -161,6 +161,11 @@ async def test_status_shows_backlog_consumers_and_dead_letters(pulsar: dict, set
     row = shown.stdout.splitlines()[1].split()
     assert row[:6] == [settings.topic(topic), "billing", "Key_Shared", "7", "0", "0"], shown.stdout
     assert "1 not replayed" in shown.stdout
+    assert row[8] in settings.url.split("://", 1)[1].split(","), "the owning broker named"
+    if "brokers" in pulsar:  # the cluster: the broker its script finds owning the topic
+        owner = subprocess.run([sys.executable, pulsar["script"], "owner", settings.topic(topic)],
+                               capture_output=True, text=True).stdout.strip()
+        assert row[8] == pulsar["brokers"][owner]["service_url"].split("://", 1)[1]
 
     for extra, args, code, words in [
         ({}, ["--topic", topic, "--group", "nobody"], 2, "group 'nobody' has no subscription on"),
@@ -261,6 +266,8 @@ async def test_a_retry_topic_that_cannot_be_created_is_logged_and_left(
     namespace = f"noauto-{topic}"
     admin(pulsar, "PUT", f"/admin/v2/namespaces/public/{namespace}")
     admin(pulsar, "POST", f"/admin/v2/namespaces/public/{namespace}/autoTopicCreation", {"allowAutoTopicCreation": False})
+    # Where authorization is on (the cluster), the client role is let in as on the test namespaces.
+    admin(pulsar, "POST", f"/admin/v2/namespaces/public/{namespace}/permissions/client", ["produce", "consume"])
     admin(pulsar, "PUT", f"/admin/v2/persistent/public/{namespace}/{topic}")
     settings = settings.model_copy(update={"namespace": namespace})
     router = Router()
