@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
+import httpx
 
 from eventbus import EventBus, Message, PublishError, Router, Settings
 from eventbus.embedded import EmbeddedBroker
@@ -73,6 +74,7 @@ async def publisher(pub: int, seconds: float, keys: int, rate: float, seed: int,
     topic = os.environ["CHAOS_TOPIC"]
     confirmed = open(out / f"confirmed-{pub}.log", "a")
     failed = open(out / f"failed-{pub}.log", "a")
+    latencies = open(out / f"latency-{pub}.log", "a")
     deadline = time.monotonic() + seconds
     odd = bool(os.environ.get("CHAOS_ODD"))
     async with EventBus(Settings(), routers=[]) as bus:
@@ -87,7 +89,9 @@ async def publisher(pub: int, seconds: float, keys: int, rate: float, seed: int,
                 if odd and kind == "ok" and roll < 0.16:
                     kind = ("cancelled", "base", "surrogate")[int(roll * 1000) % 3]
                 try:
+                    began = time.monotonic()
                     await bus.publish(topic, {"pub": pub, "key": key, "seq": seq, "kind": kind}, key=key)
+                    latencies.write(f"{time.monotonic() - began:.4f}\n")
                     confirmed.write(f"{pub} {key} {seq} {kind}\n")
                     confirmed.flush()
                 except PublishError as exc:
@@ -98,7 +102,7 @@ async def publisher(pub: int, seconds: float, keys: int, rate: float, seed: int,
         async def poison() -> None:
             for name, data in POISON.items():
                 await anyio.sleep(rng.uniform(0, seconds / len(POISON) / 2))
-                big = 4 if os.environ.get("CHAOS_BROKER") == "pulsar" else 1
+                big = 4 if os.environ.get("CHAOS_BROKER") in ("pulsar", "cluster") else 1
                 body = os.urandom(big * 1024 * 1024) if data is None else data
                 key: str | bytes = f"p{pub}-poison"
                 if odd and name == "non-utf8":
@@ -130,6 +134,11 @@ class Broker:
     port: int = 0
     lease: EmbeddedBroker | None = None
     script: str = str(ROOT / "scripts" / "pulsar-standalone")
+    state: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind == "cluster":
+            self.script = str(ROOT / "scripts" / "pulsar-cluster")
 
     def start(self) -> None:
         if self.kind == "embedded":
@@ -140,10 +149,36 @@ class Broker:
             self.lease = EmbeddedBroker.acquire(self.workdir / "broker")
         else:
             subprocess.run([sys.executable, self.script, "start"], check=True, capture_output=True)
-            state = json.loads(Path(os.environ.get("PULSAR_STANDALONE_RUN_DIR", "/tmp/eventbus-pulsar"), "state.json").read_text())
-            self.url, self.token = state["service_url"], state["client_token"]
+            run_dir = (
+                os.environ.get("PULSAR_CLUSTER_RUN_DIR", "/tmp/eventbus-pulsar-cluster") if self.kind == "cluster"
+                else os.environ.get("PULSAR_STANDALONE_RUN_DIR", "/tmp/eventbus-pulsar")
+            )
+            self.state = json.loads(Path(run_dir, "state.json").read_text())
+            self.url, self.token = self.state["service_url"], self.state["client_token"]
 
-    def restart(self) -> None:
+    def cluster(self, *args: str) -> str:
+        """scripts/pulsar-cluster's answer to a command (kill, term, restart, owner)."""
+        done = subprocess.run([sys.executable, self.script, *args], capture_output=True, text=True, timeout=400)
+        if done.returncode != 0:
+            raise RuntimeError(f"pulsar-cluster {' '.join(args)}: {done.stderr[-500:]}")
+        return done.stdout.strip()
+
+    def admin(self, method: str, path: str) -> str:
+        """The cluster's admin API as its superuser, from whichever broker answers (a fault may have one down)."""
+        for urls in self.state["brokers"].values():
+            try:
+                answer = httpx.request(method, urls["web_url"] + path, timeout=60, follow_redirects=False,
+                                       headers={"Authorization": f"Bearer {self.state['admin_token']}"})
+            except httpx.HTTPError:
+                continue
+            if answer.is_redirect:  # another broker owns it: ask that one
+                answer = httpx.request(method, answer.headers["location"], timeout=60,
+                                       headers={"Authorization": f"Bearer {self.state['admin_token']}"})
+            answer.raise_for_status()
+            return answer.text
+        raise RuntimeError(f"no broker answered {method} {path}")
+
+    def restart(self, _: str = "") -> None:
         if self.kind == "embedded":
             self.url, self.pid = restart_embedded(self.workdir / "broker", self.pid, self.port, 30)
         else:
@@ -177,6 +212,8 @@ class Run:
     events: list[tuple[int, str, str]] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     counter: int = 0
+    #: (start, end, fault) in time.time_ns() of every broker fault: from its first step until it was undone.
+    windows: list[tuple[int, int, str]] = field(default_factory=list)
 
     def spawn_worker(self) -> Worker:
         self.counter += 1
@@ -230,19 +267,47 @@ class Run:
         if self.args.schedule == "rolling":
             await self.roll()
             return
-        kinds = {"sigkill": 4, "sigterm": 3, "broker-restart": 2}
+        kinds = {"sigkill": 4, "sigterm": 3, "broker-restart": 2, **CLUSTER_FAULTS}
         kinds = {k: w for k, w in kinds.items() if k in self.args.faults}
-        kind = self.rng.choices(list(kinds), weights=list(kinds.values()))[0]
+        if self.args.schedule == "cycle":  # each fault in turn: a short run still has every one
+            kind = list(kinds)[sum(self.faults[k] for k in kinds) % len(kinds)]
+        else:
+            kind = self.rng.choices(list(kinds), weights=list(kinds.values()))[0]
         live = self.live()
         if kind in ("sigkill", "sigterm") and live:
             await self.stop(self.rng.choice(live), signal.SIGKILL if kind == "sigkill" else signal.SIGTERM)
             replacement = self.spawn_worker()
             self.faults["replacement"] += 1
             await self.wait_subscribed(replacement)
-        elif kind == "broker-restart":
-            self.events.append((time.time_ns(), kind, ""))
-            await anyio.to_thread.run_sync(self.broker.restart)
+        elif kind in BROKER_FAULTS:
+            began = time.time_ns()
+            self.events.append((began, kind, ""))
+            await anyio.to_thread.run_sync(self.broker.restart if kind == "broker-restart" else self.cluster_fault, kind)
+            self.windows.append((began, time.time_ns(), kind))
             self.faults[kind] += 1
+
+    def cluster_fault(self, kind: str) -> None:
+        """One fault of the cluster's: its brokers and bookies die, stop, restart; topics move."""
+        broker, topic = self.broker, self.env["CHAOS_TOPIC"]
+        path = f"persistent/public/default/{topic}"
+        if kind in ("owner-kill", "owner-term"):
+            owner = broker.cluster("owner", topic)
+            broker.cluster("kill" if kind == "owner-kill" else "term", owner)
+            time.sleep(self.rng.uniform(2, 6))  # down a while: its topics move to the others meanwhile
+            broker.cluster("restart", owner)
+        elif kind == "rolling-restart":
+            for name in broker.state["brokers"]:
+                broker.cluster("restart", name)
+        elif kind == "topic-unload":
+            broker.admin("PUT", f"/admin/v2/{path}/unload")
+        elif kind == "bundle-split":
+            bundle = broker.admin("GET", f"/lookup/v2/topic/{path}/bundle").strip('"')
+            broker.admin("PUT", f"/admin/v2/namespaces/public/default/{bundle}/split?unload=true")
+        elif kind == "bookie-kill":
+            victim = self.rng.choice([n for n in broker.state["ports"] if n.startswith("bookie")])
+            broker.cluster("kill", victim)
+            time.sleep(self.rng.uniform(2, 6))
+            broker.cluster("restart", victim)
 
     def cause(self, first: list[str], again: list[str]) -> str:
         """The fault between a message's first handling and its next one that explains the second."""
@@ -251,7 +316,20 @@ class Run:
         for kind in ("sigkill", "sigterm"):
             if (kind, worker) in between:
                 return kind
-        return "broker-restart" if any(kind == "broker-restart" for kind, _ in between) else "none"
+        # A broker fault under way between the two, or its consumers still reconnecting after it (an
+        # acknowledgement sent meanwhile is lost, the broker sends the message again: measured within 10 ms
+        # of a topic unload on scripts/pulsar-cluster).
+        for began, ended, fault in self.windows:
+            if began <= end and ended + RECONNECT_NS >= start:
+                return fault
+        return "none"
+
+
+#: The cluster's faults (`--broker cluster`), by weight: each also attributes the duplicates it causes.
+CLUSTER_FAULTS = {"owner-kill": 2, "owner-term": 2, "rolling-restart": 1, "topic-unload": 2, "bundle-split": 1,
+                  "bookie-kill": 1}
+BROKER_FAULTS = ("broker-restart", *CLUSTER_FAULTS)
+RECONNECT_NS = 10 * 10**9
 
 
 def read_lines(pattern: str, workdir: Path) -> list[list[str]]:
@@ -272,9 +350,13 @@ async def harness(args: argparse.Namespace) -> int:
     where = {"EVENTBUS_DATA_DIR": str(workdir / "broker")} if args.broker == "embedded" else {"EVENTBUS_URL": broker.url}
     env.update(
         **where, EVENTBUS_TOKEN=broker.token, CHAOS_DIR=str(workdir), CHAOS_TOPIC=topic,
-        PYTHONPATH=str(ROOT), CHAOS_BROKER=args.broker, EVENTBUS_SHUTDOWN_DRAIN_TIMEOUT="10", EVENTBUS_PRODUCER_SEND_TIMEOUT_MS="10000",
+        PYTHONPATH=str(ROOT), CHAOS_BROKER=args.broker, EVENTBUS_SHUTDOWN_DRAIN_TIMEOUT="10",
         EVENTBUS_LOG_LEVEL="INFO", CHAOS_SUBSCRIPTION=args.subscription,
     )
+    if args.broker != "cluster":
+        # A restarted single broker is the same broker: a publish it did not confirm fails fast and is counted.
+        # On the cluster the default publish deadline stands: a failover must cost latency, not errors.
+        env["EVENTBUS_PRODUCER_SEND_TIMEOUT_MS"] = "10000"
     if args.odd:
         env["CHAOS_ODD"] = "1"
     if args.app:
@@ -375,6 +457,7 @@ async def harness(args: argparse.Namespace) -> int:
     violations, causes, handlings = examine(h, run)
     failed = read_lines("failed-*.log", workdir)
     batch_rows: list[tuple[str, object]] = []
+    faulted = [f for f in BROKER_FAULTS if f in args.faults] if args.broker != "embedded" else ["broker-restart"]
     wrongly_dead = sorted(events & must_handle) if args.app else []
     if args.app:
         hb = handled("batch-*.log")
@@ -385,7 +468,7 @@ async def harness(args: argparse.Namespace) -> int:
         causes["sigterm"] += batch_causes["sigterm"]
         batch_rows = [
             ("batch group: handled (distinct)", len(hb)), ("  duplicates (extra handlings)", batch_handlings - len(hb)),
-        ] + [(f"    after {cause}", batch_causes[cause]) for cause in ("sigkill", "sigterm", "broker-restart", "none")] + [
+        ] + [(f"    after {cause}", batch_causes[cause]) for cause in ("sigkill", "sigterm", *faulted, "none")] + [
             ("  lost", len(batch_lost)), ("  order violations", len(batch_violations)),
             ("dead-lettered though handleable", len(wrongly_dead)),
         ]
@@ -393,8 +476,9 @@ async def harness(args: argparse.Namespace) -> int:
         ("broker", broker.kind), ("seconds", f"{time.monotonic() - started:.0f}"), ("seed", args.seed),
         ("published (attempted)", len(confirmed) + len(failed)), ("confirmed", len(confirmed)),
         ("publish errors (unconfirmed, raised)", len(failed)),
+        ("publish latency p99 / longest (s)", latency_summary(workdir)),
         ("handled (distinct)", len(h)), ("duplicates (extra handlings)", handlings - len(h)),
-    ] + [(f"  after {cause}", causes[cause]) for cause in ("sigkill", "sigterm", "broker-restart", "none")] + [
+    ] + [(f"  after {cause}", causes[cause]) for cause in ("sigkill", "sigterm", *faulted, "none")] + [
         ("dead-lettered", len(dead)), ("  of which poison", len(poisons)), ("  of which always-failing", len(events & must_die)),
         ("lost", len(lost)), ("order violations", len(violations)), ("poison not dead-lettered", len(poison_missing)),
         ("unexpected deaths", len(run.unexpected)),
@@ -416,6 +500,14 @@ async def harness(args: argparse.Namespace) -> int:
         print(f"  DUPLICATED IN A ROLLING DEPLOY {handlings - len(h)}")
     failing = lost or violations or poison_missing or run.unexpected or causes["sigterm"] or rolling_duplicates
     return 1 if failing or wrongly_dead else 0
+
+
+def latency_summary(workdir: Path) -> str:
+    """The publishers' confirmation times: the 99th percentile and the longest (a failover's stall)."""
+    times = sorted(float(line[0]) for line in read_lines("latency-*.log", workdir))
+    if not times:
+        return "-"
+    return f"{times[int(len(times) * 0.99)]:.2f} / {times[-1]:.2f}"
 
 
 def examine(
@@ -442,7 +534,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", nargs="?", default="run", choices=["run", "publish"])
     parser.add_argument("--seconds", type=float, default=60)
-    parser.add_argument("--broker", choices=["embedded", "pulsar"], default="embedded")
+    parser.add_argument("--broker", choices=["embedded", "pulsar", "cluster"], default="embedded")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--publishers", type=int, default=1)
@@ -450,15 +542,20 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=200.0, help="messages per second per publisher")
     parser.add_argument("--fault-interval", type=float, nargs=2, default=(3.0, 8.0))
     parser.add_argument("--drain-timeout", type=float, default=120.0)
-    parser.add_argument("--faults", nargs="+", default=["sigkill", "sigterm", "broker-restart"])
+    parser.add_argument("--faults", nargs="+", default=None,
+                        help="sigkill sigterm broker-restart (default); on the cluster sigkill sigterm and "
+                        + " ".join(CLUSTER_FAULTS))
     parser.add_argument("--keep-broker", action="store_true", help="leave the broker running, to inspect it")
     parser.add_argument("--id", type=int, default=1)
     parser.add_argument("--odd", action="store_true", help="odd exceptions, error texts and keys (see above)")
     parser.add_argument("--app", action="store_true", help="workers built as a service: lifespan, middleware, a batch group")
     parser.add_argument("--subscription", choices=["key_shared", "failover"], default="key_shared")
-    parser.add_argument("--schedule", choices=["chaos", "rolling"], default="chaos",
-                        help="rolling: only a rolling deploy (a new worker, then SIGTERM to the oldest), under load")
+    parser.add_argument("--schedule", choices=["chaos", "rolling", "cycle"], default="chaos",
+                        help="rolling: only a rolling deploy (a new worker, then SIGTERM to the oldest), under load; "
+                        "cycle: the --faults in turn rather than at random")
     args = parser.parse_args()
+    if args.faults is None:
+        args.faults = ["sigkill", "sigterm", *(CLUSTER_FAULTS if args.broker == "cluster" else ["broker-restart"])]
     if args.mode == "publish":
         asyncio.run(publisher(args.id, args.seconds, args.keys, args.rate, args.seed, Path(os.environ["CHAOS_DIR"])))
         return

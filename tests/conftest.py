@@ -21,14 +21,17 @@ from eventbus.embedded import EmbeddedBroker
 pytest_plugins = ["pytester"]
 
 ROOT = Path(__file__).resolve().parent.parent
-BROKERS = ("embedded", "pulsar")
+#: `cluster` (scripts/pulsar-cluster: three brokers, three bookies) is its own lane: `--brokers cluster`.
+BROKERS = ("embedded", "pulsar", "cluster")
+DEFAULT_BROKERS = "embedded,pulsar"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--brokers",
-        default=os.environ.get("TEST_BROKERS", ",".join(BROKERS)),
-        help="comma-separated brokers to run the integration suite on: embedded, pulsar (default: both)",
+        default=os.environ.get("TEST_BROKERS", DEFAULT_BROKERS),
+        help="comma-separated brokers to run the integration suite on: embedded, pulsar, cluster "
+        f"(default: {DEFAULT_BROKERS})",
     )
 
 
@@ -36,12 +39,13 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "pulsar: needs real Apache Pulsar (token auth, admin API)")
 
 
-@pytest.fixture(scope="session")
-def pulsar(request: pytest.FixtureRequest) -> Iterator[dict]:
-    """Real Apache Pulsar standalone, started once per session by scripts/pulsar-standalone."""
-    if "pulsar" not in request.config.getoption("--brokers").split(","):
-        pytest.skip("real Apache Pulsar not selected (--brokers)")
-    script = ROOT / "scripts" / "pulsar-standalone"
+def selected(config: pytest.Config) -> list[str]:
+    return str(config.getoption("--brokers")).split(",")
+
+
+def _real_pulsar(request: pytest.FixtureRequest, script_name: str, run_dir: Path) -> Iterator[dict]:
+    """Start a scripts/ Pulsar unless it runs; its state.json; stopped at the end if started here."""
+    script = ROOT / "scripts" / script_name
     status = subprocess.run([sys.executable, str(script), "status"], capture_output=True, text=True)
     started_here = status.returncode != 0
     if started_here:
@@ -49,21 +53,45 @@ def pulsar(request: pytest.FixtureRequest) -> Iterator[dict]:
         if result.returncode != 0:
             reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
             if os.environ.get("CI"):
-                pytest.fail(f"real Apache Pulsar did not start in CI: {result.stderr[-3000:]}", pytrace=False)
-            pytest.skip(f"real Apache Pulsar not available here ({reason}); the embedded broker still ran")
-    state_file = Path(os.environ.get("PULSAR_STANDALONE_RUN_DIR", "/tmp/eventbus-pulsar")) / "state.json"
-    state = json.loads(state_file.read_text())
+                pytest.fail(f"{script_name} did not start in CI: {result.stderr[-3000:]}", pytrace=False)
+            pytest.skip(f"{script_name} not available here ({reason}); the embedded broker still ran")
+    state = json.loads((run_dir / "state.json").read_text())
     state["script"] = str(script)
     yield state
     if started_here:
         subprocess.run([sys.executable, str(script), "stop"], capture_output=True)
 
 
-@pytest.fixture(params=BROKERS)
-def broker_kind(request: pytest.FixtureRequest) -> str:
-    if request.param not in request.config.getoption("--brokers").split(","):
-        pytest.skip(f"{request.param} not selected (--brokers)")
-    return str(request.param)
+@pytest.fixture(scope="session")
+def cluster(request: pytest.FixtureRequest) -> Iterator[dict]:
+    """An Apache Pulsar cluster (scripts/pulsar-cluster), started once per session: `--brokers cluster`."""
+    if "cluster" not in selected(request.config):
+        pytest.skip("the Pulsar cluster not selected (--brokers cluster)")
+    run_dir = Path(os.environ.get("PULSAR_CLUSTER_RUN_DIR", "/tmp/eventbus-pulsar-cluster"))
+    yield from _real_pulsar(request, "pulsar-cluster", run_dir)
+
+
+@pytest.fixture(scope="session")
+def pulsar(request: pytest.FixtureRequest) -> Iterator[dict]:
+    """Real Apache Pulsar: the standalone (scripts/pulsar-standalone), or in the cluster lane the cluster.
+
+    Tests written for one real Pulsar take the cluster in its lane (`--brokers cluster`): the state has
+    the same shape, its service URL names every broker.
+    """
+    chosen = selected(request.config)
+    if "pulsar" in chosen:
+        run_dir = Path(os.environ.get("PULSAR_STANDALONE_RUN_DIR", "/tmp/eventbus-pulsar"))
+        yield from _real_pulsar(request, "pulsar-standalone", run_dir)
+    elif "cluster" in chosen:
+        yield request.getfixturevalue("cluster")
+    else:
+        pytest.skip("real Apache Pulsar not selected (--brokers)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """`broker_kind`: each broker of --brokers, in BROKERS order (one the run did not select is not a test)."""
+    if "broker_kind" in metafunc.fixturenames:
+        metafunc.parametrize("broker_kind", [b for b in BROKERS if b in selected(metafunc.config)])
 
 
 @pytest.fixture(scope="session")
@@ -74,8 +102,8 @@ def broker(eventbus_broker: EmbeddedBroker) -> EmbeddedBroker:
 
 @pytest.fixture
 def settings(broker_kind: str, request: pytest.FixtureRequest) -> Settings:
-    if broker_kind == "pulsar":
-        pulsar = request.getfixturevalue("pulsar")
+    if broker_kind in ("pulsar", "cluster"):
+        pulsar = request.getfixturevalue(broker_kind)
         return Settings(
             _env_file=None, url=pulsar["service_url"], token=pulsar["client_token"], shutdown_drain_timeout=10
         )
@@ -108,9 +136,14 @@ def subprocess_env(base_env: dict[str, str], settings: Settings, request: pytest
         env["EVENTBUS_TOKEN"] = settings.jwt() or ""
         # The dlq commands ask the admin API whether a topic exists (a client lookup would create it).
         pulsar = request.getfixturevalue("pulsar")
-        env["EVENTBUS_ADMIN_URL"] = pulsar["admin_url"]
+        env["EVENTBUS_ADMIN_URL"] = admin_urls(pulsar)
         env["EVENTBUS_ADMIN_TOKEN"] = pulsar["admin_token"]
     return env
+
+
+def admin_urls(pulsar: dict) -> str:
+    """EVENTBUS_ADMIN_URL for a real Pulsar: a cluster's every broker, tried in turn."""
+    return ",".join(b["web_url"] for b in pulsar["brokers"].values()) if "brokers" in pulsar else pulsar["admin_url"]
 
 
 @asynccontextmanager
