@@ -94,7 +94,7 @@ def test_seed_defaults() -> None:
     s = Settings()
     assert s.uses_embedded
     assert (s.producer_batching_max_messages, s.producer_batching_max_bytes) == (1000, 1024 * 1024)
-    assert (s.producer_compression, s.producer_send_timeout_ms, s.consumer_receiver_queue_size) == ("lz4", 30_000, 1000)
+    assert (s.producer_compression, s.producer_send_timeout_ms, s.consumer_receiver_queue_size) == ("lz4", 120_000, 1000)
 
 
 def test_token_never_in_repr_str_or_dump(monkeypatch: pytest.MonkeyPatch) -> None:
