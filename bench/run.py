@@ -2,6 +2,7 @@
 
     python -m bench                      # embedded broker, 100 B and 10 KB payloads
     python -m bench --pulsar             # the real Pulsar of scripts/pulsar-standalone (start it first)
+    python -m bench --cluster --only-workers   # --workers N on scripts/pulsar-cluster's three brokers
     python -m bench --url pulsar://... --token ...
     python -m bench --messages 20000 --json bench/results.json
 
@@ -529,8 +530,9 @@ def print_table(rows: list[Row], broker: str) -> None:
 
 
 async def amain(args: argparse.Namespace) -> None:
-    if args.pulsar:
-        state = json.loads(Path("/tmp/eventbus-pulsar/state.json").read_text())
+    if args.pulsar or args.cluster:
+        run_dir = "/tmp/eventbus-pulsar-cluster" if args.cluster else "/tmp/eventbus-pulsar"
+        state = json.loads(Path(run_dir, "state.json").read_text())
         args.url, args.token = state["service_url"], state["client_token"]
     if args.token:
         AUTH["authentication"] = pulsar.AuthenticationToken(args.token)
@@ -573,6 +575,7 @@ def main() -> None:
     parser.add_argument("--url", default="", help="broker URL (default: the embedded broker)")
     parser.add_argument("--token", default="", help="JWT for --url")
     parser.add_argument("--pulsar", action="store_true", help="the broker scripts/pulsar-standalone started")
+    parser.add_argument("--cluster", action="store_true", help="the cluster scripts/pulsar-cluster started")
     parser.add_argument("--messages", type=int, default=50_000)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 10_240])
     parser.add_argument("--latency-seconds", type=float, default=5.0)
