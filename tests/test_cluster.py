@@ -9,16 +9,20 @@ a failover must surface no error to them.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
+import time
+import uuid
 
+import anyio
 import httpx
 import pytest
 
 from eventbus import EventBus, Router, Settings
 
-from .conftest import ROOT, eventually, running
+from .conftest import ROOT, eventually, id_of, raw_client, read_stored, running
 
 pytestmark = pytest.mark.slow
 
@@ -96,3 +100,60 @@ async def test_the_bus_needs_only_the_client_role_for_topics_retries_and_dead_le
         await bus.publish(topic, {"n": 1})
         await eventually(lambda: dead and 1 in seen, timeout=60, what="a dead letter and a handled message")
     assert seen.count(0) == 2, "retried once, then dead-lettered"
+
+
+def keep_from_start(cluster: dict, topic: str) -> None:
+    import pulsar
+
+    client = raw_client(cluster["service_url"], cluster["client_token"])
+    try:
+        client.subscribe(topic, "keep", initial_position=pulsar.InitialPosition.Earliest).close()
+    finally:
+        client.close()
+
+
+@pytest.mark.timeout(300)
+async def test_a_failover_under_deduplication_stores_each_confirmed_publish_once_in_key_order(
+    cluster: dict, topic: str
+) -> None:
+    """The owner SIGKILLed under eight keys' publishers on `public/dedup`: read back what the brokers stored."""
+    settings = Settings(_env_file=None, url=cluster["service_url"], token=cluster["client_token"], namespace="dedup",
+                        producer_name=f"failover-{uuid.uuid4().hex[:8]}")
+    full = settings.topic(topic)
+    confirmed: dict[tuple[int, int], tuple[int, ...]] = {}
+    waits: list[float] = []
+    # A subscription from the start, as a group would have: Pulsar trims a topic's ledgers that no subscription
+    # needs when the topic moves (measured: the first ledger gone after the kill without one).
+    await anyio.to_thread.run_sync(lambda: keep_from_start(cluster, full))
+    async with EventBus(settings, routers=[]) as bus:
+        await bus.publish(topic, {"k": -1, "n": 0}, key="warm")  # the topic exists, and has an owner
+
+        async def publish_key(k: int) -> None:
+            for n in range(300):
+                began = time.monotonic()
+                confirmed[(k, n)] = id_of(await bus.publish(topic, {"k": k, "n": n}, key=f"k{k}"))
+                waits.append(time.monotonic() - began)
+                await anyio.sleep(0.02)
+
+        def fault() -> None:
+            owner = subprocess.run([sys.executable, cluster["script"], "owner", full], capture_output=True, text=True)
+            for step in ("kill", "restart"):
+                done = subprocess.run([sys.executable, cluster["script"], step, owner.stdout.strip()],
+                                      capture_output=True, text=True)
+                assert done.returncode == 0, done.stderr
+
+        async with anyio.create_task_group() as tg:
+            for k in range(8):
+                tg.start_soon(publish_key, k)
+            await eventually(lambda: len(confirmed) >= 400, what="publishing before the kill")
+            await anyio.to_thread.run_sync(fault)
+    assert max(waits) > 1, "no publish was caught by the failover"
+    stored = await anyio.to_thread.run_sync(lambda: read_stored(cluster["service_url"], cluster["client_token"], full))
+    copies = {payload: ids for payload, ids in stored.items() if len(ids) > 1}
+    assert not copies, f"stored twice under deduplication: {list(copies.items())[:3]}"
+    by_payload = {(body["k"], body["n"]): ids[0] for body, ids in ((json.loads(p), ids) for p, ids in stored.items())}
+    by_payload.pop((-1, 0))
+    assert by_payload == confirmed, "what the brokers stored is what publish returned"
+    for k in range(8):
+        order = [n for _, n in sorted((ident, n) for (key, n), ident in by_payload.items() if key == k)]
+        assert order == list(range(300)), f"key k{k} stored out of call order"
