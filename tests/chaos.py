@@ -23,6 +23,11 @@ middleware writes the records, and a second group handles the topic with a batch
 group's deliveries are checked the same way (nothing lost, order per key, no duplicate after a
 SIGTERM), and a message that should be handled but was dead-lettered fails the run.
 
+`--broker cluster` runs on scripts/pulsar-cluster with its faults (the topic's owner SIGKILLed or
+SIGTERMed and started again, rolling restarts, unloads, bundle splits, a bookie SIGKILLed) beside the
+workers'; `--schedule cycle` takes the `--faults` in turn. A message handled twice under two ids was
+stored twice (a publish whose receipt was lost with its connection, resent): reported as such.
+
 `--schedule rolling` is a rolling deploy and nothing else: a new worker starts, then the
 oldest gets SIGTERM, one at a time, under load. The report attributes every duplicate
 handling to the fault that caused it (the first handler's worker killed or stopped, or a
@@ -312,6 +317,9 @@ class Run:
     def cause(self, first: list[str], again: list[str]) -> str:
         """The fault between a message's first handling and its next one that explains the second."""
         start, end, worker = int(first[0]), int(again[0]), first[5]
+        if len(first) > 6 and len(again) > 6 and first[4] == again[4] and first[6] != again[6]:
+            # Stored twice: a publish whose receipt was lost with its connection, resent (not on public/dedup).
+            return "publish-resent"
         between = [(kind, name) for t, kind, name in self.events if start < t <= end]
         for kind in ("sigkill", "sigterm"):
             if (kind, worker) in between:
@@ -468,7 +476,7 @@ async def harness(args: argparse.Namespace) -> int:
         causes["sigterm"] += batch_causes["sigterm"]
         batch_rows = [
             ("batch group: handled (distinct)", len(hb)), ("  duplicates (extra handlings)", batch_handlings - len(hb)),
-        ] + [(f"    after {cause}", batch_causes[cause]) for cause in ("sigkill", "sigterm", *faulted, "none")] + [
+        ] + [(f"    after {cause}", batch_causes[cause]) for cause in ("sigkill", "sigterm", *faulted, "publish-resent", "none")] + [
             ("  lost", len(batch_lost)), ("  order violations", len(batch_violations)),
             ("dead-lettered though handleable", len(wrongly_dead)),
         ]
@@ -478,7 +486,7 @@ async def harness(args: argparse.Namespace) -> int:
         ("publish errors (unconfirmed, raised)", len(failed)),
         ("publish latency p99 / longest (s)", latency_summary(workdir)),
         ("handled (distinct)", len(h)), ("duplicates (extra handlings)", handlings - len(h)),
-    ] + [(f"  after {cause}", causes[cause]) for cause in ("sigkill", "sigterm", *faulted, "none")] + [
+    ] + [(f"  after {cause}", causes[cause]) for cause in ("sigkill", "sigterm", *faulted, "publish-resent", "none")] + [
         ("dead-lettered", len(dead)), ("  of which poison", len(poisons)), ("  of which always-failing", len(events & must_die)),
         ("lost", len(lost)), ("order violations", len(violations)), ("poison not dead-lettered", len(poison_missing)),
         ("unexpected deaths", len(run.unexpected)),

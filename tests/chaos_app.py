@@ -91,7 +91,8 @@ async def handle(event: ChaosEvent, msg: Message) -> None:
     if msg.attempt == 1 and event.kind == "base":
         raise Odd("once")
     if not APP:  # durable before the handler returns, so before the acknowledgement
-        _write("handled", f"{time.time_ns()} {event.pub} {event.key} {event.seq} {msg.attempt} {WORKER}\n")
+        # The id last: two handlings under two ids are a message stored twice (a publish resent), not delivered twice.
+        _write("handled", f"{time.time_ns()} {event.pub} {event.key} {event.seq} {msg.attempt} {WORKER} {msg.message_id}\n")
 
 
 if APP:
