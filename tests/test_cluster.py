@@ -153,7 +153,11 @@ async def test_a_failover_under_deduplication_stores_each_confirmed_publish_once
     assert not copies, f"stored twice under deduplication: {list(copies.items())[:3]}"
     by_payload = {(body["k"], body["n"]): ids[0] for body, ids in ((json.loads(p), ids) for p, ids in stored.items())}
     by_payload.pop((-1, 0))
-    assert by_payload == confirmed, "what the brokers stored is what publish returned"
+    assert set(by_payload) == set(confirmed), "every confirmed publish stored"
+    # A resend the broker had stored before the failover is confirmed as a dropped duplicate: Pulsar's receipt
+    # then names no place (-1:-1), and publish returns it as it came (seen once in a CI check).
+    placed = {k: ident for k, ident in confirmed.items() if ident[1] >= 0}
+    assert {k: by_payload[k] for k in placed} == placed, "what the brokers stored is what publish returned"
     for k in range(8):
         order = [n for _, n in sorted((ident, n) for (key, n), ident in by_payload.items() if key == k)]
         assert order == list(range(300)), f"key k{k} stored out of call order"
