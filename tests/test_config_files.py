@@ -41,13 +41,17 @@ def test_env_example_values_are_valid_settings(monkeypatch, tmp_path) -> None:
     assert settings.uses_embedded
 
 
-def standalone_script():  # type: ignore[no-untyped-def]
-    path = ROOT / "scripts" / "pulsar-standalone"
-    loader = importlib.machinery.SourceFileLoader("pulsar_standalone", str(path))
-    spec = importlib.util.spec_from_loader("pulsar_standalone", loader)
+def script(name: str):  # type: ignore[no-untyped-def]
+    """One of scripts/ loaded as a module (they have no .py suffix)."""
+    loader = importlib.machinery.SourceFileLoader(name.replace("-", "_"), str(ROOT / "scripts" / name))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
     return module
+
+
+def standalone_script():  # type: ignore[no-untyped-def]
+    return script("pulsar-standalone")
 
 
 def test_compose_runs_the_pulsar_the_tests_run_with_health_check_and_volume() -> None:
@@ -118,23 +122,14 @@ def test_compose_auth_opt_in_sets_what_the_test_broker_sets(tmp_path) -> None:
     assert set(auth["worker"]["environment"]) <= setting_env_names()
 
 
-def cluster_script():  # type: ignore[no-untyped-def]
-    path = ROOT / "scripts" / "pulsar-cluster"
-    loader = importlib.machinery.SourceFileLoader("pulsar_cluster", str(path))
-    spec = importlib.util.spec_from_loader("pulsar_cluster", loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
-
-
 def test_compose_cluster_is_the_shape_the_cluster_tests_run() -> None:
     """compose.cluster.yaml: three brokers set as scripts/pulsar-cluster sets its, a worker naming every broker."""
     services = yaml.safe_load((ROOT / "compose.cluster.yaml").read_text())["services"]
     brokers = {n: s for n, s in services.items() if n.startswith("broker-")}
     bookies = {n: s for n, s in services.items() if n.startswith("bookie-")}
     assert len(brokers) == 3 and len(bookies) == 3 and len([n for n in services if n.startswith("zk-")]) == 3
-    script = cluster_script()
-    tested = dict(line.split("=", 1) for line in script.broker_conf(
+    cluster = script("pulsar-cluster")
+    tested = dict(line.split("=", 1) for line in cluster.broker_conf(
         {"ports": {"zk": {"client": 1}, "broker-1": {"service": 2, "web": 3, "tls": 4}}, "admin_token": "x"}, "broker-1"
     ))
     same = ("clusterName", "managedLedgerDefaultEnsembleSize", "managedLedgerDefaultWriteQuorum",
