@@ -17,7 +17,8 @@ or run a module's handlers in a worker: ``python -m eventbus run handlers``.
 
 from .bus import EventBus
 from .codec import DecodeError
-from .dependencies import Depends
+from .consuming.runner import RunningSubscription
+from .context import UnawaitedPublish
 from .errors import (
     AuthenticationFailed,
     BatchFailed,
@@ -32,11 +33,7 @@ from .errors import (
     StartupFailed,
     SubscriptionFailed,
 )
-from .consumer import RunningSubscription
-from .context import UnawaitedPublish
-from .handler import BatchOptions, PublishOptions, Publisher
 from .message import Message, MessageId
-from .middleware import CallNext, Middleware, Outgoing, PublishNext
 from .registry import (
     Batch,
     Publication,
@@ -48,6 +45,9 @@ from .registry import (
     publisher,
     subscribe,
 )
+from .service.dependencies import Depends
+from .service.handler import BatchOptions, Publisher, PublishOptions
+from .service.middleware import CallNext, Middleware, Outgoing, PublishNext
 from .settings import Settings
 
 __all__ = [

@@ -10,24 +10,24 @@ from typing import Any, NoReturn, Unpack
 import anyio
 import anyio.abc
 
-from .connect import Connection, connect
+from .broker.client import MessageId
+from .broker.connect import Connection, connect
+from .consuming.runner import RunningSubscription
 from .context import CURRENT, caller, tracked
-from .consumer import RunningSubscription
-from .client import MessageId
-from .dependencies import Provider
 from .errors import ConfigError
-from .events import Observer
-from .handler import BatchOptions, PublishOptions, Publisher
-from .lifetime import Lifetime
-from .middleware import checked
-from .publishing import Publishing, sending_for
-from .metrics import Metrics
-from .producers import Producers
+from .observing.events import Observer
+from .observing.metrics import Metrics
+from .observing.tracing import Tracing
+from .publishing.producers import Producers
+from .publishing.requester import Requester
+from .publishing.sending import Publishing, sending_for
 from .registry import Lifespan, Router, Subscription, default_router, lifespan_of, subscriptions_of
-from .requesting import Requester
+from .running.lifetime import Lifetime
+from .running.worker import Worker, runners_for
+from .service.dependencies import Provider
+from .service.handler import BatchOptions, Publisher, PublishOptions
+from .service.middleware import checked
 from .settings import Settings
-from .tracing import Tracing
-from .worker import Worker, runners_for
 
 _NOT_STARTED = "the bus is not started: use `async with EventBus() as bus:`"
 _BATCH_OPTIONS = frozenset(BatchOptions.__annotations__)

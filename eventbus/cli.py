@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 import asyncio
 import importlib.util
 import logging
@@ -12,23 +11,23 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import anyio
 import orjson
 
+from importlib import metadata
 from .app import load, resolve
-from . import deadletters
-from .admin import Admin, check_dead_letters, namespace_topics
-from .asyncapi import document
+from .broker.client import id_text
 from .bus import EventBus
-from .client import id_text
 from .errors import ConfigError, EventBusError
-from .logs import printable, setup_logging
+from .observing.logs import printable, setup_logging
+from .operating import replay
+from .operating.admin import Admin, check_dead_letters, namespace_topics
+from .operating.asyncapi import document
+from .running.supervisor import Supervisor
 from .settings import Settings
-from .supervisor import Supervisor
 
 log = logging.getLogger("eventbus")
 
@@ -118,18 +117,18 @@ def _dlq_parser(commands: Any) -> None:
     show.add_argument("--limit", type=_positive, default=None, metavar="N", help="at most N")
     show.add_argument("--json", action="store_true", help="one JSON array, for scripts")
     show.add_argument("--all", action="store_true", help="every dead letter stored, the replayed ones marked")
-    replay = dlq_commands.add_parser(
+    replay_command = dlq_commands.add_parser(
         "replay", help="send a group's dead letters back to that group only",
         description="Send the dead letters of GROUP on TOPIC back to GROUP alone (its retry topic, which the "
         "group's subscription consumes beside TOPIC), up to the last one there when the replay begins. Each is "
         "acknowledged on the durable 'eventbus-replay' subscription once its resend is confirmed: run it again "
         "after a crash and it resends the rest. Exits 1 if any resend failed.",
     )
-    replay.add_argument("topic")
-    replay.add_argument("group")
-    replay.add_argument("--error-type", default=None, metavar="TYPE", help="only dead letters whose error type is TYPE")
-    replay.add_argument("--limit", type=_positive, default=None, metavar="N", help="at most N")
-    replay.add_argument("--dry-run", action="store_true", help="say what would be replayed; send and acknowledge nothing")
+    replay_command.add_argument("topic")
+    replay_command.add_argument("group")
+    replay_command.add_argument("--error-type", default=None, metavar="TYPE", help="only dead letters whose error type is TYPE")
+    replay_command.add_argument("--limit", type=_positive, default=None, metavar="N", help="at most N")
+    replay_command.add_argument("--dry-run", action="store_true", help="say what would be replayed; send and acknowledge nothing")
 
 
 def _status_and_publish_parsers(commands: Any) -> None:
@@ -221,7 +220,7 @@ def _key_text(key: str | bytes | None) -> str:
 
 async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
     if args.dlq_command == "show":
-        found = await deadletters.show(settings, args.topic, args.group, args.limit, every=args.all)
+        found = await replay.show(settings, args.topic, args.group, args.limit, every=args.all)
         if args.json:
             print(orjson.dumps([d.as_json() for d in found], option=orjson.OPT_INDENT_2).decode())
             return 0
@@ -231,17 +230,17 @@ async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
                 f"{when}  {d.message_id}{'  (replayed)' if d.replayed else ''}  key={_key_text(d.key)}  {d.reason}  "
                 f"{d.error_type}: {d.error}  attempts={d.attempts}  from {d.original_message_id}  {d.preview()}"
             ))
-        dead_letter_topic, _ = deadletters.topics(settings, args.topic, args.group)
+        dead_letter_topic, _ = replay.topics(settings, args.topic, args.group)
         replayed = sum(d.replayed for d in found)
         which = f"stored, {replayed} of them replayed" if args.all else "not replayed (--all: every one)"
         print(f"{len(found)} dead letter(s) {which} on {dead_letter_topic}", file=sys.stderr)
         return 0
 
-    def said(dead: deadletters.DeadLetter, new_id: str | None) -> None:
+    def said(dead: replay.DeadLetter, new_id: str | None) -> None:
         done = f"-> {new_id}" if new_id is not None else "(dry run)"
         print(printable(f"replayed {dead.message_id} {done}  key={_key_text(dead.key)}  {dead.error_type}: {dead.error}"), flush=True)
 
-    report = await deadletters.replay(
+    report = await replay.replay(
         settings, args.topic, args.group, error_type=args.error_type, limit=args.limit, dry_run=args.dry_run,
         progress=said,
     )
@@ -299,8 +298,8 @@ def _status_embedded(settings: Settings, pairs: list[tuple[str, str]]) -> None:
     print("the embedded broker has no admin API: backlog, unacknowledged messages, consumers and rates are "
           "unknown here (Apache Pulsar shows them); dead letters are counted by reading them", file=sys.stderr)
     # Only dead-letter topics that exist are read: reading one makes it.
-    dead = [(t, g) for t, g in pairs if known is None or deadletters.topics(settings, t, g)[0] in known]
-    counts = dict(zip(dead, map(len, asyncio.run(deadletters.show_many(settings, dead))))) if dead else {}
+    dead = [(t, g) for t, g in pairs if known is None or replay.topics(settings, t, g)[0] in known]
+    counts = dict(zip(dead, map(len, asyncio.run(replay.show_many(settings, dead))))) if dead else {}
     print(f"{'topic':<40} {'group':<20} dead letters")
     for topic, group in pairs:
         print(printable(f"{topic:<40} {group:<20} {counts.get((topic, group), 0)}"))

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from .client import MessageId, RawMessage, key_of, properties_of
+from .broker.client import MessageId, RawMessage, key_of, properties_of
 
 __all__ = ["Message", "MessageId", "UnreadableMessage"]
 

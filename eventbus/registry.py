@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypedDict, TypeVar, Unpack
 
 from .codec import decoder_for
-from .dlq import dead_letter_topic, retry_topic
 from .errors import ConfigError
-from .handler import Handler, Publisher, handler_name
-from .middleware import checked
+from .service.handler import Handler, Publisher, handler_name
+from .service.middleware import checked
 from .settings import topic_problem
+from .topics import dead_letter_topic, retry_topic
 
 SubscriptionType = Literal["key_shared", "shared", "failover", "exclusive"]
 InitialPosition = Literal["latest", "earliest"]

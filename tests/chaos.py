@@ -56,10 +56,10 @@ import anyio
 import httpx
 
 from eventbus import EventBus, Message, PublishError, Router, Settings
-from eventbus.embedded import EmbeddedBroker
-from eventbus.embedded import restart_broker as restart_embedded
-from eventbus.embedded import start_broker as start_embedded
-from eventbus.embedded import stop_broker as stop_embedded
+from eventbus.broker.embedded import EmbeddedBroker
+from eventbus.broker.embedded import restart_broker as restart_embedded
+from eventbus.broker.embedded import start_broker as start_embedded
+from eventbus.broker.embedded import stop_broker as stop_embedded
 
 ROOT = Path(__file__).resolve().parent.parent
 POISON = {

@@ -14,8 +14,8 @@ import anyio
 import pytest
 
 from eventbus import EventBus, Settings
-from eventbus.client import LastEntry
-from eventbus.embedded import EmbeddedBroker
+from eventbus.broker.client import LastEntry
+from eventbus.broker.embedded import EmbeddedBroker
 
 
 pytest_plugins = ["pytester"]
@@ -162,7 +162,7 @@ def read_messages(client: Any, topic: str) -> list[Any]:
 
     Read through a fresh shared subscription from the earliest message, until every message of the last
     entry the broker reports (its batch counted) is in, then removed: pulsar-lite's Reader (an exclusive
-    subscription there) hands messages over again and stalls (eventbus.profile.reads_by_subscription).
+    subscription there) hands messages over again and stalls (eventbus.broker.profile.reads_by_subscription).
     """
     import pulsar
 

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from eventbus import ConfigError, EventBusError, Settings
-from eventbus.admin import Admin
+from eventbus.operating.admin import Admin
 
 TOPIC = "persistent://public/default/orders"
 STATS = {"msgRateIn": 1.5, "subscriptions": {"billing": {"type": "Shared", "msgBacklog": 7, "consumers": [{}]}}}

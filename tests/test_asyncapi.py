@@ -14,8 +14,8 @@ import yaml
 from pydantic import BaseModel
 
 from eventbus import Router, Settings
-from eventbus.asyncapi import document
-from eventbus.dlq import DEAD_LETTER_PROPERTIES
+from eventbus.operating.asyncapi import document
+from eventbus.topics import DEAD_LETTER_PROPERTIES
 from eventbus.cli import main
 
 SCHEMA = json.loads((Path(__file__).parent / "asyncapi" / "asyncapi-3.0.0.json").read_text())

@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
-from eventbus import EventBus, Message, Router, Settings, deadletters
-from eventbus.client import id_text
-from eventbus.embedded import SubscriptionLease
+from eventbus import EventBus, Message, Router, Settings
+from eventbus.operating import replay
+from eventbus.broker.client import id_text
+from eventbus.broker.embedded import SubscriptionLease
 from eventbus.testing import Harness
 
 from .conftest import read_stored
@@ -207,7 +208,7 @@ async def test_dead_letters_are_kept_by_a_subscription_of_their_own(
         stats: Any = admin(request.getfixturevalue("pulsar"), "GET", path)
         assert stats["subscriptions"]["eventbus-replay"]["msgBacklog"] == 1
     else:
-        assert [d.message_id for d in await deadletters.show(settings, topic, "billing")] == [id_text(dead.message_id)]
+        assert [d.message_id for d in await replay.show(settings, topic, "billing")] == [id_text(dead.message_id)]
 
 
 async def test_a_replay_whose_resends_are_refused_fails_in_one_line_and_leaves_the_dead_letters(
@@ -224,7 +225,7 @@ async def test_a_replay_whose_resends_are_refused_fails_in_one_line_and_leaves_t
 
     result = cli(subprocess_env, "dlq", "replay", topic, "billing")
     assert result.returncode == 1 and "TopicTerminated" in one_line_error(result), result.stderr
-    assert len(await deadletters.show(settings, topic, "billing")) == 2
+    assert len(await replay.show(settings, topic, "billing")) == 2
     dry = cli(subprocess_env, "dlq", "replay", topic, "billing", "--dry-run")
     assert dry.stdout.count("(dry run)") == 0 and dry.returncode == 1  # the producer comes first, even for a dry run
 
@@ -236,7 +237,7 @@ async def test_a_second_replay_of_a_group_at_once_is_refused(
         await app.publish(topic, {"n": 0})
         await app.wait_dead_lettered()
         url = app.bus.url
-    dead_letters, retries = deadletters.topics(settings, topic, "billing")
+    dead_letters, retries = replay.topics(settings, topic, "billing")
     if settings.url:  # the running replay holds the replay subscription: an exclusive consumer
         import pulsar
 
@@ -255,7 +256,7 @@ async def test_a_second_replay_of_a_group_at_once_is_refused(
     assert result.returncode == 1 and "Traceback" not in result.stderr
     # Last: the embedded broker's start-up line, or the C++ client's own ERROR line, may come before it.
     assert result.stderr.strip().splitlines()[-1] == f"error: another replay of {dead_letters} is running: wait for it to finish"
-    assert len(await deadletters.show(settings, topic, "billing")) == 1
+    assert len(await replay.show(settings, topic, "billing")) == 1
 
 
 async def test_a_retry_topic_that_cannot_be_created_is_logged_and_left(
@@ -279,6 +280,6 @@ async def test_a_retry_topic_that_cannot_be_created_is_logged_and_left(
         await app.publish(topic, {"n": 0})
         await app.wait_handled()
         states = {r.topic: r.state for r in app.bus.running}
-    assert states == {settings.topic(topic): "consuming", deadletters.topics(settings, topic, "billing")[1]: "stopped"}
+    assert states == {settings.topic(topic): "consuming", replay.topics(settings, topic, "billing")[1]: "stopped"}
     assert "where `eventbus dlq replay` sends this group's dead letters back" in caplog.text
     assert "create the topic to replay into it" in caplog.text

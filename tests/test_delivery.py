@@ -413,7 +413,7 @@ async def test_a_member_joining_the_group_never_overtakes_a_key_in_flight(
 ) -> None:
     # The newcomer's consumer name sorts first: pulsar-lite's failover would make
     # it the active consumer at once, without handing it the message in flight.
-    from eventbus import membership
+    from eventbus.consuming import membership
 
     handled: list[tuple[str, int]] = []
     first_busy = anyio.Event()
@@ -491,7 +491,7 @@ async def test_members_joining_and_leaving_never_run_a_key_twice_at_once_nor_out
     settings: Settings, topic: str, kind: str, partitions: int, request: pytest.FixtureRequest,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from eventbus import membership
+    from eventbus.consuming import membership
 
     if partitions:
         if settings.uses_embedded:

@@ -9,7 +9,7 @@ import pytest
 from pydantic import SecretStr
 
 from eventbus import Settings
-from eventbus.admin import namespace_topics
+from eventbus.operating.admin import namespace_topics
 from eventbus.testing import Harness
 
 from .test_dead_letters import failing

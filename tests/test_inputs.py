@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 from pydantic import BaseModel
 
 from eventbus import EventBus, Message, PublishError, Router, Settings
-from eventbus.embedded import EmbeddedBroker
+from eventbus.broker.embedded import EmbeddedBroker
 
 from .conftest import eventually, running
 

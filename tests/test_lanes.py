@@ -1,4 +1,4 @@
-"""The lanes (eventbus.lanes), pure logic: any interleaving of admit, take, finish and stop keeps their promises."""
+"""The lanes (eventbus.consuming.lanes), pure logic: any interleaving of admit, take, finish and stop keeps their promises."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from itertools import count
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eventbus.lanes import Lanes, RecentIds
+from eventbus.consuming.lanes import Lanes, RecentIds
 
 Ident = tuple[int, int]  # (batch, index in the batch)
 
@@ -145,7 +145,7 @@ ids = st.tuples(st.integers(0, 2**40), st.integers(0, 2**40), st.integers(-1, 10
 def test_entry_of_a_serialized_id_names_its_entry_exactly(first: tuple[int, int, int, int], second: tuple[int, int, int, int]) -> None:
     # The consumer's lanes key a stop's begun batches by it: two messages share a batch exactly when
     # ledger, entry and partition agree, whatever their batch index.
-    from eventbus.client import entry_of, new_message_id
+    from eventbus.broker.client import entry_of, new_message_id
 
     def key(ident: tuple[int, int, int, int]) -> bytes:
         ledger, entry, partition, index = ident

@@ -11,7 +11,7 @@ from pathlib import Path
 from hypothesis import given, settings as hsettings, strategies as st
 
 from eventbus import EventBus, Settings
-from eventbus.logs import JsonFormatter, printable
+from eventbus.observing.logs import JsonFormatter, printable
 
 from .conftest import eventually
 from .test_worker_process import Worker

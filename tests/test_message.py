@@ -10,7 +10,7 @@ import pulsar
 import pytest
 
 from eventbus import Message, Settings
-from eventbus.client import key_of, properties_of
+from eventbus.broker.client import key_of, properties_of
 from eventbus.message import UnreadableMessage
 
 from .conftest import raw_client

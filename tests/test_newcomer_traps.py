@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from eventbus import EventBus, Router, Settings
-from eventbus.client import id_text
+from eventbus.broker.client import id_text
 from eventbus.testing import Harness, call_handler
 
 from .conftest import eventually
@@ -187,7 +187,7 @@ def test_words_a_newcomer_reads(base_env: dict[str, str], tmp_path: Path) -> Non
     elsewhere = subprocess.run([sys.executable, "-m", "eventbus", "status"], env=base_env, cwd=tmp_path,
                                capture_output=True, text=True, timeout=60)
     assert "handlers.demo" not in elsewhere.stderr and "name the app" in one_line_error(elsewhere)
-    from eventbus.client import build_message
+    from eventbus.broker.client import build_message
     from eventbus.registry import Publication
 
     with pytest.raises(TypeError) as wrong_type:

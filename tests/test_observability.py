@@ -249,7 +249,7 @@ class _Runner:
 
 async def test_readiness_waits_for_every_first_subscribe_and_ends_at_the_stop() -> None:
     from eventbus import Settings
-    from eventbus.worker import Worker
+    from eventbus.running.worker import Worker
 
     runners = [_Runner(), _Runner()]
     settings = Settings(_env_file=None, shutdown_drain_timeout=5)

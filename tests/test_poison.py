@@ -219,7 +219,7 @@ async def test_a_hung_handler_times_out_and_its_key_goes_on(settings: Settings, 
 async def test_a_subscription_that_dies_stops_run_with_an_error(
     settings: Settings, topic: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from eventbus import consumer
+    from eventbus.consuming import runner as consumer
 
     router = Router()
     handled: list[int] = []

@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 from eventbus import EventBus, Message, PublishError, Router, Settings
-from eventbus.embedded import start_broker as _start, stop_broker as _stop
+from eventbus.broker.embedded import start_broker as _start, stop_broker as _stop
 
 from .conftest import eventually, id_of, read_stored, running
 from .pulsar_admin import admin
@@ -88,7 +88,7 @@ async def test_a_broker_killed_mid_burst_leaves_no_unconfirmed_publish_reported_
 
 
 async def test_publish_slots_make_the_excess_wait_and_a_cancelled_waiter_passes_its_turn_on() -> None:
-    from eventbus.producers import Slots
+    from eventbus.publishing.producers import Slots
 
     slots = Slots(1)
     await slots.acquire()

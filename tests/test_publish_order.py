@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
 from eventbus import EventBus, Settings
-from eventbus.producers import Slots
+from eventbus.publishing.producers import Slots
 
 from .conftest import id_of, read_stored
 

@@ -210,10 +210,10 @@ def test_a_publish_and_a_resend_the_broker_never_answers_end_at_the_deadline_nam
     # sends it again on each reconnect, for good. Random bytes: LZ4 would shrink anything else below the limit.
     import secrets
 
-    from eventbus import deadletters
+    from eventbus.operating import replay
 
     settings = Settings(_env_file=None, url=pulsar["service_url"], token=pulsar["client_token"])
-    dead_letters, retries = deadletters.topics(settings, topic, "billing")
+    dead_letters, retries = replay.topics(settings, topic, "billing")
     for name in (topic, retries):
         admin(pulsar, "PUT", f"/admin/v2/persistent/public/default/{name.rsplit('/', 1)[-1]}")
         admin(pulsar, "POST", f"/admin/v2/persistent/public/default/{name.rsplit('/', 1)[-1]}/maxMessageSize", 1024)
@@ -246,4 +246,4 @@ def test_a_publish_and_a_resend_the_broker_never_answers_end_at_the_deadline_nam
     assert replayed.returncode == 1, replayed.stdout + replayed.stderr
     assert "did not confirm the resend of" in replayed.stderr and "within 3 s" in replayed.stderr
     assert "0 failed" not in replayed.stderr and "1 failed" in replayed.stderr
-    assert [d.data for d in anyio.run(deadletters.show, settings, topic, "billing")] == [big.encode()], "left in place"
+    assert [d.data for d in anyio.run(replay.show, settings, topic, "billing")] == [big.encode()], "left in place"

@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from eventbus import EventBus, EventBusError, Settings, deadletters
+from eventbus import EventBus, EventBusError, Settings
+from eventbus.operating import replay
 
 from .conftest import raw_client, read_stored
 
@@ -37,7 +38,7 @@ def _dedup(settings: Settings) -> Settings:
 
 async def _seed(settings: Settings, topic: str, count: int) -> list[bytes]:
     """`count` dead letters of GROUP on `topic`, error types KeyError and ValueError in turn; their payloads."""
-    dead_letters, _ = deadletters.topics(settings, topic, GROUP)
+    dead_letters, _ = replay.topics(settings, topic, GROUP)
     async with EventBus(settings, routers=[]) as bus:
         client = raw_client(bus.url, settings.jwt())
         try:  # the worker's keeping subscription, made before the first dead letter as the worker makes it
@@ -62,7 +63,7 @@ def _earliest() -> Any:
 
 
 def _retry_stored(settings: Settings, url: str, topic: str) -> Counter[bytes]:
-    _, retries = deadletters.topics(settings, topic, GROUP)
+    _, retries = replay.topics(settings, topic, GROUP)
     return Counter({payload: len(ids) for payload, ids in read_stored(url, settings.jwt(), retries).items()})
 
 
@@ -82,7 +83,7 @@ async def test_replays_started_together_store_every_dead_letter_they_acknowledge
         topic = f"race-{uuid.uuid4().hex[:10]}"
         payloads = await _seed(settings, topic, DEAD_LETTERS)
         outcomes = await asyncio.gather(
-            *(deadletters.replay(settings, topic, GROUP, error_type=f) for f in filters), return_exceptions=True
+            *(replay.replay(settings, topic, GROUP, error_type=f) for f in filters), return_exceptions=True
         )
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
@@ -91,13 +92,13 @@ async def test_replays_started_together_store_every_dead_letter_they_acknowledge
             else:
                 assert outcome.failed == []
         # What they acknowledged is gone from the subscription; what they did not, a last replay sends.
-        last = await deadletters.replay(settings, topic, GROUP)
+        last = await replay.replay(settings, topic, GROUP)
         assert last.failed == []
         reports = [o for o in outcomes if not isinstance(o, BaseException)] + [last]
         stored = _retry_stored(settings, url, topic)
         assert stored == Counter(payloads), "each dead letter stored on the retry topic once"
         assert sorted(d.data for r in reports for d, _ in r.replayed) == sorted(payloads), "each acknowledged once"
-        assert await deadletters.show(settings, topic, GROUP) == [], "nothing left waiting"
+        assert await replay.show(settings, topic, GROUP) == [], "nothing left waiting"
     assert refused > 0, "the replays never overlapped: the race was not run"
 
 
@@ -111,13 +112,13 @@ async def test_a_receipt_for_a_dropped_duplicate_is_not_taken_for_a_stored_resen
     settings = _dedup(settings)
     topic = f"dup-{uuid.uuid4().hex[:10]}"
     payloads = await _seed(settings, topic, 50)
-    _, retries = deadletters.topics(settings, topic, GROUP)
+    _, retries = replay.topics(settings, topic, GROUP)
     client = raw_client(settings.url, settings.jwt())
     try:
         client.create_producer(retries, producer_name=f"eventbus-replay-{GROUP}").send(b"ahead", sequence_id=1 << 62)
     finally:
         client.close()
-    report = await deadletters.replay(settings, topic, GROUP)
+    report = await replay.replay(settings, topic, GROUP)
     assert report.failed == [] and len(report.replayed) == 50
     stored = _retry_stored(settings, settings.url, topic)
     assert stored == Counter([*payloads, b"ahead"])
@@ -146,7 +147,7 @@ async def test_a_filtered_replay_killed_anywhere_then_another_filter_stores_each
         first.wait()
         assert all(line.startswith("replayed ") for line in printed), printed
         for error_type in ("ValueError", None):
-            await deadletters.replay(settings, topic, GROUP, error_type=error_type)
+            await replay.replay(settings, topic, GROUP, error_type=error_type)
         copies = _retry_stored(settings, url, topic)
         assert set(copies) == set(payloads), "none missing"
         if settings.url:

@@ -11,7 +11,7 @@ import pytest
 from pydantic import BaseModel
 
 from eventbus import EventBus, Message, Reject, Router, Settings
-from eventbus.handling import HandlerTimeout
+from eventbus.consuming.attempts import HandlerTimeout
 from eventbus.testing import Harness, RecordingPublisher, call_handler
 
 from .conftest import id_of, read_stored, run_readme_project

@@ -279,7 +279,7 @@ def test_the_example_app_is_not_installed_as_a_top_level_package(base_env: dict[
 async def test_an_embedded_broker_whose_users_were_killed_stops_by_itself(base_env: dict[str, str], tmp_path: Path) -> None:
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from pathlib import Path; from eventbus.embedded import EmbeddedBroker; "
+         "import sys, time; from pathlib import Path; from eventbus.broker.embedded import EmbeddedBroker; "
          "b = EmbeddedBroker.acquire(Path(sys.argv[1]), idle_stop=2.0); print(b.pid, flush=True); time.sleep(600)",
          str(tmp_path)],
         env=base_env, stdout=subprocess.PIPE, text=True,

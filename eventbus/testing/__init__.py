@@ -8,7 +8,7 @@ gives each test the app's worker on a session-wide embedded broker, in a namespa
         [invoice] = await eventbus_app.wait_published(topic="invoices")
 """
 
-from ..events import DeadLettered, Handled, Published
+from ..observing.events import DeadLettered, Handled, Published
 from .calls import CallResult, RecordingPublisher, call_handler, find_subscription
 from .harness import Harness, Recorder
 

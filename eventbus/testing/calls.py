@@ -12,16 +12,16 @@ from typing import Any, Callable, Literal, Unpack
 
 import anyio
 
-from ..client import id_text, new_message_id
+from ..broker.client import id_text, new_message_id
 from ..codec import DecodeError, encode
+from ..consuming.attempts import HandlerTimeout, backoff, cancelled_by_us, verdict
 from ..context import CURRENT, Attempt, caller, tracked
-from ..dependencies import AppScope, Provider
-from ..events import Published
-from ..handler import BatchOptions, PublishOptions, Publisher
-from ..handling import HandlerTimeout, backoff, cancelled_by_us, verdict
 from ..message import Message, MessageId
-from ..middleware import around_attempt
+from ..observing.events import Published
 from ..registry import Router, Subscription, default_router
+from ..service.dependencies import AppScope, Provider
+from ..service.handler import BatchOptions, Publisher, PublishOptions
+from ..service.middleware import around_attempt
 from ..settings import topic_problem
 
 #: What the worker would do with the message after this call.

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from ..bus import EventBus
-from ..events import DeadLettered, Event, Handled, Outcome, Published
+from ..observing.events import DeadLettered, Event, Handled, Outcome, Published
 from ..registry import Router
 from ..settings import Settings
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from ..app import resolve
-from ..embedded import EmbeddedBroker
+from ..broker.embedded import EmbeddedBroker
 from ..registry import Router, default_router
 from ..settings import Settings
 from .harness import Harness

@@ -8,13 +8,13 @@ import os
 import socket
 from typing import Literal
 
-from .client import Consumer
-from .connect import Connection
+from ..broker.client import Consumer
+from ..broker.connect import Connection
+from ..errors import EventBusError, Failure, classify
+from ..observing.metrics import SubscriptionCounts
+from ..registry import Subscription
+from ..settings import Settings
 from .deadlines import sleep_unless
-from .errors import EventBusError, Failure, classify
-from .metrics import SubscriptionCounts
-from .registry import Subscription
-from .settings import Settings
 
 log = logging.getLogger("eventbus")
 

@@ -10,22 +10,22 @@ from typing import Protocol
 
 import anyio
 
-from .client import IdKey, RawMessage, entry_of, id_key, key_of
-from .connect import Connection
-from .dependencies import AppScope
-from .errors import EventBusError, SubscriptionFailed, text
-from .events import Observer
-from .handler import Publisher
-from .handling import Handling, Sender, cancelled_by_us
-from .batching import BatchHandling
+from ..broker.client import IdKey, RawMessage, entry_of, id_key, key_of
+from ..broker.connect import Connection
+from ..errors import EventBusError, SubscriptionFailed, text
+from ..observing.events import Observer
+from ..observing.metrics import Metrics
+from ..observing.tracing import Tracing
+from ..registry import Subscription
+from ..service.dependencies import AppScope
+from ..service.handler import Publisher
+from ..settings import Settings
+from .attempts import Handling, Sender, cancelled_by_us
+from .batches import BatchHandling
 from .dispatch import Dispatch
 from .intake import Intake
-from .membership import Membership, State
 from .lanes import Lanes
-from .metrics import Metrics
-from .registry import Subscription
-from .settings import Settings
-from .tracing import Tracing
+from .membership import Membership, State
 
 log = logging.getLogger("eventbus")
 

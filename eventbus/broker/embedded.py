@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import BrokerUnavailable
+from ..errors import BrokerUnavailable
 
 START_TIMEOUT = 20.0
 #: Seconds a broker whose users all died (SIGKILL: no release) goes on before it stops itself.

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .client import RawMessage, key_of, properties_of
-from .errors import detail, text
+from ..broker.client import RawMessage, key_of, properties_of
+from ..errors import detail, text
 from .handler import Publisher
 
 log = logging.getLogger("eventbus")

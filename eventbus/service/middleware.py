@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from .message import Message
+from ..message import Message
 
 #: The rest of the chain around a handler attempt: call it with the message, get the handler's return value.
 CallNext = Callable[[Message], Awaitable[Any]]

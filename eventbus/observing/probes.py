@@ -11,7 +11,7 @@ from collections.abc import Callable
 import anyio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .metrics import Metrics
 
 #: How often the event loop proves it is responsive.

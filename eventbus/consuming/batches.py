@@ -7,12 +7,12 @@ import logging
 import random
 from typing import Any
 
-from .client import RawMessage
-from .codec import DecodeError
+from ..broker.client import RawMessage
+from ..codec import DecodeError
+from ..errors import BatchFailed, Reject, text
+from ..message import Message
+from .attempts import Handling, backoff, cancelled_by_us, verdict
 from .deadlines import sleep_unless
-from .errors import BatchFailed, Reject, text
-from .handling import Handling, backoff, cancelled_by_us, verdict
-from .message import Message
 
 log = logging.getLogger("eventbus")
 

@@ -7,17 +7,17 @@ from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, cast
 
-from .client import MessageId, build_message, id_text
-from .codec import encode
-from .context import Caller, watch_unawaited
-from .errors import PublishBatchError
-from .events import Observer, Published
-from .handler import BatchOptions, PublishOptions
-from .middleware import Outgoing, PublishNext, around_publish
+from ..broker.client import MessageId, build_message, id_text
+from ..codec import encode
+from ..context import Caller, watch_unawaited
+from ..errors import PublishBatchError
+from ..observing.events import Observer, Published
+from ..observing.tracing import Tracing
+from ..registry import Publication, Router
+from ..service.handler import BatchOptions, PublishOptions
+from ..service.middleware import Outgoing, PublishNext, around_publish
+from ..settings import Settings
 from .producers import Producers
-from .registry import Publication, Router
-from .settings import Settings
-from .tracing import Tracing
 
 
 class Publishing:

@@ -13,9 +13,9 @@ from typing import Any, TypedDict, Unpack
 
 import anyio
 
-from .codec import Decoder, decoder_for
+from ..codec import Decoder, decoder_for
+from ..message import Message, MessageId
 from .dependencies import AppScope, Depends, Plan, Role, annotations_of, depends_of, solve
-from .message import Message, MessageId
 
 
 class BatchOptions(TypedDict, total=False):

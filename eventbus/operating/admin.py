@@ -10,10 +10,10 @@ from urllib.parse import quote
 
 import httpx
 
-from .embedded import stored_topics
-from .errors import ConfigError, EventBusError
-from .dlq import REPLAY_SUBSCRIPTION, dead_letter_topic
-from .settings import Settings, broker_addresses
+from ..broker.embedded import stored_topics
+from ..errors import ConfigError, EventBusError
+from ..settings import Settings, broker_addresses
+from ..topics import REPLAY_SUBSCRIPTION, dead_letter_topic
 
 #: Where the test kit's and compose's Pulsar serve the admin API beside the broker's 6650.
 _ADMIN_PORT = 8080

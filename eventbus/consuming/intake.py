@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import anyio
 
-from .client import Consumer, ConsumerClosed, IdKey, RawMessage, id_key
+from ..broker.client import Consumer, ConsumerClosed, IdKey, RawMessage, id_key
 
 #: How long the waiting thread blocks before the intake looks at the stop flag again: a stop waits up to this
 #: long. Idle, the example app's 8 consumers used 0.9 % of a core at 100 ms and 2.9 % at 25 ms.

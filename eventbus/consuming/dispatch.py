@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Hashable
 
-from .client import IdKey, RawMessage
+from ..broker.client import IdKey, RawMessage
 from .intake import Intake
 from .lanes import Lanes
 

@@ -17,8 +17,8 @@ import _pulsar
 import pulsar
 import pulsar.asyncio
 
-from .codec import CONTENT_TYPE
-from .errors import EventBusError, broker_error
+from ..codec import CONTENT_TYPE
+from ..errors import EventBusError, broker_error
 
 log = logging.getLogger("eventbus")
 

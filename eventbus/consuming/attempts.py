@@ -9,23 +9,23 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .answering import Answers
-from .client import RawMessage, id_text, key_of, properties_of
-from .codec import DecodeError
-from .context import CURRENT, Attempt
-from .dead_lettering import DeadLetterer, Sender
+from ..broker.client import RawMessage, id_text, key_of, properties_of
+from ..codec import DecodeError
+from ..context import CURRENT, Attempt
+from ..errors import Reject, text
+from ..message import Message, UnreadableMessage
+from ..observing.events import Observer
+from ..observing.metrics import Metrics
+from ..observing.tracing import Tracing, failed
+from ..registry import Subscription
+from ..service.dependencies import AppScope
+from ..service.handler import Publisher
+from ..service.middleware import around_attempt, consume_side
+from ..service.returns import Answers
+from ..topics import dead_letter_properties
+from .dead_letterer import DeadLetterer, Sender
 from .deadlines import Deadlines, HandlerTimeout, sleep_unless
-from .dependencies import AppScope
-from .dlq import dead_letter_properties
-from .errors import Reject, text
-from .events import Observer
-from .handler import Publisher
-from .message import Message, UnreadableMessage
-from .metrics import Metrics
-from .middleware import around_attempt, consume_side
-from .registry import Subscription
 from .reporting import report_for
-from .tracing import Tracing, failed
 
 __all__ = ["Handling", "HandlerTimeout", "Sender", "backoff", "cancelled_by_us", "sleep_unless", "verdict"]
 

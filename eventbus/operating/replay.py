@@ -14,12 +14,22 @@ from typing import Any
 
 import anyio
 
-from .client import Consumer, LastEntry, MessageId, RawMessage, build_message, id_text, key_of, properties_of, stored
-from .connect import Connection, connect
-from .errors import ConfigError, EventBusError
-from .dlq import DEAD_LETTER_PROPERTIES, REPLAY_SUBSCRIPTION, REPLAYED_FROM, dead_letter_topic, retry_topic
-from .producers import Producers, TopicProducer
-from .settings import Settings
+from ..broker.client import (
+    Consumer,
+    LastEntry,
+    MessageId,
+    RawMessage,
+    build_message,
+    id_text,
+    key_of,
+    properties_of,
+    stored,
+)
+from ..broker.connect import Connection, connect
+from ..errors import ConfigError, EventBusError
+from ..publishing.producers import Producers, TopicProducer
+from ..settings import Settings
+from ..topics import DEAD_LETTER_PROPERTIES, REPLAY_SUBSCRIPTION, REPLAYED_FROM, dead_letter_topic, retry_topic
 
 #: Says on a replayed message where it came from: ``<dead-letter topic>@<its id there>``.
 #: How long a replay or `show` waits for the next dead letter before it counts the topic as read to its end.

@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from .context import CURRENT
+from ..context import CURRENT
 
 #: Fields a handler's log lines carry (`extra=`), shown by the JSON format.
 FIELDS = ("topic", "group", "message_id", "key", "attempt", "trace_id")

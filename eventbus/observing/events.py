@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from .message import Message, MessageId
+from ..message import Message, MessageId
 
 #: How one attempt ended; the same words as the `eventbus_messages_handled_total` metric's `outcome`.
 Outcome = Literal["ok", "retried", "dead_lettered", "rejected", "invalid_payload", "dropped"]

@@ -7,10 +7,10 @@ import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .dependencies import AppScope, Plan, Provider
-from .errors import StartupFailed
-from .handler import Publisher, handler_name
-from .registry import Lifespan, Router, Subscription
+from ..errors import StartupFailed
+from ..registry import Lifespan, Router, Subscription
+from ..service.dependencies import AppScope, Plan, Provider
+from ..service.handler import Publisher, handler_name
 
 
 @dataclass

@@ -10,11 +10,11 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, TypeAdapter
 
-from .answering import CORRELATION_ID, REPLY_FAILED, REPLY_TO
-from .codec import BINARY, JSON
-from .dlq import DEAD_LETTER_PROPERTIES
-from .registry import Router, Subscription
-from .settings import Settings
+from ..codec import BINARY, JSON
+from ..registry import Router, Subscription
+from ..service.returns import CORRELATION_ID, REPLY_FAILED, REPLY_TO
+from ..settings import Settings
+from ..topics import DEAD_LETTER_PROPERTIES
 
 _PULSAR_BINDING = "0.1.0"
 

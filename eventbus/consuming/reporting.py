@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .client import MessageId, RawMessage, key_of
-from .events import DeadLettered, Handled, Observer, Outcome
-from .message import Message, UnreadableMessage
-from .metrics import Metrics, SubscriptionCounts
+from ..broker.client import MessageId, RawMessage, key_of
+from ..message import Message, UnreadableMessage
+from ..observing.events import DeadLettered, Handled, Observer, Outcome
+from ..observing.metrics import Metrics, SubscriptionCounts
 
 
 def outcome_of(reason: str, dead_lettered: bool) -> Outcome:

@@ -7,12 +7,12 @@ import logging
 from collections.abc import Mapping
 from typing import Protocol
 
-from .client import MessageId, RawMessage, id_text, key_of
+from ..broker.client import MessageId, RawMessage, id_text, key_of
+from ..errors import text
+from ..observing.tracing import Tracing
+from ..topics import REPLAY_SUBSCRIPTION
 from .deadlines import sleep_unless
-from .dlq import REPLAY_SUBSCRIPTION
-from .errors import text
 from .reporting import Report, Sent
-from .tracing import Tracing
 
 log = logging.getLogger("eventbus")
 

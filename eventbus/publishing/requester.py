@@ -12,12 +12,12 @@ from typing import Any
 
 import anyio
 
-from .answering import CORRELATION_ID, REPLY_ERROR, REPLY_ERROR_TYPE, REPLY_FAILED, REPLY_TO
-from .client import Consumer, ConsumerClosed, RawMessage, properties_of
-from .codec import DecodeError, Decoder, decoder_for
-from .connect import Connection
-from .errors import RequestFailed, RequestTimeout
-from .settings import Settings
+from ..broker.client import Consumer, ConsumerClosed, RawMessage, properties_of
+from ..broker.connect import Connection
+from ..codec import DecodeError, Decoder, decoder_for
+from ..errors import RequestFailed, RequestTimeout
+from ..service.returns import CORRELATION_ID, REPLY_ERROR, REPLY_ERROR_TYPE, REPLY_FAILED, REPLY_TO
+from ..settings import Settings
 
 log = logging.getLogger("eventbus")
 

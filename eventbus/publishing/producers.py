@@ -9,11 +9,11 @@ import logging
 import time
 from collections.abc import Mapping
 
-from .bridge import LoopBridge
-from .client import OK, Client, MessageId, Producer, RawMessage, Result, build_message, sibling_id
-from .errors import BrokerUnavailable, EventBusError, PublishError
-from .metrics import Metrics
-from .settings import Settings
+from ..broker.bridge import LoopBridge
+from ..broker.client import OK, Client, MessageId, Producer, RawMessage, Result, build_message, sibling_id
+from ..errors import BrokerUnavailable, EventBusError, PublishError
+from ..observing.metrics import Metrics
+from ..settings import Settings
 
 log = logging.getLogger("eventbus")
 

@@ -12,19 +12,19 @@ from collections.abc import Sequence
 import anyio
 import anyio.abc
 
-from .connect import Connection
-from .consumer import SubscriptionRunner
-from .errors import EventBusError
-from .events import Observer
-from .handler import Publisher
-from .dependencies import AppScope
-from .handling import Sender
+from ..broker.connect import Connection
+from ..consuming.attempts import Sender
+from ..consuming.runner import SubscriptionRunner
+from ..errors import EventBusError
+from ..observing.events import Observer
+from ..observing.metrics import Metrics
+from ..observing.probes import Probes
+from ..observing.tracing import Tracing
+from ..registry import Background, Subscription
+from ..service.dependencies import AppScope
+from ..service.handler import Publisher
+from ..settings import Settings
 from .lifetime import Lifetime
-from .metrics import Metrics
-from .probes import Probes
-from .registry import Background, Subscription
-from .settings import Settings
-from .tracing import Tracing
 
 log = logging.getLogger("eventbus")
 

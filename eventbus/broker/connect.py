@@ -11,13 +11,13 @@ from importlib import metadata
 
 import anyio
 
+from ..errors import AuthenticationFailed, BrokerUnavailable, ConfigError
+from ..settings import Settings, broker_addresses
 from .bridge import LoopBridge
 from .client import Client
 from .embedded import EmbeddedBroker
-from .errors import AuthenticationFailed, BrokerUnavailable, ConfigError
 from .handshake import HandshakeRejected, handshake
 from .profile import BrokerProfile
-from .settings import Settings, broker_addresses
 
 log = logging.getLogger("eventbus")
 

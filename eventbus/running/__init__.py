@@ -1,0 +1,1 @@
+"""Running an app: the worker over every subscription, what it opens and closes around them, worker processes."""
