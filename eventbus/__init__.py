@@ -15,6 +15,8 @@ Register handlers, publish, and run them::
 or run a module's handlers in a worker: ``python -m eventbus run handlers``.
 """
 
+__version__ = "0.1.0"  # the one place the version is written: pyproject.toml and `eventbus --version` read it
+
 from .bus import EventBus
 from .codec import DecodeError
 from .consuming.runner import RunningSubscription

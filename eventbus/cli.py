@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 import anyio
 import orjson
 
-from importlib import metadata
+from . import __version__
 from .app import load, resolve
 from .broker.client import id_text
 from .bus import EventBus
@@ -62,7 +62,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         prog=prog, description="Event bus on Apache Pulsar.", epilog=_settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {metadata.version('eventbus')}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser(
         "run", help="run handlers until SIGINT/SIGTERM", epilog=_settings_help(),
