@@ -191,9 +191,8 @@ def read_messages(client: Any, topic: str) -> list[Any]:
         consumer.unsubscribe()
 
 
-def run_readme_project(pytester: pytest.Pytester, heading: str, passed: int) -> None:
-    """Build a fresh project from the README section under `heading` (its pyproject.toml, shop.py and test_shop.py
-    blocks, as pasted) and run its tests: each must pass."""
+def readme_project(heading: str) -> dict[str, str]:
+    """The README section under `heading`'s project, file name -> text as pasted: pyproject.toml, shop.py, test_shop.py."""
     import re
 
     section = (ROOT / "README.md").read_text().split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
@@ -202,6 +201,13 @@ def run_readme_project(pytester: pytest.Pytester, heading: str, passed: int) -> 
         for match in re.finditer(r"```(toml|python)\n(.*?)```", section, re.S)
     }
     assert set(blocks) == {"pyproject.toml", "shop.py", "test_shop.py"}, list(blocks)
+    return blocks
+
+
+def run_readme_project(pytester: pytest.Pytester, heading: str, passed: int) -> None:
+    """Build a fresh project from the README section under `heading` (its pyproject.toml, shop.py and test_shop.py
+    blocks, as pasted) and run its tests: each must pass."""
+    blocks = readme_project(heading)
     pytester.makepyprojecttoml(blocks["pyproject.toml"])
     pytester.makepyfile(shop=blocks["shop.py"], test_shop=blocks["test_shop.py"])
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
