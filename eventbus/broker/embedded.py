@@ -289,7 +289,7 @@ def stop_broker(pid: int, timeout: float = 10.0) -> None:
 def _start_watcher(data_dir: Path, pid: int, idle_stop: float) -> None:
     """A process of its own that stops the broker once nobody has used it for `idle_stop` seconds."""
     subprocess.Popen(
-        [sys.executable, "-c", "import sys; from eventbus.embedded import watch; watch(*sys.argv[1:])",
+        [sys.executable, "-c", "import sys; from eventbus.broker.embedded import watch; watch(*sys.argv[1:])",
          str(data_dir), str(pid), str(idle_stop)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
