@@ -64,7 +64,26 @@ class BatchFailed(Exception):
 
     def __init__(self, failures: dict[int, BaseException]) -> None:
         self.failures = dict(failures)
-        super().__init__(f"{len(self.failures)} of the batch failed: indexes {sorted(self.failures)}")
+        super().__init__(f"{len(self.failures)} of the batch failed: indexes {sorted(map(repr, self.failures))}")
+
+    def problem(self, size: int) -> str | None:
+        """What makes `failures` unusable for a batch of `size` (the whole batch then fails with it), or None.
+
+        Each key must be an index of the batch (an `int`, not a `bool`) and each value the exception of that item:
+        anything else would acknowledge an item the handler meant as failed, or fail one it did not name.
+        """
+        if not self.failures:
+            return "BatchFailed({}) names no failed item: raise it with {index: exception}, or return normally"
+        keys = [k for k in self.failures if type(k) is not int or not 0 <= k < size]
+        if keys:
+            return f"BatchFailed names {keys!r}, not indexes (0 to {size - 1}) of this batch of {size}: fix the handler"
+        values = {k: v for k, v in self.failures.items() if not isinstance(v, BaseException)}
+        if values:
+            return (
+                f"BatchFailed maps {', '.join(f'{k}: {v!r}' for k, v in values.items())}: each value must be the "
+                "exception of that item, e.g. BatchFailed({3: ValueError('bad sku')}): fix the handler"
+            )
+        return None
 
 
 class Reject(Exception):

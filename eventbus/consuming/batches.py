@@ -80,11 +80,10 @@ class BatchHandling(Handling):
             if current.publishes:
                 current.check()
         except BatchFailed as failed:
-            wrong = [i for i in failed.failures if not (isinstance(i, int) and 0 <= i < len(batch))]
-            if not wrong:
+            problem = failed.problem(len(batch))
+            if problem is None:
                 return failed.failures
-            error = IndexError(f"BatchFailed names {wrong}, not indexes of this batch of {len(batch)}: fix the handler")
-            return dict.fromkeys(range(len(batch)), error)
+            return dict.fromkeys(range(len(batch)), TypeError(problem))
         except BaseException as exc:
             if cancelled_by_us(exc):
                 raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from ..broker.client import id_text, new_message_id
 from ..codec import DecodeError, encode
 from ..consuming.attempts import HandlerTimeout, backoff, cancelled_by_us, verdict
 from ..context import CURRENT, Attempt, caller, tracked
+from ..errors import BatchFailed
 from ..message import Message, MessageId
 from ..observing.events import Published
 from ..registry import Router, Subscription, default_router
@@ -93,6 +95,9 @@ class CallResult:
     published: list[Published] = field(default_factory=list)
     #: What the handler returned (what `returns_to` would publish, or a request's reply).
     returned: Any = None
+    #: A batch handler's verdict on each item, in the order given, as the worker decides them (a `BatchFailed`
+    #: fails only the items it names); the call's own outcome is then the first failed item's. Empty otherwise.
+    items: tuple[CallResult, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -221,8 +226,32 @@ async def call_handler(
     except BaseException as exc:
         if cancelled_by_us(exc):
             raise
-        then = verdict(sub, exc, attempt)
-        if then == "retry":
-            return result("retry", error=exc, retry_in=backoff(sub, attempt))
-        return result("dead_letter" if sub.dead_letter else "drop", error=exc, reason=then)
-    return result("ok", returned=returned)
+        if batch is not None:
+            return _batch_result(sub, exc, batch, attempt, recorded[before:])
+        return _judged(sub, exc, attempt, result)
+    return result("ok", returned=returned, items=tuple(CallResult("ok", m) for m in batch or ()))
+
+
+def _judged(sub: Subscription, exc: BaseException, attempt: int, result: Callable[..., CallResult]) -> CallResult:
+    then = verdict(sub, exc, attempt)
+    if then == "retry":
+        return result("retry", error=exc, retry_in=backoff(sub, attempt))
+    return result("dead_letter" if sub.dead_letter else "drop", error=exc, reason=then)
+
+
+def _batch_result(
+    sub: Subscription, exc: BaseException, batch: list[Message], attempt: int, published: list[Published]
+) -> CallResult:
+    """Each item judged as the worker judges it: a valid `BatchFailed` fails the items it names, anything else all."""
+    problem = exc.problem(len(batch)) if isinstance(exc, BatchFailed) else None
+    if isinstance(exc, BatchFailed) and problem is None:
+        failures: dict[int, BaseException] = exc.failures
+    else:
+        failures = dict.fromkeys(range(len(batch)), TypeError(problem) if problem else exc)
+    items = tuple(
+        _judged(sub, failures[i], attempt, functools.partial(CallResult, message=m, published=published))
+        if i in failures else CallResult("ok", m, published=published)
+        for i, m in enumerate(batch)
+    )
+    first = next(item for item in items if not item.ok)
+    return dataclasses.replace(first, message=batch[0], items=items)
