@@ -91,9 +91,28 @@ def around_attempt(call: Call, middleware: Sequence[object]) -> Call:
 def _layer(side: Callable[[Message, CallNext], Awaitable[Any]], inner: Call) -> Call:
     async def layer(payload: Any, message: Message | None, bus: Any) -> Any:
         assert message is not None  # a subscription with middleware always makes the Message
-        return await side(message, lambda given: inner(payload, given, bus))
+        calls = 0
+
+        def call_next(given: Message) -> Awaitable[Any]:
+            nonlocal calls
+            calls += 1
+            if calls > 1:  # the handler's side effects twice in one attempt, its outputs published twice
+                raise MiddlewareError(f"middleware {_name(side)} called call_next twice in one attempt: call it once")
+            return inner(payload, given, bus)
+
+        return await side(message, call_next)
 
     return layer
+
+
+class MiddlewareError(RuntimeError):
+    """A middleware broke the chain's contract (call_next skipped, called twice, or its result not returned)."""
+
+
+def _name(side: object) -> str:
+    owner = getattr(side, "__self__", None)
+    named = owner if owner is not None and not isinstance(owner, type) else side
+    return getattr(named, "__qualname__", None) or type(named).__qualname__
 
 
 def around_publish(send: PublishNext, middleware: Sequence[object]) -> PublishNext | None:
@@ -108,6 +127,27 @@ def around_publish(send: PublishNext, middleware: Sequence[object]) -> PublishNe
 
 def _publish_layer(side: Callable[[Outgoing, PublishNext], Awaitable[Any]], inner: PublishNext) -> PublishNext:
     async def layer(outgoing: Outgoing) -> Any:
-        return await side(outgoing, inner)
+        sent: list[Any] = []
+
+        async def call_next(given: Outgoing) -> Any:
+            if sent:
+                raise MiddlewareError(f"middleware {_name(side)}.on_publish called call_next twice: call it once")
+            sent.append(await inner(given))
+            return sent[0]
+
+        result = await side(outgoing, call_next)
+        # A publish the chain did not send, or whose id it kept back, would let a handler's input be acknowledged
+        # with its output never stored (or a caller hold a wrong id): the publish fails instead, and so the attempt.
+        if not sent:
+            raise MiddlewareError(
+                f"middleware {_name(side)}.on_publish returned without calling call_next: the publish to "
+                f"{outgoing.topic} was not sent; call `return await call_next(outgoing)`"
+            )
+        if result is not sent[0]:
+            raise MiddlewareError(
+                f"middleware {_name(side)}.on_publish returned {type(result).__name__}, not call_next's result: the "
+                f"publish to {outgoing.topic} was sent but its id was lost; `return await call_next(outgoing)`"
+            )
+        return result
 
     return layer
