@@ -88,7 +88,7 @@ class Handling:
             stopped=finished, backoff=(sub.retry_backoff or 0.5, sub.retry_backoff_max),
         )
         self._call = self._attempt_call(call, metrics)
-        self._answers = Answers(sub.name, bus, sub.returns_to, sub.handler.may_return)
+        self._answers = Answers(sub.name, bus, sub.returns_to, sub.handler.may_return, topic)
         # A return value is looked at only when the handler may give one, or has somewhere to send it.
         self._answering = sub.returns_to is not None or sub.handler.may_return
         # Log lines about a message carry these (JSON logs show them as fields).

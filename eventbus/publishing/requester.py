@@ -16,7 +16,9 @@ from ..broker.client import Consumer, ConsumerClosed, RawMessage, properties_of
 from ..broker.connect import Connection
 from ..codec import DecodeError, Decoder, decoder_for
 from ..errors import RequestFailed, RequestTimeout
-from ..service.returns import CORRELATION_ID, REPLY_ERROR, REPLY_ERROR_TYPE, REPLY_FAILED, REPLY_TO
+from ..service.returns import (
+    CORRELATION_ID, REPLY_ERROR, REPLY_ERROR_TYPE, REPLY_FAILED, REPLY_TO, REPLY_TOPIC_PREFIX,
+)
 from ..settings import Settings
 
 log = logging.getLogger("eventbus")
@@ -39,7 +41,7 @@ class Requester:
 
     def __init__(self, connection: Connection, settings: Settings, publish: Publish) -> None:
         self._connection, self._publish = connection, publish
-        self.topic = settings.topic(f"eventbus-replies-{uuid.uuid4().hex[:16]}")
+        self.topic = settings.topic(f"{REPLY_TOPIC_PREFIX}{uuid.uuid4().hex[:16]}")
         self._waiting: dict[str, tuple[asyncio.Future[Any], Decoder, str]] = {}
         self._consumer: Consumer | None = None
         self._receiving: asyncio.Task[None] | None = None
@@ -60,7 +62,9 @@ class Requester:
         try:
             address = {**(properties or {}), REPLY_TO: self.topic, CORRELATION_ID: correlation}
             with anyio.fail_after(timeout):
-                await self._publish(topic, payload, key=key, properties=address)
+                # A request without a key gets its correlation id as one: keyless requests spread over the
+                # responder's concurrency instead of queueing on one (the empty) key.
+                await self._publish(topic, payload, key=correlation if key is None else key, properties=address)
                 return await future
         except TimeoutError:
             raise RequestTimeout(
