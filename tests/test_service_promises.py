@@ -1,0 +1,273 @@
+"""The service features under misuse, tried as an adversary: outcomes read back from the broker, never taken on trust."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+import pytest
+
+from eventbus import Batch, BatchFailed, EventBus, Outgoing, PublishNext, Reject, RequestFailed, Router, Settings
+from eventbus.testing import Harness, call_handler
+
+from .conftest import eventually, raw_client, read_messages
+
+
+def _stored(settings: Settings, url: str, topic: str) -> list[Any]:
+    client = raw_client(url, settings.jwt())
+    try:
+        return read_messages(client, settings.topic(topic))
+    finally:
+        client.close()
+
+
+# -- batch handlers: BatchFailed must say what failed ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "failures, named",
+    [
+        ({0: None}, "each value must be the exception"),  # the handler said 0 failed, with no exception
+        ({True: ValueError("b")}, "not indexes"),  # a bool is not an index (True == 1 would fail item 1)
+        ({0: ValueError("a"), "1": ValueError("b")}, "not indexes"),  # mixed key types
+        ({7: ValueError("past the end")}, "not indexes (0 to 2)"),
+        ({}, "names no failed item"),
+    ],
+    ids=["none-value", "bool-key", "mixed-keys", "out-of-range", "empty"],
+)
+async def test_a_batch_failed_that_cannot_be_read_fails_the_whole_batch_and_acknowledges_none(
+    settings: Settings, topic: str, failures: dict[Any, Any], named: str
+) -> None:
+    router = Router()
+
+    @router.subscribe(
+        topic, "g", subscription_type="shared", initial_position="earliest", batch=Batch(3, 1.0), max_retries=1,
+        retry_backoff=0,
+    )
+    async def load(records: list[int]) -> None:
+        raise BatchFailed(failures)
+
+    async with EventBus(settings, routers=[]) as publisher:
+        await publisher.publish_batch(topic, [0, 1, 2])
+    async with Harness(settings, [router]) as app:
+        await app.wait_dead_lettered(3, group="g", timeout=20)
+        url = app.bus.url
+        assert [h for h in app.handled if h.outcome == "ok"] == [], "nothing acknowledged as handled"
+    stored = _stored(settings, url, f"{topic}-g-DLQ")
+    assert sorted(m.data() for m in stored) == [b"0", b"1", b"2"]
+    assert {m.properties()["eventbus-error-type"] for m in stored} == {"TypeError"}
+    assert all(named in m.properties()["eventbus-error"] for m in stored), stored[0].properties()["eventbus-error"]
+
+
+async def test_call_handler_judges_a_batch_item_by_item_as_the_worker_does() -> None:
+    router = Router()
+
+    @router.subscribe("records", "g", batch=Batch(10, 1.0), max_retries=2)
+    async def load(records: list[int]) -> None:
+        failures: dict[int, BaseException] = {i: Reject("odd") for i, r in enumerate(records) if r % 2}
+        if records[0] == 10:
+            failures[2] = ConnectionError("later")
+        if records[0] == -1:
+            raise BatchFailed({0: None})  # type: ignore[dict-item]
+        raise BatchFailed(failures)
+
+    result = await call_handler(load, [0, 1, 2], routers=[router])
+    assert [i.outcome for i in result.items] == ["ok", "dead_letter", "ok"]
+    assert (result.outcome, result.reason, str(result.error)) == ("dead_letter", "rejected", "odd")
+    assert [i.message.data for i in result.items] == [b"0", b"1", b"2"]
+
+    result = await call_handler(load, [10, 11, 12], routers=[router])
+    assert [(i.outcome, i.reason) for i in result.items] == [("ok", None), ("dead_letter", "rejected"), ("retry", None)]
+
+    result = await call_handler(load, [-1, 5], routers=[router])
+    assert [i.outcome for i in result.items] == ["retry", "retry"] and result.outcome == "retry"
+    assert isinstance(result.error, TypeError) and "each value must be the exception" in str(result.error)
+
+
+# -- middleware: the chain's contract is kept, or the attempt fails naming the middleware --------------
+
+
+class Dropping:
+    """An on_publish that forgets to send."""
+
+    async def on_publish(self, outgoing: Outgoing, call_next: PublishNext) -> object:
+        return None
+
+
+class KeepingTheId:
+    """An on_publish that sends, but returns something else than the id."""
+
+    async def on_publish(self, outgoing: Outgoing, call_next: PublishNext) -> object:
+        await call_next(outgoing)
+        return "sent"
+
+
+@pytest.mark.parametrize(
+    "middleware, named", [(Dropping(), "returned without calling call_next"), (KeepingTheId(), "not call_next's result")]
+)
+async def test_an_on_publish_that_does_not_send_fails_the_attempt_and_nothing_is_acknowledged(
+    settings: Settings, topic: str, middleware: object, named: str
+) -> None:
+    out = f"{topic}-out"
+    router = Router(middleware=[middleware])
+
+    @router.subscribe(topic, "g", initial_position="earliest", returns_to=out, max_retries=1, retry_backoff=0)
+    async def double(n: int) -> int:
+        return n * 2
+
+    async with EventBus(settings, routers=[]) as plain:
+        await plain.publish(topic, 21)
+    async with Harness(settings, [router]) as app:
+        [dead] = await app.wait_dead_lettered(group="g", timeout=20)
+        url = app.bus.url
+        assert [h.outcome for h in app.handled] == ["retried", "dead_lettered"]
+    assert dead.error_type == "MiddlewareError" and type(middleware).__name__ in dead.error and named in dead.error
+    stored = _stored(settings, url, out)
+    if isinstance(middleware, Dropping):
+        assert stored == [], "the output was never sent"
+    else:
+        assert [m.data() for m in stored] == [b"42", b"42"], "sent on each attempt: stored twice, never lost"
+
+    async with EventBus(settings, routers=[router]) as bus:
+        with pytest.raises(Exception, match=named):  # outside a handler too: the caller hears of it
+            await bus.publish(out, 1)
+
+
+async def test_a_middleware_calling_call_next_twice_runs_the_handler_once_and_fails_the_attempt(
+    settings: Settings, topic: str
+) -> None:
+    calls: list[int] = []
+
+    async def twice(message: object, call_next: Any) -> Any:
+        await call_next(message)
+        return await call_next(message)
+
+    router = Router(middleware=[twice])
+
+    @router.subscribe(topic, "g", initial_position="earliest", max_retries=0)
+    async def charge(n: int) -> None:
+        calls.append(n)
+
+    async with Harness(settings, [router]) as app:
+        await app.publish(topic, 7)
+        [dead] = await app.wait_dead_lettered(group="g", timeout=20)
+    assert calls == [7], "once per attempt"
+    assert "twice called call_next twice in one attempt" in dead.error
+
+
+# -- request/reply: no reply that lies, no reply anywhere a message's author asks -----------------------
+
+
+class OutIsDown:
+    """The output topic refuses every publish; the reply topic takes them."""
+
+    async def on_publish(self, outgoing: Outgoing, call_next: PublishNext) -> object:
+        if outgoing.topic.endswith("-out"):
+            raise ConnectionError("the output topic is down")
+        return await call_next(outgoing)
+
+
+async def test_a_request_hears_success_only_after_the_outputs_are_stored(settings: Settings, topic: str) -> None:
+    out = f"{topic}-out"
+    router = Router(middleware=[OutIsDown()])
+
+    @router.subscribe(topic, "g", initial_position="earliest", returns_to=out, max_retries=1, retry_backoff=0)
+    async def quote(n: int) -> int:
+        return n * 2
+
+    async with Harness(settings, [router]) as app, EventBus(settings, routers=[]) as requester:
+        with pytest.raises(RequestFailed) as failed:
+            await requester.request(topic, 1, timeout=30)
+        assert failed.value.reason == "handler-failed" and "the output topic is down" in failed.value.error
+        await app.wait_dead_lettered(group="g", timeout=20)
+        assert requester.late_replies == 0, "no success reply came first"
+        url = app.bus.url
+    assert _stored(settings, url, out) == []
+
+
+async def test_forged_reply_addresses_write_nothing_anywhere(
+    settings: Settings, topic: str, broker_kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    victim, dead_letters = f"{topic}-victim", f"{topic}-g-DLQ"
+    forged = [settings.topic(victim), settings.topic(dead_letters), settings.topic(f"{topic}-g-RETRY")]
+    other_namespace = "persistent://public/elsewhere/eventbus-replies-0123456789abcdef"
+    if broker_kind == "embedded":  # Apache Pulsar refuses a namespace that does not exist: nothing to read back
+        forged.append(other_namespace)
+    router = Router()
+
+    @router.subscribe(topic, "g", initial_position="earliest", max_retries=0)
+    async def answer(n: int) -> int:
+        if n < 0:
+            raise ValueError("a failure's text must not leak either")
+        return n
+
+    async with Harness(settings, [router]) as app:
+        url = app.bus.url
+        client = raw_client(url, settings.jwt())
+        try:
+            producer = client.create_producer(settings.topic(topic))
+            for n, address in enumerate(forged):
+                for sign in (1, -1):
+                    correlation = uuid.uuid4().hex
+                    producer.send(str(sign * (n + 1)).encode(), properties={
+                        "eventbus-reply-to": address, "eventbus-correlation-id": correlation,
+                    })
+            producer.close()
+        finally:
+            client.close()
+        await app.wait_handled(len(forged), topic=topic, timeout=20)
+        await app.wait_dead_lettered(len(forged), group="g", timeout=20)
+        assert app.published == [], "the responder published nothing"
+    assert _stored(settings, url, victim) == []
+    assert sorted(m.data() for m in _stored(settings, url, dead_letters)) == sorted(
+        str(-(n + 1)).encode() for n in range(len(forged))
+    ), "only the real dead letters, none planted"
+    if broker_kind == "embedded":
+        assert _stored(settings, url, other_namespace) == []
+    said = [r.getMessage() for r in caplog.records if "ignored the reply address" in r.getMessage()]
+    assert len(said) == 1 and "said once per handler" in said[0]
+
+
+async def test_keyless_requests_spread_over_the_responders_concurrency(settings: Settings, topic: str) -> None:
+    in_flight, most = 0, 0
+    router = Router()
+
+    @router.subscribe(topic, "g", initial_position="earliest", concurrency=8)
+    async def slow(n: int) -> int:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.05)  # work that takes time, not a synchronisation
+        in_flight -= 1
+        return n
+
+    async with Harness(settings, [router]) as app, EventBus(settings, routers=[]) as requester:
+        replies = await asyncio.gather(*(requester.request(topic, n, timeout=60) for n in range(40)))
+        url = app.bus.url
+    assert replies == list(range(40))
+    assert most > 1, "keyless requests ran one at a time"
+    stored = _stored(settings, url, topic)
+    assert len(stored) == 40
+    assert all(m.partition_key() == m.properties()["eventbus-correlation-id"] for m in stored), "keyed by correlation"
+
+
+def test_the_forged_address_warning_names_the_fix(caplog: pytest.LogCaptureFixture) -> None:
+    from eventbus.service.returns import Answers
+
+    answers = Answers("h", None, None, True, "persistent://shop/orders/quotes")  # type: ignore[arg-type]
+    mine = "persistent://shop/orders/eventbus-replies-0123456789abcdef"
+    with caplog.at_level(logging.WARNING, logger="eventbus"):
+        assert answers.reply_address({"eventbus-reply-to": mine, "eventbus-correlation-id": "a" * 32}) == (mine, "a" * 32)
+        for address, correlation in [
+            ("persistent://shop/other/eventbus-replies-0123456789abcdef", "a" * 32),  # another namespace
+            ("persistent://shop/orders/quotes-g-DLQ", "a" * 32),
+            (mine + "-g-DLQ", "a" * 32),
+            (mine, ""),  # no correlation id: a request never lacks one
+            (mine, "x\ny"),
+        ]:
+            assert answers.reply_address({"eventbus-reply-to": address, "eventbus-correlation-id": correlation}) is None
+        assert answers.reply_address({}) is None
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "persistent://shop/orders" in line and "eventbus-replies-<id>" in line
