@@ -72,7 +72,7 @@ class EventBus(Publisher):
         self._tracing: Tracing | None = None
         self.routers = list(routers) if routers is not None else [default_router]
         self._publishing: Publishing | None = None  # chosen at start: plain or instrumented
-        self._requester: Requester | None = None  # made on the first request
+        self._requester: Requester | None = None  # made at start; subscribes to its reply topic on the first request
         self._connection: Connection | None = None
         self._producers: Producers | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -129,6 +129,7 @@ class EventBus(Publisher):
         self._connection = connection
         self._tracing = Tracing.for_provider(self._tracer_provider)
         self._producers = Producers(connection.client, self.settings, connection.bridge, self.metrics)
+        self._requester = Requester(connection, self.settings, self.publish)
         self._publishing = sending_for(
             self._producers, self.settings, self.routers, self._tracing, self._observer, self._middleware
         )
@@ -211,11 +212,8 @@ class EventBus(Publisher):
 
         A request is an ordinary message (retried, ordered per key, dead-lettered). Raises `RequestFailed` when
         its handler gave up on it, `RequestTimeout` when no reply came within `timeout`."""
-        connection = self._connection
-        if connection is None:
-            raise RuntimeError(_NOT_STARTED)
         if self._requester is None:
-            self._requester = Requester(connection, self.settings, self.publish)
+            raise RuntimeError(_NOT_STARTED)
         return await self._requester.request(
             topic, payload, key=key, timeout=timeout, response_type=Any if response_type is None else response_type,
             properties=properties,
@@ -264,8 +262,8 @@ class EventBus(Publisher):
         A subscription that dies of something unexpected is logged with its
         traceback, the others drain, and `run()` raises `SubscriptionFailed`.
         """
-        connection, producers = self._connection, self._producers
-        if connection is None or producers is None:
+        connection, producers, requests = self._connection, self._producers, self._requester
+        if connection is None or producers is None or requests is None:
             raise RuntimeError(_NOT_STARTED)
         if producers.closed:
             raise RuntimeError("the bus is closed: open a new EventBus to run handlers")
@@ -280,7 +278,7 @@ class EventBus(Publisher):
             subs, connection, self.settings, bus=self, dead_letters=producers, metrics=self.metrics,
             tracing=self._tracing, observer=self._observer, app=lifetime.app, middleware=self._middleware,
         )
-        self._worker = Worker(runners, background, self, self._stop, self.settings, self.metrics, lifetime)
+        self._worker = Worker(runners, background, self, self._stop, self.settings, self.metrics, lifetime, requests)
         self._run_done = asyncio.Event()
         try:
             await self._worker.run(handle_signals=handle_signals, task_status=task_status)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -271,3 +274,81 @@ def test_the_forged_address_warning_names_the_fix(caplog: pytest.LogCaptureFixtu
         assert answers.reply_address({}) is None
     [line] = [r.getMessage() for r in caplog.records]
     assert "persistent://shop/orders" in line and "eventbus-replies-<id>" in line
+
+
+# -- a graceful stop of a worker that asks itself -------------------------------------------------------
+
+_ASKS_ITSELF = """
+import asyncio, os
+from pathlib import Path
+from eventbus import EventBus, Router
+
+TOPIC, RECORD = os.environ["EB_TOPIC"], Path(os.environ["EB_RECORD"])
+router = Router()
+
+
+def note(line: str) -> None:
+    with RECORD.open("a") as f:
+        f.write(line + "\\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@router.subscribe(TOPIC, "shop", initial_position="earliest", concurrency=4)
+async def order(n: int, bus: EventBus) -> None:
+    price = await bus.request(TOPIC + "-pricing", n, timeout=20)
+    note(f"ordered {n} {price}")
+
+
+@router.subscribe(TOPIC + "-pricing", "pricing", initial_position="earliest", concurrency=4)
+async def pricing(n: int) -> int:
+    note(f"priced {n}")
+    await asyncio.sleep(0.1)
+    return n * 10
+"""
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_worker_answering_its_own_requests_stops_at_once_and_handles_no_request_twice(
+    settings: Settings, topic: str, subprocess_env: dict[str, str], tmp_path: Path, workers: int, broker_kind: str
+) -> None:
+    from .test_worker_process import Worker
+
+    if workers > 1 and broker_kind == "embedded":
+        pytest.skip("--workers N shares a subscription on Apache Pulsar: the embedded broker runs one consumer each")
+
+    (tmp_path / "asks_itself.py").write_text(_ASKS_ITSELF)
+    record = tmp_path / "record.txt"
+    env = {
+        **subprocess_env, "EB_TOPIC": topic, "EB_RECORD": str(record), "EVENTBUS_SHUTDOWN_DRAIN_TIMEOUT": "30",
+        "PYTHONPATH": f"{tmp_path}:{subprocess_env['PYTHONPATH']}",
+    }
+
+    def noted(what: str) -> list[int]:
+        text = record.read_text() if record.exists() else ""
+        return [int(line.split()[1]) for line in text.splitlines() if line.startswith(what)]
+
+    async with EventBus(settings, routers=[]) as bus:
+        await bus.publish_batch(topic, list(range(40)), key=None)
+    first = Worker(env, tmp_path / "first.log", "asks_itself:router", "--workers", str(workers))
+    try:
+        await first.wait_subscribed()
+        await eventually(lambda: len(noted("ordered")) >= 5, timeout=60, what="five orders")
+        first.proc.send_signal(signal.SIGTERM)
+        began = time.monotonic()
+        assert await first.wait_exit(60) == 0, first.text()
+        took = time.monotonic() - began  # with the requests' 20 s timeout, the old stop took at least 20 s
+    finally:
+        first.kill()
+    assert took < 8, f"the stop took {took:.1f}s\n{first.text()[-3000:]}"
+    assert "drain timeout" not in first.text()
+    second = Worker(env, tmp_path / "second.log", "asks_itself:router")
+    try:
+        await second.wait_subscribed()
+        await eventually(lambda: len(noted("ordered")) == 40, timeout=90, what="every order")
+        second.proc.send_signal(signal.SIGTERM)
+        assert await second.wait_exit(60) == 0, second.text()
+    finally:
+        second.kill()
+    assert sorted(noted("ordered")) == list(range(40)), "each order handled once"
+    assert sorted(noted("priced")) == list(range(40)), "each request handled once"

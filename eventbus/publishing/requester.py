@@ -40,7 +40,9 @@ class Requester:
     """
 
     def __init__(self, connection: Connection, settings: Settings, publish: Publish) -> None:
-        self._connection, self._publish = connection, publish
+        self._connection, self._publish, self._settings = connection, publish, settings
+        #: Set whenever a request begins or ends to wait (a worker's stop watches `awaited`).
+        self.changed = asyncio.Event()
         self.topic = settings.topic(f"{REPLY_TOPIC_PREFIX}{uuid.uuid4().hex[:16]}")
         self._waiting: dict[str, tuple[asyncio.Future[Any], Decoder, str]] = {}
         self._consumer: Consumer | None = None
@@ -59,6 +61,7 @@ class Requester:
         correlation = uuid.uuid4().hex
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[correlation] = (future, decode, topic)
+        self.changed.set()
         try:
             address = {**(properties or {}), REPLY_TO: self.topic, CORRELATION_ID: correlation}
             with anyio.fail_after(timeout):
@@ -73,6 +76,11 @@ class Requester:
             ) from None
         finally:
             self._waiting.pop(correlation, None)
+            self.changed.set()
+
+    def awaited(self) -> frozenset[str]:
+        """The full names of the topics that requests are waiting on a reply from."""
+        return frozenset(self._settings.topic(topic) for _, _, topic in self._waiting.values())
 
     async def _subscribe(self) -> None:
         async with self._lock:
