@@ -29,6 +29,7 @@ from .errors import (
     EventBusError,
     PublishBatchError,
     PublishError,
+    Refuse,
     Reject,
     RequestFailed,
     RequestTimeout,
@@ -49,7 +50,7 @@ from .registry import (
 )
 from .service.dependencies import Depends
 from .service.handler import BatchOptions, Publisher, PublishOptions
-from .service.middleware import CallNext, Middleware, Outgoing, PublishNext
+from .service.middleware import CallNext, Middleware, MiddlewareError, Outgoing, PublishNext
 from .settings import Settings
 
 __all__ = [
@@ -67,6 +68,7 @@ __all__ = [
     "Message",
     "MessageId",
     "Middleware",
+    "MiddlewareError",
     "Outgoing",
     "Publication",
     "PublishBatchError",
@@ -74,6 +76,7 @@ __all__ = [
     "PublishNext",
     "PublishOptions",
     "Publisher",
+    "Refuse",
     "Reject",
     "RequestFailed",
     "RequestTimeout",

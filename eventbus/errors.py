@@ -47,9 +47,13 @@ class RequestTimeout(EventBusError):
 
 
 class RequestFailed(EventBusError):
-    """The request was dead-lettered (or dropped) by its handler: `reason`, `error_type` and `error` say why."""
+    """The request's handler gave up on it: `reason` is ``refused`` (it raised `Refuse`), or the dead-letter reason
+    (``handler-failed``, ``rejected``, ...); `error_type` and `error` say why.
 
-    def __init__(self, topic: str, reason: str, error_type: str, error: str) -> None:
+    >>> RequestFailed("pricing", reason="refused", error_type="Refuse", error="out of stock")
+    """
+
+    def __init__(self, topic: str = "", reason: str = "handler-failed", error_type: str = "", error: str = "") -> None:
         self.topic, self.reason, self.error_type, self.error = topic, reason, error_type, error
         super().__init__(f"request to {topic} failed ({reason}): {error_type}: {error}")
 
@@ -84,6 +88,15 @@ class BatchFailed(Exception):
                 "exception of that item, e.g. BatchFailed({3: ValueError('bad sku')}): fix the handler"
             )
         return None
+
+
+class Refuse(Exception):
+    """Raise it from a handler to say no, as a business answer rather than a failure: the message is acknowledged,
+    not retried and not dead-lettered; the refusal is counted and logged at INFO, and a requester gets
+    `RequestFailed` with ``reason="refused"`` and this text.
+
+    >>> raise Refuse("out of stock")
+    """
 
 
 class Reject(Exception):

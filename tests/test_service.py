@@ -652,7 +652,7 @@ async def test_a_late_reply_is_dropped_and_counted_and_a_gone_requester_stalls_n
 
 
 def test_the_readme_service_runs_as_pasted_into_a_fresh_project(pytester: pytest.Pytester) -> None:
-    run_readme_project(pytester, "Building a service", passed=3)
+    run_readme_project(pytester, "Building a service", passed=4)
 
 
 async def test_a_worker_killed_between_the_output_and_the_ack_duplicates_the_output_never_loses_it(

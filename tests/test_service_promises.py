@@ -352,3 +352,67 @@ async def test_a_worker_answering_its_own_requests_stops_at_once_and_handles_no_
         second.kill()
     assert sorted(noted("ordered")) == list(range(40)), "each order handled once"
     assert sorted(noted("priced")) == list(range(40)), "each request handled once"
+
+
+# -- refusals: an answer, not a failure -------------------------------------------------------------------
+
+
+async def test_a_refusal_is_acknowledged_counted_logged_at_info_and_told_to_the_requester(
+    settings: Settings, topic: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from eventbus import Refuse
+
+    caplog.set_level(logging.INFO, logger="eventbus")
+    router = Router()
+
+    @router.subscribe(topic, "stock", initial_position="earliest", max_retries=3)
+    async def reserve(sku: str) -> str:
+        if sku == "gone":
+            raise Refuse(f"out of stock: {sku}")
+        return f"reserved {sku}"
+
+    observed = settings.model_copy(update={"metrics": True})
+    async with Harness(observed, [router]) as app, EventBus(settings, routers=[]) as requester:
+        with pytest.raises(RequestFailed) as refused:
+            await requester.request(topic, "gone", timeout=20)
+        assert (refused.value.reason, refused.value.error_type, refused.value.error) == (
+            "refused", "Refuse", "out of stock: gone"
+        )
+        assert await requester.request(topic, "tea", timeout=20) == "reserved tea"
+        await app.publish(topic, "gone")  # no requester: acknowledged all the same
+        await app.wait_handled(2, topic=topic, outcome="refused", timeout=20)
+        assert [h.outcome for h in app.handled] == ["refused", "ok", "refused"], "each tried once, never retried"
+        assert app.dead_letters == []
+        assert app.bus.metrics is not None
+        assert app.bus.metrics.subscription(settings.topic(topic), "stock").outcomes["refused"] == 2
+        url = app.bus.url
+    assert _stored(settings, url, f"{topic}-stock-DLQ") == []
+    lines = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert lines and {r.levelname for r in lines} == {"INFO"}
+    async with Harness(settings, [router]) as again:  # nothing comes back: the refusals were acknowledged
+        await again.publish(topic, "cake")
+        await again.wait_handled(topic=topic, timeout=20)
+        assert [h.payload for h in again.handled] == ["cake"]
+    result = await call_handler(reserve, "gone", routers=[router])
+    assert (result.outcome, result.reason, str(result.error)) == ("refused", "refused", "out of stock: gone")
+
+
+async def test_a_batch_item_refused_is_acknowledged_alone(settings: Settings, topic: str) -> None:
+    from eventbus import Refuse
+
+    router = Router()
+    seen: list[list[int]] = []
+
+    @router.subscribe(topic, "g", subscription_type="shared", initial_position="earliest", batch=Batch(5, 1.0))
+    async def load(records: list[int]) -> None:
+        seen.append(records)
+        if 3 in records:
+            raise BatchFailed({records.index(3): Refuse("three is not ours")})
+
+    async with EventBus(settings, routers=[]) as publisher:
+        await publisher.publish_batch(topic, [1, 2, 3, 4, 5])
+    async with Harness(settings, [router]) as app:
+        await app.wait_handled(1, topic=topic, outcome="refused", timeout=20)
+        await app.wait_handled(4, topic=topic, timeout=20)
+        assert app.dead_letters == []
+    assert sorted(n for batch in seen for n in batch) == [1, 2, 3, 4, 5], "nothing retried"

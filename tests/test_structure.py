@@ -160,8 +160,9 @@ def test_the_public_names_stay() -> None:
 
     assert sorted(eventbus.__all__) == [
         "AuthenticationFailed", "Batch", "BatchFailed", "BatchOptions", "BrokerUnavailable", "CallNext", "ConfigError",
-        "DecodeError", "Depends", "EventBus", "EventBusError", "Message", "MessageId", "Middleware", "Outgoing",
-        "Publication", "PublishBatchError", "PublishError", "PublishNext", "PublishOptions", "Publisher", "Reject",
+        "DecodeError", "Depends", "EventBus", "EventBusError", "Message", "MessageId", "Middleware", "MiddlewareError",
+        "Outgoing",
+        "Publication", "PublishBatchError", "PublishError", "PublishNext", "PublishOptions", "Publisher", "Refuse", "Reject",
         "RequestFailed", "RequestTimeout", "Router", "RunningSubscription", "Settings", "StartupFailed",
         "SubscribeOptions", "Subscription", "SubscriptionFailed", "SubscriptionType", "UnawaitedPublish",
         "default_router", "publisher", "subscribe",

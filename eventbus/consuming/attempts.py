@@ -12,7 +12,7 @@ from typing import Any
 from ..broker.client import RawMessage, id_text, key_of, properties_of
 from ..codec import DecodeError
 from ..context import CURRENT, Attempt
-from ..errors import Reject, text
+from ..errors import Refuse, Reject, text
 from ..message import Message, UnreadableMessage
 from ..observing.events import Observer
 from ..observing.metrics import Metrics
@@ -36,7 +36,10 @@ Call = Callable[[Any, "Message | None", Publisher], Awaitable[Any]]
 
 
 def verdict(sub: Subscription, exc: BaseException, attempt: int) -> str:
-    """What a failed attempt leads to: ``retry``, or the dead-letter reason ``rejected`` or ``handler-failed``."""
+    """What a failed attempt leads to: ``retry``, ``refused`` (acknowledged), or the dead-letter reason ``rejected``
+    or ``handler-failed``."""
+    if isinstance(exc, Refuse):
+        return "refused"
     if isinstance(exc, Reject) or isinstance(exc, sub.reject_on):
         return "rejected"
     return "handler-failed" if attempt > sub.max_retries else "retry"
@@ -159,6 +162,8 @@ class Handling:
                 if cancelled_by_us(exc):
                     raise
                 then = verdict(sub, exc, attempt)
+                if then == "refused":
+                    return await self.refused(message, payload, exc, attempt)
                 if then != "retry":
                     # A Reject is the handler's own word, not a bug: no traceback.
                     trace = not isinstance(exc, Reject)
@@ -192,6 +197,13 @@ class Handling:
         )
         self._report.retried(message, payload, metadata, message.redelivery_count() + attempt, exc)
         return await sleep_unless(self._finished, delay)
+
+    async def refused(self, message: RawMessage, payload: Any, exc: BaseException, attempts: int) -> bool:
+        """The handler said no (`Refuse`): acknowledged, counted, a requester told; True."""
+        log.info("%s refused %s: %s", self.sub.name, label(message), text(exc), extra=self._fields(message, attempts))
+        self._report.gave_up(message, payload, attempts, "refused", exc, None)
+        await self._answers.failed(message, "refused", exc)
+        return True
 
     async def _give_up(
         self, message: RawMessage, reason: str, exc: BaseException, attempts: int, trace: bool = True,

@@ -45,7 +45,9 @@ class BatchHandling(Handling):
                     done[index] = True
                     continue
                 then = verdict(self.sub, error, attempt)
-                if then == "retry":
+                if then == "refused":
+                    done[index] = await self.refused(messages[index], payloads[position], error, attempt)
+                elif then == "retry":
                     self._report.retried(messages[index], payloads[position], None, attempt, error)
                     retry.append(index)
                 else:

@@ -17,6 +17,8 @@ def outcome_of(reason: str, dead_lettered: bool) -> Outcome:
         return "invalid_payload"
     if reason == "rejected":
         return "rejected"
+    if reason == "refused":
+        return "refused"
     return "dead_lettered" if dead_lettered else "dropped"
 
 

@@ -8,7 +8,7 @@ from typing import Any, Literal, Protocol
 from ..message import Message, MessageId
 
 #: How one attempt ended; the same words as the `eventbus_messages_handled_total` metric's `outcome`.
-Outcome = Literal["ok", "retried", "dead_lettered", "rejected", "invalid_payload", "dropped"]
+Outcome = Literal["ok", "retried", "dead_lettered", "rejected", "refused", "invalid_payload", "dropped"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 #: Handler and publish durations: 1 ms to 1 min.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-OUTCOMES = ("ok", "retried", "dead_lettered", "rejected", "invalid_payload", "dropped")
+OUTCOMES = ("ok", "retried", "dead_lettered", "rejected", "refused", "invalid_payload", "dropped")
 
 
 class Durations:
@@ -90,7 +90,7 @@ class Metrics:
         received = CounterMetricFamily("eventbus_messages_received", "Messages a subscription received.", labels=sub)
         handled = CounterMetricFamily(
             "eventbus_messages_handled",
-            "Handler attempts by outcome: ok, retried, dead_lettered, rejected, invalid_payload, dropped.",
+            "Handler attempts by outcome: ok, retried, dead_lettered, rejected, refused, invalid_payload, dropped.",
             labels=[*sub, "outcome"],
         )
         seconds = HistogramMetricFamily("eventbus_handler_duration_seconds", "Time a handler call took.", labels=sub)

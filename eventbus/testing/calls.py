@@ -27,7 +27,7 @@ from ..service.middleware import around_attempt
 from ..settings import topic_problem
 
 #: What the worker would do with the message after this call.
-CallOutcome = Literal["ok", "retry", "dead_letter", "drop"]
+CallOutcome = Literal["ok", "retry", "refused", "dead_letter", "drop"]
 
 
 class RecordingPublisher(Publisher):
@@ -81,7 +81,8 @@ class RecordingPublisher(Publisher):
 class CallResult:
     """How one call went and what the worker would do next.
 
-    `outcome`: ``ok`` (acknowledged), ``retry`` (after `retry_in` seconds, before jitter),
+    `outcome`: ``ok`` (acknowledged), ``retry`` (after `retry_in` seconds, before jitter), ``refused``
+    (acknowledged: the handler raised `Refuse`),
     ``dead_letter`` (to the subscription's dead-letter topic, for `reason`) or ``drop``
     (the same, with `dead_letter=False`). `reason`: ``handler-failed``, ``rejected`` or
     ``undecodable``. `published`: what the handler published through the bus it received.
@@ -236,6 +237,8 @@ def _judged(sub: Subscription, exc: BaseException, attempt: int, result: Callabl
     then = verdict(sub, exc, attempt)
     if then == "retry":
         return result("retry", error=exc, retry_in=backoff(sub, attempt))
+    if then == "refused":
+        return result("refused", error=exc, reason=then)
     return result("dead_letter" if sub.dead_letter else "drop", error=exc, reason=then)
 
 
