@@ -416,3 +416,104 @@ async def test_a_batch_item_refused_is_acknowledged_alone(settings: Settings, to
         await app.wait_handled(4, topic=topic, timeout=20)
         assert app.dead_letters == []
     assert sorted(n for batch in seen for n in batch) == [1, 2, 3, 4, 5], "nothing retried"
+
+
+# -- batches: a failure holds only itself ------------------------------------------------------------
+
+
+async def test_a_failing_key_in_a_batch_waits_alone_while_the_other_keys_go_on(settings: Settings, topic: str) -> None:
+    """21 keys, one always failing: the other keys' next messages are handled during its backoffs, not after."""
+    events: list[tuple[str, int]] = []
+    router = Router()
+
+    @router.subscribe(
+        topic, "g", initial_position="earliest", batch=Batch(50, 0.05), max_retries=2, retry_backoff=1.0,
+    )
+    async def load(records: list[dict]) -> None:
+        events.extend((r["key"], r["round"]) for r in records)
+        bad = [i for i, r in enumerate(records) if r["key"] == "bad"]
+        if bad:
+            raise BatchFailed({i: ConnectionError("bad is down") for i in bad})
+
+    keys = ["bad", *(f"k{n}" for n in range(20))]
+    async with Harness(settings, [router]) as app:
+        for key in keys:
+            await app.publish(topic, {"key": key, "round": 1}, key=key)
+        await app.wait_handled(20, topic=topic, timeout=20)  # round 1 of the good keys, acknowledged at once
+        for key in keys[1:]:
+            await app.publish(topic, {"key": key, "round": 2}, key=key)
+        await app.wait_handled(40, topic=topic, timeout=20)
+        [dead] = await app.wait_dead_lettered(group="g", timeout=30)
+    assert dead.key == "bad" and dead.attempts == 3
+    bad_attempts = [i for i, (key, _) in enumerate(events) if key == "bad"]
+    round_two = [i for i, (_, r) in enumerate(events) if r == 2]
+    assert len(round_two) == 20 and max(round_two) < bad_attempts[-1], "the good keys waited for the bad one"
+
+
+_KILLED_IN_BACKOFF = """
+import os
+from pathlib import Path
+from eventbus import Batch, BatchFailed, Router
+
+TOPIC, RECORD, ROLE = os.environ["EB_TOPIC"], Path(os.environ["EB_RECORD"]), os.environ["EB_ROLE"]
+router = Router()
+
+
+@router.subscribe(
+    TOPIC, "g", subscription_type="shared", initial_position="earliest", batch=Batch(50, 0.5), retry_backoff=60,
+    retry_backoff_max=60,
+)
+async def load(records: list[int]) -> None:
+    with RECORD.open("a") as f:
+        f.write(ROLE + " " + " ".join(map(str, records)) + "\\n")
+        f.flush()
+        os.fsync(f.fileno())
+    if ROLE == "first" and 0 in records:
+        raise BatchFailed({records.index(0): ConnectionError("zero is down")})
+"""
+
+
+async def test_a_batch_killed_in_a_failed_items_backoff_sends_back_only_the_failed_item(
+    settings: Settings, topic: str, subprocess_env: dict[str, str], tmp_path: Path, broker_kind: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    from .pulsar_admin import admin
+    from .test_worker_process import Worker
+
+    if broker_kind == "embedded":
+        pytest.skip("the backlog to wait for before the kill is read from Apache Pulsar's admin API")
+    pulsar = request.getfixturevalue(broker_kind)
+    (tmp_path / "killed_in_backoff.py").write_text(_KILLED_IN_BACKOFF)
+    record = tmp_path / "record.txt"
+    env = {**subprocess_env, "EB_TOPIC": topic, "EB_RECORD": str(record),
+           "PYTHONPATH": f"{tmp_path}:{subprocess_env['PYTHONPATH']}"}
+
+    def seen(role: str) -> list[int]:
+        text = record.read_text() if record.exists() else ""
+        return [int(n) for line in text.splitlines() if line.startswith(role) for n in line.split()[1:]]
+
+    def backlog() -> int:
+        stats: Any = admin(pulsar, "GET", "/admin/v2/" + settings.topic(topic).replace("://", "/") + "/stats")
+        return int(stats["subscriptions"]["g"]["msgBacklog"])
+
+    async with EventBus(settings, routers=[]) as bus:
+        for n in range(20):
+            await bus.publish(topic, n)  # one entry each: the broker tracks each acknowledgement
+    first = Worker({**env, "EB_ROLE": "first"}, tmp_path / "first.log", "killed_in_backoff:router")
+    try:
+        await first.wait_subscribed()
+        await eventually(lambda: sorted(set(seen("first"))) == list(range(20)), timeout=60, what="all twenty")
+        await eventually(lambda: backlog() == 1, timeout=30, what="every success acknowledged during the backoff")
+        first.proc.send_signal(signal.SIGKILL)
+        assert await first.wait_exit(30) == -signal.SIGKILL
+    finally:
+        first.kill()
+    second = Worker({**env, "EB_ROLE": "second"}, tmp_path / "second.log", "killed_in_backoff:router")
+    try:
+        await second.wait_subscribed()
+        await eventually(lambda: seen("second") == [0], timeout=60, what="the failed item, redelivered")
+        second.proc.send_signal(signal.SIGTERM)
+        assert await second.wait_exit(60) == 0
+    finally:
+        second.kill()
+    assert seen("second") == [0], "only the failed item came back"

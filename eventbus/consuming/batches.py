@@ -1,10 +1,11 @@
-"""Handling a batch: decode each, call the handler with them all, retry the failed together, dead-letter the rest."""
+"""Handling a batch: decode each, call the handler with them all, finish each at once, say when to retry the failed."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import random
+from collections.abc import Callable
 from typing import Any
 
 from ..broker.client import RawMessage
@@ -12,53 +13,55 @@ from ..codec import DecodeError
 from ..errors import BatchFailed, Reject, text
 from ..message import Message
 from .attempts import Handling, backoff, cancelled_by_us, verdict
-from .deadlines import sleep_unless
 
 log = logging.getLogger("eventbus")
 
 
-class BatchHandling(Handling):
-    """`Handling` for a batch subscription: `handle_batch` says which messages of a batch may be acknowledged."""
+#: Finishes one message of a batch as soon as it is done: (its position, whether to acknowledge it).
+Finish = Callable[[int, bool], None]
 
-    async def handle_batch(self, messages: list[RawMessage]) -> list[bool]:
-        """Handle until each is done: True to acknowledge it (handled, dead-lettered or dropped), False when the bus
-        stopped during a retry's backoff (redelivered)."""
-        done = [False] * len(messages)
+
+class BatchHandling(Handling):
+    """`Handling` for a batch subscription: one attempt at a batch, each message finished as soon as it is done."""
+
+    async def handle_batch(self, messages: list[RawMessage], attempt: int, finish: Finish) -> float | None:
+        """Attempt number `attempt` at `messages`; each one handled, dead-lettered, dropped or refused is finished at
+        once (a success is acknowledged while the failed ones wait out their backoff: a crash then sends back only
+        those). Returns the backoff before the unfinished ones are tried again (None: all finished); the caller
+        retries them in a later batch, so a failing key waits alone and the others go on."""
         live: list[int] = []
         for index, message in enumerate(messages):
-            try:
-                self.sub.handler.decode(message.data())
-                live.append(index)
-            except DecodeError as exc:  # never handed to the handler
-                done[index] = await self._give_up(message, "undecodable", exc, attempts=1, trace=False)
-        attempt = 0
-        while live:
-            attempt += 1
-            batch = [messages[i] for i in live]
-            payloads = [self.sub.handler.decode(m.data()) for m in batch]  # fresh each attempt: a handler may change them
-            failures = await self._attempt(batch, payloads, attempt)
-            retry: list[int] = []
-            for position, index in enumerate(live):
-                error = failures.get(position)
-                if error is None:
-                    self._report.ok(messages[index], payloads[position], None, attempt)
-                    done[index] = True
+            if attempt == 1:
+                try:
+                    self.sub.handler.decode(message.data())
+                except DecodeError as exc:  # never handed to the handler
+                    finish(index, await self._give_up(message, "undecodable", exc, attempts=1, trace=False))
                     continue
-                then = verdict(self.sub, error, attempt)
-                if then == "refused":
-                    done[index] = await self.refused(messages[index], payloads[position], error, attempt)
-                elif then == "retry":
-                    self._report.retried(messages[index], payloads[position], None, attempt, error)
-                    retry.append(index)
-                else:
-                    done[index] = await self._give_up(
-                        messages[index], then, error, attempts=attempt, trace=not isinstance(error, Reject),
-                        payload=payloads[position],
-                    )
-            live = retry
-            if live and await self._back_off(len(live), len(batch), attempt, failures):
-                break  # the bus stopped first: the rest is redelivered
-        return done
+            live.append(index)
+        if not live:
+            return None
+        batch = [messages[i] for i in live]
+        payloads = [self.sub.handler.decode(m.data()) for m in batch]  # fresh each attempt: a handler may change them
+        failures = await self._attempt(batch, payloads, attempt)
+        retrying = 0
+        for position, index in enumerate(live):
+            message, error = messages[index], failures.get(position)
+            if error is None:
+                self._report.ok(message, payloads[position], None, attempt)
+                finish(index, True)
+                continue
+            then = verdict(self.sub, error, attempt)
+            if then == "refused":
+                finish(index, await self.refused(message, payloads[position], error, attempt))
+            elif then == "retry":
+                self._report.retried(message, payloads[position], None, attempt, error)
+                retrying += 1
+            else:
+                trace = not isinstance(error, Reject)
+                finish(index, await self._give_up(
+                    message, then, error, attempts=attempt, trace=trace, payload=payloads[position],
+                ))
+        return self._backoff(retrying, len(batch), attempt, failures) if retrying else None
 
     async def _attempt(self, batch: list[RawMessage], payloads: list[Any], attempt: int) -> dict[int, BaseException]:
         """Call the handler once with the batch: the failures by position ({} when it succeeded)."""
@@ -92,8 +95,8 @@ class BatchHandling(Handling):
             return dict.fromkeys(range(len(batch)), exc)
         return {}
 
-    async def _back_off(self, retrying: int, size: int, attempt: int, failures: dict[int, BaseException]) -> bool:
-        """Log the failed attempt and wait out its backoff; True: the bus stopped first."""
+    def _backoff(self, retrying: int, size: int, attempt: int, failures: dict[int, BaseException]) -> float:
+        """Log the failed attempt; the seconds before the retry."""
         delay = backoff(self.sub, attempt) * random.uniform(0.8, 1.2)
         first = next(iter(failures.values()))
         log.warning(
@@ -101,4 +104,4 @@ class BatchHandling(Handling):
             self.sub.name, retrying, size, attempt, self.sub.max_retries + 1, delay, text(first),
             exc_info=first if attempt == 1 else None,
         )
-        return await sleep_unless(self._finished, delay)
+        return delay

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 from collections.abc import Awaitable, Callable, Hashable
 
 from ..broker.client import IdKey, RawMessage
@@ -10,6 +12,9 @@ from .intake import Intake
 from .lanes import Lanes
 
 Taken = tuple[Hashable, RawMessage, IdKey]
+#: One attempt at a batch: (its messages, the attempt's number, finish(position, acknowledge)) -> the backoff
+#: before the unfinished ones are tried again, or None.
+HandleBatch = Callable[[list[RawMessage], int, Callable[[int, bool], None]], Awaitable[float | None]]
 
 
 class Dispatch:
@@ -25,6 +30,9 @@ class Dispatch:
     ) -> None:
         self._lanes, self._intake, self._finished, self._stopping, self._after = lanes, intake, finished, stopping, after
         self.idle: list[asyncio.Future[None]] = []  # workers waiting for a ready lane
+        #: Failed messages of batches waiting out their backoff: (due, order, the messages, their next attempt).
+        self._retries: list[tuple[float, int, list[Taken], int]] = []
+        self._order = itertools.count()
 
     def wake(self, count: int) -> None:
         idle = self.idle
@@ -58,27 +66,66 @@ class Dispatch:
                 intake.finish()
                 self._after()
 
-    async def in_batches(
-        self, handle: Callable[[list[RawMessage]], Awaitable[list[bool]]], max_messages: int, max_wait: float
-    ) -> None:
+    async def in_batches(self, handle: HandleBatch, max_messages: int, max_wait: float) -> None:
         """A worker: take up to `max_messages` (one per lane: a key's next waits for its last), waiting at most
-        `max_wait` seconds after the first for more; handle them together, finish each; until finished."""
-        lanes, intake = self._lanes, self._intake
+        `max_wait` seconds after the first for more, or a retry that is due; handle them together, finishing each
+        as it is done; put the failed ones back as a retry due after their backoff; until finished."""
         while True:
-            taken = await self._fill(max_messages, max_wait)
-            if not taken:
+            job = await self._next_batch(max_messages, max_wait)
+            if job is None:
                 return
-            acknowledged = [False] * len(taken)
-            try:
-                acknowledged = await handle([message for _, message, _ in taken])
-                intake.acks.extend(message for (_, message, _), ok in zip(taken, acknowledged) if ok)
-            finally:
-                for (lane, _, ident), ok in zip(taken, acknowledged):
-                    lanes.finish(lane, ident, ok)
-                intake.finish(len(taken))
+            taken, attempt = job
+            done = [False] * len(taken)
+
+            def finish(position: int, acknowledged: bool, taken: list[Taken] = taken, done: list[bool] = done) -> None:
+                done[position] = True
+                lane, message, ident = taken[position]
+                if acknowledged:
+                    self._intake.acks.append(message)
+                if self._lanes.finish(lane, ident, acknowledged):
+                    self.wake(1)
+                self._intake.finish()
                 self._after()
 
+            delay: float | None = None
+            try:
+                delay = await handle([message for _, message, _ in taken], attempt, finish)
+            finally:
+                left = [position for position, finished in enumerate(done) if not finished]
+                if delay is not None and left:
+                    self._retry_later([taken[p] for p in left], attempt + 1, delay)
+                else:
+                    for position in left:  # cancelled, or a bug: redelivered
+                        finish(position, False)
+
+    def _retry_later(self, taken: list[Taken], attempt: int, delay: float) -> None:
+        """The failed messages of a batch, tried again together once `delay` has passed; their lanes stay busy."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + delay
+        heapq.heappush(self._retries, (due, next(self._order), taken, attempt))
+        loop.call_at(due, self.wake, 1)
+
+    def _due_retry(self) -> tuple[list[Taken], int] | None:
+        retries = self._retries
+        if retries and retries[0][0] <= asyncio.get_running_loop().time():
+            _, _, taken, attempt = heapq.heappop(retries)
+            return taken, attempt
+        return None
+
+    async def _next_batch(self, max_messages: int, max_wait: float) -> tuple[list[Taken], int] | None:
+        """A retry that is due, or new messages (attempt 1); None once finished."""
+        while True:
+            due = self._due_retry()
+            if due is not None:
+                return due
+            taken = await self._fill(max_messages, max_wait)
+            if taken:
+                return taken, 1
+            if self._finished.is_set():
+                return None
+
     async def _fill(self, max_messages: int, max_wait: float) -> list[Taken]:
+        """New messages; none when finished, or when a retry fell due before the first."""
         lanes, loop = self._lanes, asyncio.get_running_loop()
         taken: list[Taken] = []
         deadline = 0.0
@@ -90,6 +137,8 @@ class Dispatch:
                 taken.append(found)
                 continue
             if self._finished.is_set() or (taken and (self._stopping.is_set() or loop.time() >= deadline)):
+                break
+            if not taken and self._retries and self._retries[0][0] <= loop.time():
                 break
             waiter = loop.create_future()
             self.idle.append(waiter)
