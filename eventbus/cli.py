@@ -350,7 +350,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
                     raise _Fail("--reload needs watchfiles: pip install 'eventbus[reload]'", EXIT_USAGE)
                 supervisor = Supervisor(
                     args.targets, args.workers, metrics_port=args.metrics_port, reload=args.reload,
-                    drain_timeout=settings.shutdown_drain_timeout,
+                    drain_timeout=settings.shutdown_drain_timeout + settings.shutdown_exit_timeout,
                 )
                 return asyncio.run(supervisor.run())
             asyncio.run(_run(load(args.targets, settings), args.supervised_by))

@@ -185,6 +185,9 @@ class Settings(BaseSettings):
     )
 
     shutdown_drain_timeout: float = Field(default=30.0, ge=0)
+    shutdown_exit_timeout: float = Field(
+        default=10.0, ge=0, description="After the drain: how long the lifespans' exits and app-scoped cleanups may take in all."
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         default="INFO", description="CRITICAL: nothing from the Pulsar client at all (the one-shot commands' level)."
     )

@@ -7,12 +7,15 @@ import logging
 import signal
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import anyio
 import pytest
 
-from eventbus import Batch, BatchFailed, EventBus, Outgoing, PublishNext, Reject, RequestFailed, Router, Settings
+from eventbus import Batch, BatchFailed, Depends, EventBus, Outgoing, PublishNext, Reject, RequestFailed, Router, Settings
 from eventbus.testing import Harness, call_handler
 
 from .conftest import eventually, raw_client, read_messages
@@ -517,3 +520,79 @@ async def test_a_batch_killed_in_a_failed_items_backoff_sends_back_only_the_fail
     finally:
         second.kill()
     assert seen("second") == [0], "only the failed item came back"
+
+
+# -- lifespans: every exit runs, bounded, each failure named ---------------------------------------------
+
+
+def pool() -> Iterator[str]:
+    yield "pool"
+    raise OSError("pool cleanup boom")
+
+
+Pool = Annotated[str, Depends(pool, scope="app")]
+
+
+async def test_a_hanging_or_raising_exit_is_named_bounded_and_every_other_exit_still_runs(
+    settings: Settings, topic: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    exits: list[str] = []
+    router = Router()
+
+    @router.lifespan
+    @asynccontextmanager
+    async def database(bus: EventBus) -> AsyncIterator[None]:
+        yield
+        exits.append("database")
+
+    @router.lifespan
+    @asynccontextmanager
+    async def stuck_cache(bus: EventBus) -> AsyncIterator[None]:
+        yield
+        await asyncio.Event().wait()  # never ends
+
+    @router.lifespan
+    @asynccontextmanager
+    async def broken_audit(bus: EventBus) -> AsyncIterator[None]:
+        yield
+        raise RuntimeError("lifespan exit boom")
+
+    @router.subscribe(topic, "g", initial_position="earliest")
+    async def handle(n: int, p: Pool) -> None:
+        pass
+
+    quick = settings.model_copy(update={"shutdown_exit_timeout": 1.0})
+    async with EventBus(quick, routers=[router]) as bus:
+        with anyio.fail_after(20):  # a bound on the test, not a synchronisation: the stop must end by itself
+            async with anyio.create_task_group() as tg:
+                await tg.start(lambda task_status: bus.run(handle_signals=False, task_status=task_status))
+                bus.stop()
+    assert exits == ["database"], "the first lifespan's exit ran after the others failed"
+    errors = {r.getMessage(): r for r in caplog.records if r.levelname == "ERROR"}
+    [boom] = [r for m, r in errors.items() if "broken_audit" in m and "raised on exit" in m]
+    assert "RuntimeError: lifespan exit boom" in boom.getMessage() and boom.exc_info is not None
+    [cleanup] = [r for m, r in errors.items() if "pool" in m and "raised on exit" in m]
+    assert "OSError: pool cleanup boom" in cleanup.getMessage() and cleanup.exc_info is not None
+    assert any("stuck_cache did not exit within EVENTBUS_SHUTDOWN_EXIT_TIMEOUT=1s" in m for m in errors)
+
+
+@pytest.mark.parametrize("raised", [SystemExit(0), asyncio.CancelledError(), KeyError("cfg")], ids=repr)
+async def test_a_lifespan_failing_on_entry_in_any_way_is_startup_failed(
+    settings: Settings, topic: str, raised: BaseException
+) -> None:
+    from eventbus import StartupFailed
+
+    router = Router()
+
+    @router.lifespan
+    @asynccontextmanager
+    async def config(bus: EventBus) -> AsyncIterator[None]:
+        raise raised
+        yield
+
+    router.subscribe(topic, "g")(lambda n: None)
+    async with EventBus(settings, routers=[router]) as bus:
+        with pytest.raises(StartupFailed) as failed:
+            await bus.run(handle_signals=False)
+    assert "lifespan" in str(failed.value) and "config" in str(failed.value)
+    assert type(raised).__name__ in str(failed.value)

@@ -159,7 +159,7 @@ class Supervisor:
             try:
                 await asyncio.wait_for(asyncio.shield(waiting), self.drain_timeout + 15)
             except TimeoutError:
-                log.error("worker pid %d did not stop within the drain timeout: killing it", proc.pid)
+                log.error("worker pid %d did not stop within the drain and exit timeouts: killing it", proc.pid)
                 proc.kill()
         return await waiting
 

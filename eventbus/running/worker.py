@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -25,7 +24,7 @@ from ..registry import Background, Subscription
 from ..service.dependencies import AppScope
 from ..service.handler import Publisher
 from ..settings import Settings
-from .lifetime import Lifetime
+from .lifetime import Exits, Lifetime
 
 log = logging.getLogger("eventbus")
 
@@ -83,7 +82,7 @@ class Worker:
         self._background = tuple(background)
         self._bus = bus
         self._stop = stop
-        self._drain_timeout = settings.shutdown_drain_timeout
+        self._drain_timeout, self._exit_timeout = settings.shutdown_drain_timeout, settings.shutdown_exit_timeout
         self._failures: list[EventBusError] = []
         self.probes = None
         if settings.metrics_port is not None and metrics is not None:
@@ -139,7 +138,7 @@ class Worker:
         if handle_signals:
             self._install_signals(loop)
         try:
-            async with contextlib.AsyncExitStack() as lifetime:
+            async with Exits(self._exit_timeout) as lifetime:
                 await self._lifetime.open(lifetime, self._bus)
                 await self._consume(task_status)
         finally:
