@@ -596,3 +596,30 @@ async def test_a_lifespan_failing_on_entry_in_any_way_is_startup_failed(
             await bus.run(handle_signals=False)
     assert "lifespan" in str(failed.value) and "config" in str(failed.value)
     assert type(raised).__name__ in str(failed.value)
+
+
+def flaky_session() -> Iterator[str]:
+    yield "session"
+    raise OSError("session close boom")
+
+
+Session = Annotated[str, Depends(flaky_session)]
+
+
+async def test_a_cleanup_failing_after_the_handler_succeeded_is_logged_and_the_message_counts_as_handled(
+    settings: Settings, topic: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[int] = []
+    router = Router()
+
+    @router.subscribe(topic, "g", initial_position="earliest", max_retries=2, retry_backoff=0)
+    async def charge(n: int, session: Session) -> None:
+        calls.append(n)  # a side effect a retry would repeat
+
+    async with Harness(settings, [router]) as app:
+        await app.publish(topic, 5)
+        await app.wait_handled(topic=topic, timeout=20)
+        assert [h.outcome for h in app.handled] == ["ok"] and app.dead_letters == []
+    assert calls == [5]
+    [line] = [r for r in caplog.records if "dependency's cleanup raised" in r.getMessage()]
+    assert line.levelname == "ERROR" and "OSError: session close boom" in line.getMessage() and line.exc_info

@@ -6,6 +6,7 @@ import abc
 import contextlib
 import functools
 import inspect
+import logging
 import typing
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from datetime import datetime, timedelta
@@ -16,6 +17,8 @@ import anyio
 from ..codec import Decoder, decoder_for
 from ..message import Message, MessageId
 from .dependencies import AppScope, Depends, Plan, Role, annotations_of, depends_of, solve
+
+log = logging.getLogger("eventbus")
 
 
 class BatchOptions(TypedDict, total=False):
@@ -206,17 +209,22 @@ def _dependent_call(shape: _Shape, plan: Plan, app: Mapping[Callable[..., Any], 
     at each generator's `yield`."""
 
     async def call(payload: Any, message: Message | None, bus: Publisher) -> Any:
-        failed: BaseException | None = None
-        async with contextlib.AsyncExitStack() as stack:
+        stack = contextlib.AsyncExitStack()
+        try:
             args, kwargs = shape.arguments(payload, message, bus)
             kwargs.update(await plan.resolve(app, message, bus, stack))
-            try:
-                result = await shape.invoke(args, kwargs)
-            except BaseException as exc:
-                failed = exc
-                raise
-        if failed is not None:
-            raise failed  # a dependency's cleanup swallowed it: the attempt fails all the same
+            result = await shape.invoke(args, kwargs)
+        except BaseException as exc:
+            await stack.__aexit__(type(exc), exc, exc.__traceback__)
+            raise  # a dependency's cleanup swallowed it: the attempt fails all the same
+        try:
+            await stack.aclose()
+        except Exception as exc:  # the handler's work is done: a retry would do it again
+            log.error(
+                "%s succeeded, then a dependency's cleanup raised (the message counts as handled; a retry would "
+                "repeat the handler's work): %s", handler_name(shape.func), f"{type(exc).__name__}: {exc}",
+                exc_info=exc,
+            )
         return result
 
     return call
