@@ -623,3 +623,52 @@ async def test_a_cleanup_failing_after_the_handler_succeeded_is_logged_and_the_m
     assert calls == [5]
     [line] = [r for r in caplog.records if "dependency's cleanup raised" in r.getMessage()]
     assert line.levelname == "ERROR" and "OSError: session close boom" in line.getMessage() and line.exc_info
+
+
+# -- the test kit runs what the worker runs ------------------------------------------------------------
+
+
+class Stamp:
+    async def on_publish(self, outgoing: Outgoing, call_next: PublishNext) -> object:
+        return await call_next(outgoing.with_properties(stamped="yes"))
+
+
+async def test_call_handler_answers_requests_from_responses_and_runs_the_publish_middleware() -> None:
+    router = Router(middleware=[Stamp()])
+
+    @router.subscribe("orders", "billing", returns_to="invoices")
+    async def charge(order: dict, bus: EventBus) -> dict:
+        quote = await bus.request("pricing", order["sku"], timeout=5)
+        return {"order": order["id"], "total": quote["price"] * order["qty"]}
+
+    result = await call_handler(
+        charge, {"id": "o-1", "sku": "tea", "qty": 2}, routers=[router],
+        responses={"pricing": lambda sku: {"sku": sku, "price": 4.5}},
+    )
+    assert result.ok and result.returned == {"order": "o-1", "total": 9.0}
+    assert [(p.topic.rsplit("/", 1)[1], p.payload, p.properties) for p in result.published] == [
+        ("pricing", "tea", {"stamped": "yes"}), ("invoices", result.returned, {"stamped": "yes"}),
+    ]
+    refused = await call_handler(
+        charge, {"id": "o-2", "sku": "gone", "qty": 1}, routers=[router],
+        responses={"pricing": RequestFailed("pricing", reason="refused", error_type="Refuse", error="no price")},
+    )
+    assert refused.outcome == "retry" and isinstance(refused.error, RequestFailed)
+    unanswered = await call_handler(charge, {"id": "o-3", "sku": "tea", "qty": 1}, routers=[router])
+    assert isinstance(unanswered.error, LookupError) and "responses={'pricing': ...}" in str(unanswered.error)
+
+
+async def test_a_request_to_a_batch_handler_is_answered_and_a_returned_value_is_warned_of_once(
+    settings: Settings, topic: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    router = Router()
+
+    @router.subscribe(topic, "g", subscription_type="shared", initial_position="earliest", batch=Batch(10, 0.05))
+    async def load(records: list[int]) -> int:
+        return len(records)
+
+    async with Harness(settings, [router]), EventBus(settings, routers=[]) as requester:
+        replies = await asyncio.gather(*(requester.request(topic, n, timeout=20) for n in range(3)))
+    assert replies == [None, None, None], "each request handled in a batch hears it was handled"
+    lines = [r.getMessage() for r in caplog.records if "goes nowhere" in r.getMessage()]
+    assert len(lines) == 1 and "a batch handler publishes what it makes" in lines[0]

@@ -24,6 +24,8 @@ Finish = Callable[[int, bool], None]
 class BatchHandling(Handling):
     """`Handling` for a batch subscription: one attempt at a batch, each message finished as soon as it is done."""
 
+    _warned_return = False
+
     async def handle_batch(self, messages: list[RawMessage], attempt: int, finish: Finish) -> float | None:
         """Attempt number `attempt` at `messages`; each one handled, dead-lettered, dropped or refused is finished at
         once (a success is acknowledged while the failed ones wait out their backoff: a crash then sends back only
@@ -48,6 +50,7 @@ class BatchHandling(Handling):
             message, error = messages[index], failures.get(position)
             if error is None:
                 self._report.ok(message, payloads[position], None, attempt)
+                await self._answer(message)
                 finish(index, True)
                 continue
             then = verdict(self.sub, error, attempt)
@@ -73,7 +76,9 @@ class BatchHandling(Handling):
             slot.start()
         try:
             try:
-                await self._call(payloads, metadata, self._bus)  # type: ignore[arg-type]
+                result = await self._call(payloads, metadata, self._bus)  # type: ignore[arg-type]
+                if result is not None:
+                    self._returned(result)
             except asyncio.CancelledError:
                 if slot is None or not slot.timed_out:
                     raise
@@ -94,6 +99,21 @@ class BatchHandling(Handling):
                 raise
             return dict.fromkeys(range(len(batch)), exc)
         return {}
+
+    async def _answer(self, message: RawMessage) -> None:
+        """A request handled in a batch gets its reply (None: a batch handler returns no value per message)."""
+        try:
+            await self._answers.send(None, message)
+        except Exception as exc:  # the batch's work is done: the requester times out instead
+            log.warning("%s could not reply to a request handled in a batch: %s", self.sub.name, text(exc))
+
+    def _returned(self, result: Any) -> None:
+        if not self._warned_return:
+            self._warned_return = True
+            log.warning(
+                "%s returned a %s, which goes nowhere: a batch handler publishes what it makes with bus.publish, "
+                "or returns None (said once per handler)", self.sub.name, type(result).__name__,
+            )
 
     def _backoff(self, retrying: int, size: int, attempt: int, failures: dict[int, BaseException]) -> float:
         """Log the failed attempt; the seconds before the retry."""

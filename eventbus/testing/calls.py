@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import itertools
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from typing import Any, Callable, Literal, Unpack
 import anyio
 
 from ..broker.client import id_text, new_message_id
-from ..codec import DecodeError, encode
+from ..codec import DecodeError, decoder_for, encode
 from ..consuming.attempts import HandlerTimeout, backoff, cancelled_by_us, verdict
 from ..context import CURRENT, Attempt, caller, tracked
 from ..errors import BatchFailed
@@ -23,7 +24,7 @@ from ..observing.events import Published
 from ..registry import Router, Subscription, default_router
 from ..service.dependencies import AppScope, Provider
 from ..service.handler import BatchOptions, Publisher, PublishOptions
-from ..service.middleware import around_attempt
+from ..service.middleware import Outgoing, PublishNext, around_attempt, around_publish
 from ..settings import topic_problem
 
 #: What the worker would do with the message after this call.
@@ -31,13 +32,23 @@ CallOutcome = Literal["ok", "retry", "refused", "dead_letter", "drop"]
 
 
 class RecordingPublisher(Publisher):
-    """A stand-in for the bus a handler receives: records each publish, stores nothing, and counts `stop()` calls."""
+    """A stand-in for the bus a handler receives: records each publish, stores nothing, and counts `stop()` calls.
 
-    def __init__(self, tenant: str = "public", namespace: str = "default") -> None:
+    `responses` answer `request`: per topic (as the handler names it), a value, an exception to raise (e.g.
+    `RequestFailed(reason="refused", error="out of stock")`), or a function of the request's payload.
+    `middleware`: the publish sides run around each publish, as the worker runs its router's.
+    """
+
+    def __init__(
+        self, tenant: str = "public", namespace: str = "default", *, responses: Mapping[str, Any] | None = None,
+        middleware: Sequence[object] = (),
+    ) -> None:
         self.published: list[Published] = []
         self.stopped = 0
+        self.responses: dict[str, Any] = dict(responses or {})
         self._tenant, self._namespace = tenant, namespace
         self._entries = itertools.count()
+        self._send: PublishNext = around_publish(self._sent, middleware) or self._sent
 
     def topic(self, name: str) -> str:
         problem = topic_problem(name)
@@ -46,32 +57,53 @@ class RecordingPublisher(Publisher):
         return name if "://" in name else f"persistent://{self._tenant}/{self._namespace}/{name}"
 
     def publish(self, topic: str, payload: Any, **options: Unpack[PublishOptions]) -> Coroutine[Any, Any, MessageId]:
-        coroutine = self._record_one(topic, payload, options.get("key"), options.get("properties"))
+        coroutine = self._sending(Outgoing(topic, payload, options.get("key"), dict(options.get("properties") or {})))
         tracked(coroutine, "publish", topic, caller())
         return coroutine
 
     def publish_batch(
         self, topic: str, payloads: Iterable[Any], **options: Unpack[BatchOptions]
     ) -> Coroutine[Any, Any, list[MessageId]]:
-        coroutine = self._record(topic, list(payloads), options.get("key"), options.get("properties"))
+        properties = dict(options.get("properties") or {})
+        coroutine = self._sending(Outgoing(topic, list(payloads), options.get("key"), properties, batch=True))
         tracked(coroutine, "publish_batch", topic, caller())
         return coroutine
 
-    async def _record_one(
-        self, topic: str, payload: Any, key: str | bytes | None, properties: Mapping[str, str] | None
-    ) -> MessageId:
-        return (await self._record(topic, [payload], key, properties))[0]
+    async def request(
+        self, topic: str, payload: Any, *, key: str | bytes | None = None, timeout: float = 10.0,
+        response_type: Any = None, properties: Mapping[str, str] | None = None,
+    ) -> Any:
+        """The request recorded as a publish, answered from `responses` and decoded as the bus decodes a reply."""
+        if topic not in self.responses:
+            raise LookupError(
+                f"a request to {topic!r} has no response: pass call_handler(..., responses={{{topic!r}: ...}}) a "
+                "value, an exception to raise, or a function of the payload"
+            )
+        decode = decoder_for(Any if response_type is None else response_type)
+        await self.publish(topic, payload, key=key, properties=properties)
+        answer = self.responses[topic]
+        if callable(answer) and not isinstance(answer, type):
+            answer = answer(payload)
+            if inspect.isawaitable(answer):
+                answer = await answer
+        if isinstance(answer, BaseException):
+            raise answer
+        return decode(encode(answer)[0])
 
-    async def _record(
-        self, topic: str, payloads: list[Any], key: str | bytes | None, properties: Mapping[str, str] | None
-    ) -> list[MessageId]:
+    async def _sending(self, outgoing: Outgoing) -> Any:
+        return await self._send(outgoing)
+
+    async def _sent(self, outgoing: Outgoing) -> Any:
+        payloads = list(outgoing.payload) if outgoing.batch else [outgoing.payload]
         encoded = [encode(payload)[0] for payload in payloads]  # raises TypeError as the bus would, before any is kept
         ids = []
         for payload, data in zip(payloads, encoded):
             message_id = new_message_id(0, next(self._entries))
-            self.published.append(Published(self.topic(topic), key, payload, dict(properties or {}), data, message_id))
+            self.published.append(
+                Published(self.topic(outgoing.topic), outgoing.key, payload, dict(outgoing.properties), data, message_id)
+            )
             ids.append(message_id)
-        return ids
+        return ids if outgoing.batch else ids[0]
 
     def stop(self) -> None:
         self.stopped += 1
@@ -188,6 +220,7 @@ async def call_handler(
     event_time: datetime | None = None,
     message_id: MessageId | None = None,
     dependencies: Mapping[Provider, Provider] | None = None,
+    responses: Mapping[str, Any] | None = None,
 ) -> CallResult:
     """Run a registered handler on `payload` exactly as the worker would, without a broker.
 
@@ -198,12 +231,12 @@ async def call_handler(
     handler's annotation; a `Message` parameter gets metadata built here (override any part:
     `key`, `properties`, `attempt`, ...); an `EventBus` parameter gets `bus`, by default a
     `RecordingPublisher`. Sync handlers run in a thread; the subscription's `timeout` applies; its router's
-    middleware runs around the call. `dependencies` replace `Depends` providers (``{get_db: fake_db}``);
-    app-scoped ones are made for this call alone. A batch handler takes a list. Whatever the handler raises
-    is caught and judged as the worker judges it: retried or dead-lettered, and why.
+    middleware runs around the call and its publishes. `dependencies` replace `Depends` providers (``{get_db:
+    fake_db}``; app-scoped ones made for this call alone); `responses` answer its `bus.request` calls (see
+    `RecordingPublisher`). A batch handler takes a list. Whatever the handler raises is judged as the worker does.
     """
     sub = find_subscription(handler, topic=topic, group=group, routers=routers)
-    publisher = bus if bus is not None else RecordingPublisher()
+    publisher = bus if bus is not None else RecordingPublisher(responses=responses, middleware=sub.middleware)
     recorded = publisher.published if isinstance(publisher, RecordingPublisher) else []
     before, items = len(recorded), _items(sub, payload)
     full_topic = publisher.topic(sub.topic) if isinstance(publisher, RecordingPublisher) else sub.topic
