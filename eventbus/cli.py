@@ -10,7 +10,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -82,6 +82,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     )
     run.add_argument("--reload", action="store_true", help="restart the worker when a .py file here changes (development)")
     run.add_argument("--supervised-by", type=int, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--worker-number", type=int, default=None, help=argparse.SUPPRESS)
     _docs_parser(commands)
     _dlq_parser(commands)
     _status_and_publish_parsers(commands)
@@ -233,12 +234,14 @@ async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
         dead_letter_topic, _ = replay.topics(settings, args.topic, args.group)
         replayed = sum(d.replayed for d in found)
         which = f"stored, {replayed} of them replayed" if args.all else "not replayed (--all: every one)"
-        print(f"{len(found)} dead letter(s) {which} on {dead_letter_topic}", file=sys.stderr)
+        limited = args.limit is not None and len(found) == args.limit
+        shown = f"the first {len(found)} (--limit {args.limit}; more may wait)" if limited else str(len(found))
+        print(f"{shown} dead letter(s) {which} on {dead_letter_topic}", file=sys.stderr)
         return 0
 
     def said(dead: replay.DeadLetter, new_id: str | None) -> None:
-        done = f"-> {new_id}" if new_id is not None else "(dry run)"
-        print(printable(f"replayed {dead.message_id} {done}  key={_key_text(dead.key)}  {dead.error_type}: {dead.error}"), flush=True)
+        done = f"replayed {dead.message_id} -> {new_id}" if new_id is not None else f"would replay {dead.message_id} (dry run)"
+        print(printable(f"{done}  key={_key_text(dead.key)}  {dead.error_type}: {dead.error}"), flush=True)
 
     report = await replay.replay(
         settings, args.topic, args.group, error_type=args.error_type, limit=args.limit, dry_run=args.dry_run,
@@ -272,14 +275,27 @@ def _status(settings: Settings, args: argparse.Namespace) -> None:
         rows = [api.status(topic, group) for topic, group in pairs]
     finally:
         api.close()
-    print(f"{'topic':<40} {'group':<20} {'type':<10} {'backlog':>8} {'unacked':>8} {'consumers':>9} "
-          f"{'in/s':>8} {'out/s':>8}  {'owner':<22} dead letters")
+    table = [["topic", "group", "type", "backlog", "unacked", "consumers", "in/s", "out/s", "owner", "dead letters"]]
     for r in rows:
         dead = "none" if not r.dead_letter_bytes else f"{r.dead_letter_bytes} B" + (
             f", {r.dead_letters_not_replayed} not replayed" if r.dead_letters_not_replayed is not None else ", none replayed"
         )
-        print(f"{r.topic:<40} {r.group:<20} {r.subscription_type:<10} {r.backlog:>8} {r.unacked:>8} {r.consumers:>9} "
-              f"{r.rate_in:>8.1f} {r.rate_out:>8.1f}  {_owner(r.owners):<22} {dead}")
+        table.append([
+            r.topic, r.group, r.subscription_type, str(r.backlog), str(r.unacked), str(r.consumers),
+            f"{r.rate_in:.1f}", f"{r.rate_out:.1f}", _owner(r.owners), dead,
+        ])
+    for line in _aligned(table, right={3, 4, 5, 6, 7}):
+        print(printable(line))
+
+
+def _aligned(table: list[list[str]], right: Collection[int] = ()) -> list[str]:
+    """The rows with each column as wide as its widest cell (numbers to the right), the last one unpadded."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return [
+        " ".join(cell.rjust(w) if i in right else (cell if i == len(row) - 1 else cell.ljust(w))
+                 for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in table
+    ]
 
 
 def _owner(owners: list[str]) -> str:
@@ -300,9 +316,9 @@ def _status_embedded(settings: Settings, pairs: list[tuple[str, str]]) -> None:
     # Only dead-letter topics that exist are read: reading one makes it.
     dead = [(t, g) for t, g in pairs if known is None or replay.topics(settings, t, g)[0] in known]
     counts = dict(zip(dead, map(len, asyncio.run(replay.show_many(settings, dead))))) if dead else {}
-    print(f"{'topic':<40} {'group':<20} dead letters")
-    for topic, group in pairs:
-        print(printable(f"{topic:<40} {group:<20} {counts.get((topic, group), 0)}"))
+    table = [["topic", "group", "dead letters"], *([t, g, str(counts.get((t, g), 0))] for t, g in pairs)]
+    for line in _aligned(table):
+        print(printable(line))
 
 
 async def _publish(settings: Settings, args: argparse.Namespace) -> None:
@@ -338,7 +354,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     args = _parser(prog or Path(sys.argv[0]).name).parse_args(argv)
     try:
         settings = Settings()
-        setup_logging(settings.log_level, settings.log_format)
+        setup_logging(settings.log_level, settings.log_format, getattr(args, "worker_number", None))
         if args.command != "run" and settings.log_level != "DEBUG":
             # A one-shot command's failure is our one line; the C++ client's ERROR line about it is noise.
             settings = settings.model_copy(update={"log_level": "CRITICAL"})

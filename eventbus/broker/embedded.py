@@ -191,8 +191,18 @@ class SubscriptionLease:
         except BlockingIOError:
             os.close(fd)
             return False
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)  # who holds it, for the others' standby line
         self._fd = fd
         return True
+
+    def holder(self) -> int | None:
+        """The pid of the process holding the lease (as it wrote it), if one does."""
+        try:
+            text = self.path.read_text()
+        except OSError:
+            return None
+        return int(text) if text.isdigit() else None
 
     def release(self) -> None:
         if self._fd >= 0:

@@ -30,6 +30,9 @@ _RETRY = (1.0, 30.0)
 class Membership:
     """One (topic, group)'s consumer, once it has one; `state` says where getting it stands."""
 
+    #: Whether this process said it stands by on the embedded broker (once per worker, at WARNING).
+    announced = False
+
     def __init__(
         self, sub: Subscription, topic: str, connection: Connection, settings: Settings, stopping: asyncio.Event,
         counts: SubscriptionCounts | None, replays_for: str | None,
@@ -80,9 +83,15 @@ class Membership:
         if lease is None or lease.acquire():
             return True
         self.state = "standby"
-        log.info(
-            "standby: another process consumes %s group=%s on the embedded broker; taking over when it leaves",
-            self.topic, self.group,
+        announce = not Membership.announced
+        Membership.announced = True
+        # One WARNING per worker (a second worker on the same data directory stood by in ten INFO lines).
+        log.log(
+            logging.WARNING if announce else logging.DEBUG,
+            "standby: process %s consumes %s group=%s on the embedded broker (data directory %s); this worker "
+            "takes over each subscription such a process holds when it leaves%s",
+            lease.holder() or "?", self.topic, self.group, self._settings.data_dir,
+            " (said once per worker; the others at DEBUG)" if announce else "",
         )
         while not await sleep_unless(self._stopping, _LEASE_POLL):
             if lease.acquire():

@@ -11,7 +11,7 @@ import orjson
 from ..context import CURRENT
 
 #: Fields a handler's log lines carry (`extra=`), shown by the JSON format.
-FIELDS = ("topic", "group", "message_id", "key", "attempt", "trace_id")
+FIELDS = ("worker", "topic", "group", "message_id", "key", "attempt", "trace_id")
 
 
 def printable(text: str) -> str:
@@ -78,6 +78,16 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line).decode()
 
 
+class _Worker(logging.Filter):
+    def __init__(self, number: int) -> None:
+        super().__init__()
+        self.number = number
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.number
+        return True
+
+
 class MessageFields(logging.Filter):
     """Gives a record made during a handler attempt that message's fields (topic, group, message_id, key, attempt).
 
@@ -93,15 +103,22 @@ class MessageFields(logging.Filter):
         return True
 
 
-def setup_logging(level: str, form: str = "text") -> None:
-    """Logging to stderr at `level`, as text or JSON lines; the client's and httpx's chatter held back."""
+def setup_logging(level: str, form: str = "text", worker: int | None = None) -> None:
+    """Logging to stderr at `level`, as text or JSON lines; the client's and httpx's chatter held back.
+
+    `worker`: the number `eventbus run --workers N` gave this process, on every line (text: after the logger's
+    name; JSON: a `worker` field), so the processes' lines can be told apart.
+    """
+    named = "%(name)s" if worker is None else f"%(name)s[worker {worker}]"
     logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
+        level=level, format=f"%(asctime)s %(levelname)-7s {named}: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
     )
-    if form == "json":
-        for handler in logging.getLogger().handlers:
+    for handler in logging.getLogger().handlers:
+        if form == "json":
             handler.setFormatter(JsonFormatter())
             handler.addFilter(MessageFields())
+        if worker is not None:
+            handler.addFilter(_Worker(worker))
     # The C++ client is chatty at INFO (every connection and lookup).
     logging.getLogger("eventbus.pulsar").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
     # httpx logs each request at INFO (eventbus status asks the admin API a few times per subscription).

@@ -54,7 +54,10 @@ class Supervisor:
         self._kept = workers
 
     def command(self, index: int) -> list[str]:
-        command = [sys.executable, "-m", "eventbus", "run", *self.targets, "--supervised-by", str(os.getpid())]
+        command = [
+            sys.executable, "-m", "eventbus", "run", *self.targets, "--supervised-by", str(os.getpid()),
+            "--worker-number", str(index),
+        ]
         if self.metrics_port is not None:
             command += ["--metrics-port", str(self.metrics_port + index if self.metrics_port else 0)]
         return command
