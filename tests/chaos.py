@@ -140,6 +140,8 @@ class Broker:
     lease: EmbeddedBroker | None = None
     script: str = str(ROOT / "scripts" / "pulsar-standalone")
     state: dict = field(default_factory=dict)
+    #: Whether this run started Apache Pulsar (or the cluster): then it stops it at the end, as the embedded one.
+    started: bool = False
 
     def __post_init__(self) -> None:
         if self.kind == "cluster":
@@ -153,6 +155,8 @@ class Broker:
             # A user of our own: the broker stays up whichever workers come and go.
             self.lease = EmbeddedBroker.acquire(self.workdir / "broker")
         else:
+            status = subprocess.run([sys.executable, self.script, "status"], capture_output=True)
+            self.started = status.returncode != 0  # one already running (a test suite's) is left running
             subprocess.run([sys.executable, self.script, "start"], check=True, capture_output=True)
             run_dir = (
                 os.environ.get("PULSAR_CLUSTER_RUN_DIR", "/tmp/eventbus-pulsar-cluster") if self.kind == "cluster"
@@ -194,6 +198,8 @@ class Broker:
             if self.lease is not None:
                 self.lease.release()
             stop_embedded(self.pid)
+        elif self.started:
+            subprocess.run([sys.executable, self.script, "stop"], capture_output=True, timeout=300)
 
 
 @dataclass
