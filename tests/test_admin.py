@@ -69,7 +69,7 @@ def test_stats_from_a_broker_that_redirects_to_the_owner_on_another_port_keep_th
 
     with serving(owner) as (owner_url, owner_asked):
         with serving(lambda path, _: (307, {"Location": owner_url + path}, b"")) as (other_url, other_asked):
-            admin = _admin(other_url)
+            admin = _admin(f"{other_url},{owner_url}")  # a cluster's brokers, each configured
             try:
                 status = admin.status(TOPIC, "billing")
             finally:
@@ -77,6 +77,36 @@ def test_stats_from_a_broker_that_redirects_to_the_owner_on_another_port_keep_th
     assert (status.backlog, status.consumers, status.subscription_type) == (7, 1, "Shared")
     assert other_asked and all(token == "Bearer s3cret" for _, token in other_asked + owner_asked)
     assert {path for path, _ in owner_asked} >= {"/admin/v2/persistent/public/default/orders/stats"}
+
+
+def test_the_token_never_follows_a_redirect_to_a_host_not_configured() -> None:
+    """An admin endpoint pointing elsewhere (another port of this very host, here) gets an error, not the token."""
+    with serving(lambda path, _: _json(200, STATS)) as (elsewhere_url, elsewhere_asked):
+        with serving(lambda path, _: (307, {"Location": elsewhere_url + path}, b"")) as (url, asked):
+            admin = _admin(url)
+            try:
+                with pytest.raises(EventBusError) as refused:
+                    admin.status(TOPIC, "billing")
+            finally:
+                admin.close()
+    here, there = url.removeprefix("http://"), elsewhere_url.removeprefix("http://")
+    assert f"the admin API at {here} redirected" in str(refused.value) and f"to {there}, which is not" in str(refused.value)
+    assert asked and elsewhere_asked == [], "the other end was never asked, so never given the token"
+
+
+def test_a_redirect_may_not_go_from_https_to_http_nor_anywhere_unconfigured() -> None:
+    from httpx import URL
+
+    from eventbus.operating.admin import redirect_problem
+
+    allowed = {"b1:8443", "b2:8443", "b3:8080"}
+    assert redirect_problem(URL("https://b1:8443/a"), URL("https://b2:8443/a"), allowed) is None
+    assert "never sent in clear" in (redirect_problem(URL("https://b1:8443/a"), URL("http://b2:8443/a"), allowed) or "")
+    assert redirect_problem(URL("http://b3:8080/a"), URL("http://b3:8080/b"), allowed) is None
+    assert "not a host" in (redirect_problem(URL("https://b1:8443/a"), URL("https://b1:9443/a"), allowed) or "")
+    assert "not a host" in (redirect_problem(URL("https://b1:8443/a"), URL("https://evil:8443/a"), allowed) or "")
+    problem = redirect_problem(URL("https://b1:8443/a"), URL("https://user:pw@evil/a"), allowed) or ""
+    assert "evil:443" in problem and "pw" not in problem
 
 
 def test_a_redirect_loop_an_empty_body_and_a_wrong_path_are_named() -> None:

@@ -62,6 +62,24 @@ def admin_urls(settings: Settings) -> list[str]:
     return [f"{scheme}://{host}:{_ADMIN_PORT}" for host, _ in broker_addresses(settings.url)]
 
 
+def _where(url: httpx.URL) -> str:
+    """host:port of a URL (the scheme's port when it names none), without any user or password."""
+    port = url.port or (443 if url.scheme == "https" else 80)
+    return f"{url.host}:{port}"
+
+
+def redirect_problem(source: httpx.URL, target: httpx.URL, allowed: set[str]) -> str | None:
+    """Why a redirect from `source` to `target` must not carry the admin token, or None when it may."""
+    if source.scheme == "https" and target.scheme != "https":
+        return f"from https to {target.scheme}://{_where(target)}: the token is never sent in clear"
+    if _where(target) not in allowed:
+        return (
+            f"to {_where(target)}, which is not a host of EVENTBUS_ADMIN_URL ({', '.join(sorted(allowed))}): the "
+            "token goes only there; add that broker's admin URL if it is yours"
+        )
+    return None
+
+
 class Admin:
     """A small client of the admin API; every failure is one `EventBusError` line naming the fix."""
 
@@ -73,6 +91,7 @@ class Admin:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         verify: Any = str(settings.tls_trust_certs_file) if settings.tls_trust_certs_file else True
         self._http = httpx.Client(headers=headers, timeout=timeout, verify=verify)
+        self._allowed = {_where(httpx.URL(base)) for base in self.bases}
 
     def close(self) -> None:
         self._http.close()
@@ -104,10 +123,12 @@ class Admin:
             ) from None
 
     def _follow(self, path: str) -> httpx.Response:
-        """GET `path`, following redirects with the token kept.
+        """GET `path`, following redirects with the token kept, to the configured admin hosts only.
 
         A broker that does not own a topic answers its stats with a redirect (HTTP 307) to the one that
         does, often on another host or port, where httpx's own following drops the Authorization header.
+        The token follows only to a host and port of EVENTBUS_ADMIN_URL, never from https to http: anything
+        else is an error naming both ends (the token went wherever an admin endpoint pointed, in clear too).
         """
         url = path
         for _ in range(_REDIRECTS_MAX):
@@ -115,7 +136,11 @@ class Admin:
             location = response.headers.get("location")
             if not response.is_redirect or not location:
                 return response
-            url = str(response.url.join(location))
+            target = response.url.join(location)
+            problem = redirect_problem(response.url, target, self._allowed)
+            if problem:
+                raise EventBusError(f"the admin API at {_where(response.url)} redirected {path} {problem}")
+            url = str(target)
         raise EventBusError(f"the admin API redirected {path} more than {_REDIRECTS_MAX} times: last to {url}")
 
     def _get(self, url: str) -> httpx.Response:
