@@ -26,7 +26,7 @@ def normalize_service_url(url: str) -> str:
     ``pulsar://b1:6650,pulsar://b2:6650``; the client wants one scheme and a
     comma-separated host list: ``pulsar://b1:6650,b2:6650``.
     """
-    url = url.strip()
+    url = redacted(url.strip())  # only what an error may print: a URL with credentials is refused below
     if not url:
         return ""
     scheme = None
@@ -53,7 +53,12 @@ def normalize_service_url(url: str) -> str:
             raise ValueError(
                 f"broker URL scheme {scheme!r} is not supported: use pulsar:// or pulsar+ssl://"
             )
-        if not netloc or "@" in netloc:
+        if "@" in netloc:
+            raise ValueError(
+                f"broker URL {url!r} carries a user or password: the client authenticates with EVENTBUS_TOKEN; "
+                f"write the URL as {scheme}://host:port"
+            )
+        if not netloc:
             raise ValueError(f"broker URL {url!r} has no host: write it as {scheme}://host:port")
         if netloc.startswith("["):  # IPv6 literal: [::1]:6650
             host, _, rest = netloc.partition("]")
@@ -72,6 +77,14 @@ def normalize_service_url(url: str) -> str:
             port = str(_DEFAULT_PORTS[scheme])
         hosts.append(f"{host}:{port}")
     return f"{scheme}://{','.join(hosts)}"
+
+
+def redacted(url: str) -> str:
+    """`url` with any user and password in it replaced by ``***``, for messages (several comma-separated too)."""
+    return _USERINFO.sub(r"\1***@", url)
+
+
+_USERINFO = re.compile(r"((?:^|,)\s*[A-Za-z][A-Za-z0-9+.-]*://)[^/@,]*@")
 
 
 def broker_addresses(url: str) -> list[tuple[str, int]]:
@@ -229,6 +242,16 @@ class Settings(BaseSettings):
     @classmethod
     def _normalize_url(cls, value: object) -> object:
         return normalize_service_url(value) if isinstance(value, str) else value
+
+    @field_validator("admin_url", mode="before")
+    @classmethod
+    def _no_credentials(cls, value: object) -> object:
+        if isinstance(value, str) and redacted(value) != value:
+            raise ValueError(
+                f"admin URL {redacted(value)!r} carries a user or password: the admin API takes "
+                "EVENTBUS_ADMIN_TOKEN; write it as http://host:8080"
+            )
+        return value
 
     @field_validator("log_format", mode="before")
     @classmethod

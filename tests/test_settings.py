@@ -144,3 +144,22 @@ def test_token_stays_out_of_logs(settings: Settings, subprocess_env: dict[str, s
     assert "eventbus.pulsar" in logs and "Connected to broker" in logs, "the client's debug logs are there"
     assert token not in logs
     assert token.rsplit(".", 1)[-1] not in logs, "not even the signature"
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("EVENTBUS_URL", "pulsar://user:p4ssw0rd@broker:6650"),
+        ("EVENTBUS_URL", "pulsar://b1:6650,pulsar://user:p4ssw0rd@b2:6650"),
+        ("EVENTBUS_URL", "pulsar://user:p4ssw0rd@broker:6650/path"),
+        ("EVENTBUS_ADMIN_URL", "http://admin:p4ssw0rd@broker:8080"),
+    ],
+)
+def test_a_url_with_a_password_is_refused_without_printing_it(name: str, value: str, base_env: dict[str, str]) -> None:
+    """Credentials in a URL are never echoed: not in the error line, nor in a settings repr (nothing to repr)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "eventbus", "status", "--topic", "t", "--group", "g"],
+        env={**base_env, name: value}, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2 and "p4ssw0rd" not in result.stdout + result.stderr, result.stderr
+    assert "***@" in result.stderr and ("has a path" in result.stderr or "carries a user or password" in result.stderr)

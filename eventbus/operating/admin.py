@@ -12,7 +12,7 @@ import httpx
 
 from ..broker.embedded import stored_topics
 from ..errors import ConfigError, EventBusError
-from ..settings import Settings, broker_addresses
+from ..settings import Settings, broker_addresses, redacted
 from ..topics import REPLAY_SUBSCRIPTION, dead_letter_topic
 
 #: Where the test kit's and compose's Pulsar serve the admin API beside the broker's 6650.
@@ -101,14 +101,14 @@ class Admin:
         response = self._follow(path)
         if response.status_code in (401, 403):
             raise ConfigError(
-                f"the admin API at {self.base} refused the request (HTTP {response.status_code}): set "
+                f"the admin API at {redacted(self.base)} refused the request (HTTP {response.status_code}): set "
                 "EVENTBUS_ADMIN_TOKEN (or EVENTBUS_TOKEN) to a token with admin rights on the tenant"
             )
         if response.status_code == 404:
             reason = _reason(response)
             if reason is None:  # not Pulsar's answer: a web server's page for a path it does not serve
                 raise ConfigError(
-                    f"the admin API at {self.base} does not serve {path} (HTTP 404 without Pulsar's reason): "
+                    f"the admin API at {redacted(self.base)} does not serve {path} (HTTP 404 without Pulsar's reason): "
                     "set EVENTBUS_ADMIN_URL to the admin API's root, e.g. http://broker:8080"
                 )
             raise ConfigError(f"{missing} ({reason})")
@@ -118,7 +118,7 @@ class Admin:
             return response.json()
         except ValueError:
             raise EventBusError(
-                f"the admin API at {self.base} answered {path} with HTTP {response.status_code} and no JSON "
+                f"the admin API at {redacted(self.base)} answered {path} with HTTP {response.status_code} and no JSON "
                 f"({response.text[:80]!r}): is EVENTBUS_ADMIN_URL Apache Pulsar's admin API?"
             ) from None
 
@@ -151,7 +151,7 @@ class Admin:
             try:
                 return self._http.get(base + url)
             except httpx.HTTPError as exc:
-                problems.append(f"at {base or url} ({type(exc).__name__}: {exc})")
+                problems.append(f"at {redacted(base or url)} ({redacted(f'{type(exc).__name__}: {exc}')})")
         raise EventBusError(f"cannot reach the admin API {'; '.join(problems)}: is EVENTBUS_ADMIN_URL right?") from None
 
     def owners(self, topic: str, partitions: int) -> list[str]:
@@ -165,7 +165,7 @@ class Admin:
 
     def partitions(self, topic: str) -> int:
         """The topic's partitions (0: not partitioned); a topic that does not exist names its neighbours."""
-        missing = f"topic {topic} does not exist on {self.base}"
+        missing = f"topic {topic} does not exist on {redacted(self.base)}"
         try:
             return int(self.get(f"{_path(topic)}/partitions", missing).get("partitions", 0))
         except ConfigError as exc:
@@ -177,7 +177,7 @@ class Admin:
         """The topic's stats (a partitioned topic's summed over its partitions)."""
         partitions = self.partitions(topic)
         path = _path(topic) + ("/partitioned-stats" if partitions else "/stats")
-        stats: dict[str, Any] = self.get(path, f"topic {topic} does not exist on {self.base}")
+        stats: dict[str, Any] = self.get(path, f"topic {topic} does not exist on {redacted(self.base)}")
         return stats
 
     def topics(self, namespace: str) -> list[str]:
