@@ -35,6 +35,8 @@ log = logging.getLogger("eventbus")
 _CLOSE_WAIT = 5.0
 EXIT_RUNTIME = EventBusError.exit_code
 EXIT_USAGE = ConfigError.exit_code
+#: Apache Pulsar's default maxMessageSize: `publish @PATH` refuses a larger file before reading it.
+_PAYLOAD_MAX = 5 * 1024 * 1024
 #: The settings `--help` lists; .env.example has them all.
 _MAIN_SETTINGS = (
     "url", "token", "tenant", "namespace", "embedded", "data_dir", "log_level", "log_format", "metrics_port",
@@ -187,10 +189,18 @@ def _payload_text(arg: str) -> str:
     if arg == "-":
         return sys.stdin.read()
     if arg.startswith("@"):
+        path = Path(arg[1:])
         try:
-            return Path(arg[1:]).read_text()
+            if path.exists() and not path.is_file():  # a device or a pipe (@/dev/zero never ended)
+                raise _Fail(f"cannot read the payload from {path}: not a regular file; give a file's path", EXIT_USAGE)
+            if path.stat().st_size > _PAYLOAD_MAX:
+                raise _Fail(
+                    f"the payload in {path} is {path.stat().st_size:,} bytes, over Apache Pulsar's default message "
+                    f"limit of {_PAYLOAD_MAX:,}: send a smaller one", EXIT_USAGE,
+                )
+            return path.read_text()
         except OSError as exc:
-            raise _Fail(f"cannot read the payload from {arg[1:]}: {exc.strerror}", EXIT_USAGE) from None
+            raise _Fail(f"cannot read the payload from {path}: {exc.strerror}", EXIT_USAGE) from None
     return arg
 
 

@@ -111,3 +111,17 @@ async def test_status_columns_line_up_whatever_the_names_are_long(
     header, row = shown.stdout.splitlines()[:2]
     assert header.index("group") == row.index("a-group-with-a-long-name-too"), shown.stdout
     assert header.split()[0] == "topic" and row.split()[0] == settings.topic(long_topic)
+
+
+def test_publish_from_a_path_refuses_devices_and_files_over_the_message_limit(
+    base_env: dict[str, str], tmp_path: Path
+) -> None:
+    big = tmp_path / "big.json"
+    big.write_text('"' + "a" * (5 * 1024 * 1024) + '"')
+    for path, said in [
+        ("/dev/zero", "not a regular file"),  # it never ended
+        (str(big), "over Apache Pulsar's default message limit of 5,242,880"),
+        (str(tmp_path / "missing.json"), "No such file or directory"),
+    ]:
+        result = cli(base_env, "publish", "orders", f"@{path}", timeout=30)
+        assert result.returncode == 2 and said in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
