@@ -52,7 +52,7 @@ async def connect(settings: Settings) -> Connection:
     embedded = None
     if settings.uses_embedded:
         embedded = await anyio.to_thread.run_sync(EmbeddedBroker.acquire, settings.data_dir)
-        url = embedded.url
+        url, token = embedded.url, None  # it has no authentication: a token sent there only leaves this process
     else:
         url = settings.url
     try:

@@ -96,18 +96,20 @@ class EmbeddedBroker:
         """
         data_dir = data_dir.absolute()
         try:
-            data_dir.mkdir(parents=True, exist_ok=True)
+            data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if data_dir.stat().st_uid == os.getuid():
+                data_dir.chmod(0o700)  # handled payloads live here: the user's own (it was 0755, files 0644)
         except OSError as exc:
             raise BrokerUnavailable(f"cannot create embedded broker data dir {data_dir}: {exc.strerror}") from None
         with _locked(data_dir / "broker.lock"):
-            users_fd = os.open(data_dir / "users.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            users_fd = os.open(data_dir / "users.lock", os.O_RDWR | os.O_CREAT, 0o600)
             fcntl.flock(users_fd, fcntl.LOCK_SH)
             try:
                 state = _read_state(data_dir)
                 if state and _alive(state["pid"]) and _accepts(state["port"]):
                     return cls(data_dir, state["url"], state["pid"], users_fd)
                 if state and _alive(state["pid"]):  # alive but deaf: a broker we cannot use
-                    stop_broker(state["pid"])
+                    stop_broker(state["pid"], data_dir)
                 url, pid = start_broker(data_dir, timeout)
                 _start_watcher(data_dir, pid, idle_stop)
                 return cls(data_dir, url, pid, users_fd)
@@ -126,7 +128,7 @@ class EmbeddedBroker:
             except BlockingIOError:
                 last = False
             if last:
-                stop_broker(self.pid)
+                stop_broker(self.pid, self.data_dir)
                 (self.data_dir / "broker.json").unlink(missing_ok=True)
             os.close(self._users_fd)
             self._users_fd = -1
@@ -185,7 +187,7 @@ class SubscriptionLease:
         if self._fd >= 0:
             return True
         self.path.parent.mkdir(exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -215,7 +217,7 @@ class _locked:
         self.path = path
 
     def __enter__(self) -> None:
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
 
     def __exit__(self, *exc: object) -> None:
@@ -223,21 +225,44 @@ class _locked:
 
 
 def _read_state(data_dir: Path) -> dict[str, Any] | None:
+    """What `start_broker` recorded, if it is that: a pulsar-lite of this user serving this data directory on a
+    loopback port. A planted or stale file (a pid reused by another process, a URL naming another host) is not
+    trusted: the bus neither signals that process nor sends anything to that address."""
     try:
         state = json.loads((data_dir / "broker.json").read_text())
-        return state if {"pid", "port", "url"} <= state.keys() else None
     except (OSError, ValueError):
         return None
+    if not isinstance(state, dict) or not {"pid", "port", "url"} <= state.keys():
+        return None
+    pid, port = state["pid"], state["port"]
+    if type(pid) is not int or type(port) is not int or state["url"] != f"pulsar://127.0.0.1:{port}":
+        return None
+    return state if _is_our_broker(pid, data_dir) else None
+
+
+def _is_our_broker(pid: int, data_dir: Path) -> bool:
+    """Whether `pid` is this user's pulsar-lite serving `data_dir` (a dead one counts: nothing to signal)."""
+    try:
+        if Path(f"/proc/{pid}").stat().st_uid != os.getuid():
+            return False
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except FileNotFoundError:
+        return True  # gone: nothing will be signalled
+    except OSError:
+        return False
+    return bool(command) and Path(os.fsdecode(command[0])).name == "pulsar-lite" and (
+        os.fsencode(data_dir / "db") in command
+    )
 
 
 def start_broker(data_dir: Path, timeout: float = START_TIMEOUT, port: int | None = None) -> tuple[str, int]:
     """Start a pulsar-lite process on `port` (a free one if None); its URL and pid. `acquire()` shares one."""
-    port = port or _free_port()
+    port, data_dir = port or _free_port(), data_dir.absolute()
     log_path = data_dir / "broker.log"
     config = data_dir / "pulsar-lite.toml"
     # Its metrics server wants a fixed port; a second broker on the machine would fail to bind it.
-    config.write_text("[metrics]\nenabled = false\n")
-    with open(log_path, "ab") as log_file:
+    _private(config, b"[metrics]\nenabled = false\n")
+    with open(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log_file:
         # A session of its own: Ctrl-C in the terminal must reach the worker,
         # which drains, and not the broker it drains to.
         proc = subprocess.Popen(
@@ -250,6 +275,7 @@ def start_broker(data_dir: Path, timeout: float = START_TIMEOUT, port: int | Non
             stdin=subprocess.DEVNULL,
             cwd=data_dir,
             start_new_session=True,
+            umask=0o077,  # its entry log holds handled payloads: the user's alone
         )
     deadline = time.monotonic() + timeout
     while not _accepts(port):
@@ -263,9 +289,16 @@ def start_broker(data_dir: Path, timeout: float = START_TIMEOUT, port: int | Non
         time.sleep(0.05)
     url = f"pulsar://127.0.0.1:{port}"
     tmp = data_dir / "broker.json.tmp"
-    tmp.write_text(json.dumps({"pid": proc.pid, "port": port, "url": url}))
+    _private(tmp, json.dumps({"pid": proc.pid, "port": port, "url": url}).encode())
     tmp.replace(data_dir / "broker.json")
     return url, proc.pid
+
+
+def _private(path: Path, data: bytes) -> None:
+    """Write a file only its user may read (mode 0600, whatever the umask)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "wb") as file:
+        file.write(data)
 
 
 def restart_broker(data_dir: Path, pid: int, port: int, timeout: float = START_TIMEOUT) -> tuple[str, int]:
@@ -275,12 +308,15 @@ def restart_broker(data_dir: Path, pid: int, port: int, timeout: float = START_T
     than starting one of its own.
     """
     with _locked(data_dir.absolute() / "broker.lock"):
-        stop_broker(pid)
+        stop_broker(pid, data_dir.absolute())
         return start_broker(data_dir.absolute(), timeout, port)
 
 
-def stop_broker(pid: int, timeout: float = 10.0) -> None:
-    """Stop a broker process: SIGTERM, then SIGKILL after `timeout` seconds."""
+def stop_broker(pid: int, data_dir: Path | None = None, timeout: float = 10.0) -> None:
+    """Stop a broker process: SIGTERM, then SIGKILL after `timeout` seconds; with `data_dir`, only if `pid` is
+    still this user's pulsar-lite of that directory (a recorded pid may have been reused since)."""
+    if data_dir is not None and not _is_our_broker(pid, data_dir):
+        return
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -311,7 +347,7 @@ def watch(data_dir: str, pid: str, idle_stop: str) -> None:
     idle_since: float | None = None
     while _alive(broker):
         with _locked(root / "broker.lock"):  # acquire() and release() hold it too: no user slips in meanwhile
-            fd = os.open(root / "users.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(root / "users.lock", os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 unused = True
@@ -323,7 +359,7 @@ def watch(data_dir: str, pid: str, idle_stop: str) -> None:
             idle_since = (idle_since or now) if unused else None
             if idle_since is not None and now - idle_since >= idle:
                 state = _read_state(root)
-                stop_broker(broker)
+                stop_broker(broker, root)
                 if state and state.get("pid") == broker:
                     (root / "broker.json").unlink(missing_ok=True)
                 return
