@@ -18,7 +18,7 @@ from eventbus.broker.client import id_text
 from eventbus.broker.embedded import SubscriptionLease
 from eventbus.testing import Harness
 
-from .conftest import read_stored
+from .conftest import admin_urls, read_stored
 from .pulsar_admin import admin
 from .test_worker_process import cli, one_line_error
 
@@ -148,7 +148,7 @@ async def test_status_shows_backlog_consumers_and_dead_letters(pulsar: dict, set
     if not settings.url:
         pytest.skip("the admin API is Apache Pulsar's")
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parent.parent), "EVENTBUS_URL": settings.url,
-           "EVENTBUS_TOKEN": pulsar["client_token"], "EVENTBUS_ADMIN_URL": pulsar["admin_url"],
+           "EVENTBUS_TOKEN": pulsar["client_token"], "EVENTBUS_ADMIN_URL": admin_urls(pulsar),  # every broker's
            "EVENTBUS_ADMIN_TOKEN": pulsar["admin_token"]}
     async with Harness(settings, [failing(topic)]) as app:
         await app.publish(topic, {"n": 0})
