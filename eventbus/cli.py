@@ -260,6 +260,11 @@ async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
     for dead, error in report.failed:
         print(printable(f"failed {dead.message_id}: {error} (left in the dead-letter topic)"), file=sys.stderr)
     already = f"; {report.already} found on the retry topic already (acknowledged)" if report.already else ""
+    if report.untrusted:
+        print(
+            f"warning: {report.untrusted} message(s) on {report.retry_topic} named a dead letter they are not a "
+            "copy of: ignored (someone who may produce on this namespace wrote them)", file=sys.stderr,
+        )
     print(
         f"{'would replay' if args.dry_run else 'replayed'} {len(report.replayed)} dead letter(s) of group "
         f"{args.group!r} to {report.retry_topic}; {report.skipped} skipped by --error-type; "

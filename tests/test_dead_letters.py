@@ -17,8 +17,9 @@ from eventbus.operating import replay
 from eventbus.broker.client import id_text
 from eventbus.broker.embedded import SubscriptionLease
 from eventbus.testing import Harness
+from eventbus.topics import REPLAYED_FROM
 
-from .conftest import admin_urls, read_stored
+from .conftest import admin_urls, raw_client, read_stored
 from .pulsar_admin import admin
 from .test_worker_process import cli, one_line_error
 
@@ -283,3 +284,32 @@ async def test_a_retry_topic_that_cannot_be_created_is_logged_and_left(
     assert states == {settings.topic(topic): "consuming", replay.topics(settings, topic, "billing")[1]: "stopped"}
     assert "where `eventbus dlq replay` sends this group's dead letters back" in caplog.text
     assert "create the topic to replay into it" in caplog.text
+
+
+async def test_a_forged_replay_marker_neither_hides_nor_discards_a_dead_letter(
+    settings: Settings, subprocess_env: dict[str, str], topic: str
+) -> None:
+    """The attacker may produce on the namespace: markers naming each dead letter, but not its copy."""
+    async with Harness(settings, [failing(topic)]) as app:
+        await app.publish(topic, {"n": 0}, key="k0")
+        await app.publish(topic, {"n": 1}, key="k1")
+        dead = await app.wait_dead_lettered(2)
+        url = app.bus.url
+    dead_letters, retries = replay.topics(settings, topic, "billing")
+    client = raw_client(url, settings.jwt())
+    try:
+        forger = client.create_producer(retries, producer_name="eventbus-replay-billing")
+        for d, (key, payload) in zip(dead, [("k0", b'{"n":666}'), ("other", b'{"n":1}')]):  # another payload; another key
+            forger.send(payload, partition_key=key, properties={REPLAYED_FROM: f"{dead_letters}@{id_text(d.message_id)}"})
+    finally:
+        client.close()
+
+    shown = cli(subprocess_env, "dlq", "show", topic, "billing", "--json")
+    assert [d["message_id"] for d in json.loads(shown.stdout)] == [id_text(d.message_id) for d in dead], shown.stderr
+    assert f"2 message(s) on {retries} name a dead letter in {REPLAYED_FROM} but are not its copy" in shown.stderr
+    result = cli(subprocess_env, "dlq", "replay", topic, "billing")
+    assert result.returncode == 0 and result.stdout.count("replayed ") == 2, result.stdout + result.stderr
+    assert "2 message(s) on" in result.stderr and "found on the retry topic already" not in result.stderr
+    stored = read_stored(url, settings.jwt(), retries)
+    assert sorted(p for p, ids in stored.items() for _ in ids) == [b'{"n":0}', b'{"n":1}', b'{"n":1}', b'{"n":666}']
+    assert await replay.show(settings, topic, "billing") == []

@@ -5,6 +5,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import hashlib
+import logging
 import os
 import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
@@ -31,7 +33,7 @@ from ..publishing.producers import Producers, TopicProducer
 from ..settings import Settings
 from ..topics import DEAD_LETTER_PROPERTIES, REPLAY_SUBSCRIPTION, REPLAYED_FROM, dead_letter_topic, retry_topic
 
-#: Says on a replayed message where it came from: ``<dead-letter topic>@<its id there>``.
+log = logging.getLogger("eventbus")
 #: How long a replay or `show` waits for the next dead letter before it counts the topic as read to its end.
 _QUIET_MS = 1000
 #: Seconds a replay waits for its producer to close.
@@ -133,15 +135,13 @@ async def show_many(
 async def _listed(
     connection: Connection, dead_letters: str, retries: str, limit: int | None, every: bool
 ) -> list[DeadLetter]:
-    replayed = await _replayed(connection, retries)
+    marks = await _replayed(connection, dead_letters, retries)
     async with _replay_subscription(connection, dead_letters) as consumer:
         # A replay's acknowledgement of part of a batch may not reach the broker (the client acknowledges
         # a batch whole unless the broker takes batch-index acks): what the retry topic holds is replayed.
-        waiting = {
-            d.message_id: d
-            async for d in _dead_letters(_waiting(consumer))
-            if f"{dead_letters}@{d.message_id}" not in replayed
-        }
+        waiting = {d.message_id: d async for d in _dead_letters(_waiting(consumer)) if marks.copy_of(d) is None}
+    if marks.untrusted:
+        log.warning(marks.warning())
     if not every:
         return list(waiting.values())[:limit]
     stored = await connection.client.read(dead_letters, limit, by_subscription=connection.profile.reads_by_subscription)
@@ -153,14 +153,55 @@ async def _dead_letters(raws: AsyncIterator[RawMessage]) -> AsyncIterator[DeadLe
         yield DeadLetter.of(raw)
 
 
-async def _replayed(connection: Connection, retries: str) -> dict[str, str]:
-    """What replays stored on the retry topic and it still holds: ``eventbus-replayed-from`` -> the id there."""
-    found: dict[str, str] = {}
+def _fingerprint(key: str | bytes | None, data: bytes) -> bytes:
+    """A digest of what a replay copies: the key and the payload."""
+    tagged = b"s" + key.encode() if isinstance(key, str) else b"b" + key if key else b"n"
+    return hashlib.blake2b(tagged + b"\x00" + data, digest_size=16).digest()
+
+
+@dataclass
+class ReplayMarks:
+    """The copies replays stored on a retry topic, each trusted only as the dead letter it names.
+
+    Whoever may produce on the namespace can write ``eventbus-replayed-from`` on the retry topic: a
+    marker counts only when its key and payload are the named dead letter's (then that message is on
+    the retry topic, whoever wrote it); any other is ignored and counted in `untrusted`.
+    """
+
+    dead_letters: str
+    retries: str
+    #: ``<dead-letter topic>@<id>`` -> each copy marked so: its fingerprint and its id on the retry topic.
+    marked: dict[str, list[tuple[bytes, str]]] = field(default_factory=dict)
+    untrusted: int = 0
+
+    def copy_of(self, dead: DeadLetter) -> str | None:
+        """The id of `dead`'s copy on the retry topic, if one is stored there."""
+        copies = self.marked.get(f"{self.dead_letters}@{dead.message_id}")
+        if not copies:
+            return None
+        fingerprint = _fingerprint(dead.key, dead.data)
+        trusted = next((at for mark, at in copies if mark == fingerprint), None)
+        if trusted is None:
+            self.untrusted += len(copies)
+        return trusted
+
+    def warning(self) -> str:
+        return (
+            f"{self.untrusted} message(s) on {self.retries} name a dead letter in {REPLAYED_FROM} but are not "
+            "its copy (another key or payload): ignored, the dead letter still waits; someone who may produce "
+            "on this namespace wrote them"
+        )
+
+
+async def _replayed(connection: Connection, dead_letters: str, retries: str) -> ReplayMarks:
+    """What replays (or anyone) stored on the retry topic naming a dead letter."""
+    marks = ReplayMarks(dead_letters, retries)
     for raw in await connection.client.read(retries, None, by_subscription=connection.profile.reads_by_subscription):
         origin = (properties_of(raw) or {}).get(REPLAYED_FROM)
         if origin is not None:
-            found.setdefault(origin, id_text(raw.message_id()))
-    return found
+            copy = (_fingerprint(key_of(raw) or None, raw.data()), id_text(raw.message_id()))
+            marks.marked.setdefault(origin, []).append(copy)
+    return marks
 
 
 @contextlib.asynccontextmanager
@@ -240,6 +281,8 @@ class ReplayReport:
     failed: list[tuple[DeadLetter, str]] = field(default_factory=list)
     #: Found on the retry topic already (stored by a replay whose acknowledgement was lost): acknowledged, not sent.
     already: int = 0
+    #: Messages on the retry topic naming a dead letter they are not a copy of: ignored (`ReplayMarks`).
+    untrusted: int = 0
 
 
 async def replay(
@@ -270,9 +313,11 @@ async def replay(
             try:
                 # The producer first, even for a dry run: a retry topic that refuses it fails the replay at once.
                 producer = await producers.get(retries)
-                resend = _Resend(producer, dead_letters, await _replayed(connection, retries), settings.send_deadline_seconds)
+                marks = await _replayed(connection, dead_letters, retries)
+                resend = _Resend(producer, marks, settings.send_deadline_seconds)
                 async with contextlib.aclosing(_waiting(consumer)) as waiting:
                     await _replay_each(waiting, consumer, resend, dry_run, report, error_type, limit, progress)
+                report.untrusted = marks.untrusted
             finally:
                 # A resend the broker never answered keeps its slot: closing would wait for it for good.
                 with anyio.move_on_after(min(settings.send_deadline_seconds, _CLOSE_WAIT)):
@@ -338,22 +383,21 @@ class _Resend:
     sent under the next id above it instead. A receipt that names no place is never taken for stored.
     """
 
-    def __init__(self, producer: TopicProducer, dead_letters: str, replayed: dict[str, str], deadline: float) -> None:
+    def __init__(self, producer: TopicProducer, marks: ReplayMarks, deadline: float) -> None:
         self._producer = producer
-        self._dead_letters = dead_letters
-        self._replayed = replayed
+        self._marks = marks
         self._deadline = deadline
         self._highest = producer.last_sequence_id()
 
     def stored_already(self, dead: DeadLetter) -> str | None:
         """Its id on the retry topic, if a replay stored it there before."""
-        return self._replayed.get(f"{self._dead_letters}@{dead.message_id}")
+        return self._marks.copy_of(dead)
 
     async def __call__(self, raw: RawMessage, dead: DeadLetter) -> str:
         sequence = sequence_id(raw.message_id())
         if sequence is not None and sequence <= self._highest:
             sequence = self._highest + 1
-        properties = {**dead.properties, REPLAYED_FROM: f"{self._dead_letters}@{dead.message_id}"}
+        properties = {**dead.properties, REPLAYED_FROM: f"{self._marks.dead_letters}@{dead.message_id}"}
         message, size = build_message(
             dead.data, None, key=dead.key, properties=properties, event_time=raw.event_timestamp() or None,
             sequence_id=sequence,
