@@ -62,7 +62,7 @@ def test_compose_runs_the_pulsar_the_tests_run_with_health_check_and_volume() ->
     assert "--no-functions-worker" in pulsar["command"] and "--no-stream-storage" in pulsar["command"]
     assert "/admin/v2/clusters" in " ".join(pulsar["healthcheck"]["test"])
     assert any(v.endswith(":/pulsar/data") for v in pulsar["volumes"])
-    assert "6650:6650" in pulsar["ports"]
+    assert "127.0.0.1:6650:6650" in pulsar["ports"]
 
 
 def test_compose_counts_permits_by_message_like_the_test_broker(tmp_path) -> None:
@@ -94,7 +94,7 @@ def test_compose_worker_uses_known_settings_pointing_at_the_pulsar_service() -> 
     # The worker gets longer than its drain timeout to stop before compose kills it.
     assert float(worker["stop_grace_period"].rstrip("s")) > _stop_takes(env)
     port = env["EVENTBUS_METRICS_PORT"]
-    assert f"{port}:{port}" in worker["ports"] and f":{port}/readyz" in " ".join(worker["healthcheck"]["test"])
+    assert f"127.0.0.1:{port}:{port}" in worker["ports"] and f":{port}/readyz" in " ".join(worker["healthcheck"]["test"])
     assert env["EVENTBUS_METRICS_HOST"] == "0.0.0.0", "loopback inside a container answers nobody outside it"
 
 
@@ -121,10 +121,44 @@ def test_compose_auth_opt_in_sets_what_the_test_broker_sets(tmp_path) -> None:
     conf = dict(line.split("=", 1) for line in script.write_conf(st).read_text().splitlines() if line)
     tested = {k for k in conf if "uth" in k or k in ("tokenSecretKey", "superUserRoles")}
     auth = yaml.safe_load((ROOT / "compose.auth.yaml").read_text())["services"]
-    assert set(auth["pulsar"]["environment"]) == tested
-    assert auth["pulsar"]["environment"]["superUserRoles"] == conf["superUserRoles"]
+    # Authorization too, as the cluster runs it: the test standalone's tests create namespaces as they go.
+    assert set(auth["pulsar"]["environment"]) == tested | {"authorizationEnabled"}
+    assert _auth(auth["pulsar"]["environment"]) == _auth(_cluster_broker_conf())
     assert "Authorization: Bearer" in " ".join(auth["pulsar"]["healthcheck"]["test"])
     assert set(auth["worker"]["environment"]) <= setting_env_names()
+    worker = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]["worker"]["environment"]
+    _grants_the_client_only_its_namespace(auth, worker)
+
+
+def _cluster_broker_conf() -> dict[str, str]:
+    ports = {"zk": {"client": 1}, "broker-1": {"service": 2, "web": 3, "tls": 4}}
+    return dict(line.split("=", 1) for line in script("pulsar-cluster").broker_conf({"ports": ports, "admin_token": "x"}, "broker-1"))
+
+
+def _auth(env: dict[str, str]) -> dict[str, str]:
+    """The authentication and authorization settings of a broker, but for where the key and tokens live."""
+    return {k: v for k, v in env.items() if ("uth" in k or k == "superUserRoles") and "Parameters" not in k}
+
+
+def _grants_the_client_only_its_namespace(services: dict, worker_env: dict[str, str]) -> None:
+    """A one-shot service grants the worker's role produce and consume on the worker's namespace; the worker waits for it."""
+    grant = services["grant-client"]
+    namespace = f"{worker_env.get('EVENTBUS_TENANT', 'public')}/{worker_env.get('EVENTBUS_NAMESPACE', 'default')}"
+    words = grant["command"].split()
+    at = words.index("grant-permission")
+    assert words[at + 1 :] == [namespace, "--role", "client", "--actions", 'produce,consume"'], words
+    assert grant["restart"] == "no"
+    assert services["worker"]["depends_on"]["grant-client"] == {"condition": "service_completed_successfully"}
+    assert services["worker"]["environment"]["EVENTBUS_TOKEN_FILE"] == "/app/secrets/client.jwt"
+
+
+def test_compose_publishes_ports_on_the_hosts_loopback_only() -> None:
+    """Plain compose.yaml has no authentication: whoever reached 6650 or 8080 was an admin."""
+    published = []
+    for name in ("compose.yaml", "compose.auth.yaml", "compose.cluster.yaml"):
+        for service in yaml.safe_load((ROOT / name).read_text())["services"].values():
+            published += service.get("ports", [])
+    assert published and all(str(p).startswith("127.0.0.1:") for p in published), published
 
 
 def test_compose_cluster_is_the_shape_the_cluster_tests_run() -> None:
@@ -146,6 +180,7 @@ def test_compose_cluster_is_the_shape_the_cluster_tests_run() -> None:
         assert env["advertisedAddress"] == name and "bin/pulsar broker" in service["command"]
         assert env["metadataStoreUrl"] == env["configurationMetadataStoreUrl"] == "zk:zk-1:2181,zk-2:2181,zk-3:2181"
         assert int(env["metadataStoreSessionTimeoutMillis"]) <= 30_000
+        assert _auth(env) == _auth(tested), name
     # One bookie may die: the ensemble leaves one to take its place.
     assert int(tested["managedLedgerDefaultEnsembleSize"]) < len(bookies)
     assert int(tested["managedLedgerDefaultAckQuorum"]) <= int(tested["managedLedgerDefaultWriteQuorum"])
@@ -155,7 +190,8 @@ def test_compose_cluster_is_the_shape_the_cluster_tests_run() -> None:
     settings = Settings(_env_file=None, **{k.removeprefix("EVENTBUS_").lower(): v for k, v in env.items()})
     assert settings.url == "pulsar://" + ",".join(f"{n}:6650" for n in sorted(brokers))
     assert env["EVENTBUS_ADMIN_URL"].split(",") == [f"http://{n}:8080" for n in sorted(brokers)]
-    assert set(worker["depends_on"]) == set(brokers)
+    assert set(worker["depends_on"]) == set(brokers) | {"grant-client"}
+    _grants_the_client_only_its_namespace(services, env)
     # The publish deadline outlasts a failover: the metadata session plus a lookup.
     session = max(int(s["environment"]["metadataStoreSessionTimeoutMillis"]) for s in brokers.values())
     assert settings.producer_send_timeout_ms > 2 * session

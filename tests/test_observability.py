@@ -262,3 +262,71 @@ async def test_readiness_waits_for_every_first_subscribe_and_ends_at_the_stop() 
         await eventually(worker.ready, what="ready once every subscription is up")
         worker.stop()
         assert not worker.ready(), "down from the stop, before the drain ends"
+
+
+def _half_sent(port: int, count: int) -> list[socket.socket]:
+    """`count` connections that send a request line and never finish the headers."""
+    sockets = []
+    for _ in range(count):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: attacker\r\n")
+        sockets.append(s)
+    return sockets
+
+
+def _closed_by_server(s: socket.socket) -> bool:
+    try:
+        return s.recv(1024) == b""
+    except OSError:  # reset: closed too
+        return True
+    finally:
+        s.close()
+
+
+async def test_slow_and_vanishing_probe_clients_hold_no_thread_for_long_and_print_nothing(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """300 half-sent requests made 311 threads for good; a client's reset printed a traceback to stderr."""
+    import struct
+
+    from eventbus.observing import metrics, probes
+
+    monkeypatch.setattr(probes, "CONNECTION_TIMEOUT", 0.5)
+    server = probes.Probes(metrics.Metrics(), lambda: True, "127.0.0.1", 0, stall=10)
+    peak = [0]
+    attacking = threading.Event()
+
+    def handlers() -> int:
+        return sum("process_request_thread" in t.name for t in threading.enumerate())
+
+    def sample() -> None:
+        while attacking.is_set():
+            peak[0] = max(peak[0], handlers())
+            time.sleep(0.005)
+
+    def attack() -> list[bool]:
+        sockets = _half_sent(server.port, 300)
+        return [_closed_by_server(s) for s in sockets]  # each within the client's 10 s timeout
+
+    def vanish() -> None:
+        for s in _half_sent(server.port, 50):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()  # a reset while the server reads the headers
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve)
+        attacking.set()
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            closed = await anyio.to_thread.run_sync(attack)
+        finally:
+            attacking.clear()
+            sampler.join()
+        await anyio.to_thread.run_sync(vanish)
+        assert (await anyio.to_thread.run_sync(_get, server.port, "/livez"))[0] == 200
+        await eventually(lambda: handlers() == 0, what="every connection's thread gone")
+        tg.cancel_scope.cancel()
+    assert all(closed), f"{closed.count(False)} of 300 connections left open"
+    assert 0 < peak[0] <= probes.MAX_CONNECTIONS, peak[0]
+    assert capfd.readouterr().err == ""

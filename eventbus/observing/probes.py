@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -16,6 +19,41 @@ from .metrics import Metrics
 
 #: How often the event loop proves it is responsive.
 _BEAT = 0.25
+#: Seconds a connection may take to send its request: 300 half-sent ones held 300 threads for good.
+CONNECTION_TIMEOUT = 5.0
+#: Connections answered at once; more are closed at once (a scrape and two probes need three).
+MAX_CONNECTIONS = 16
+
+log = logging.getLogger("eventbus")
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    """A thread per connection, at most `MAX_CONNECTIONS`; errors go to the log, not stderr."""
+
+    daemon_threads = True
+    #: socketserver's backlog of 5 left 300 connections at once waiting 47 s on SYN retries, closed or not.
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], handler: type[http.server.BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        if self._slots.acquire(blocking=False):
+            return True
+        log.debug("probe server: %d connections open, closed one from %s", MAX_CONNECTIONS, client_address)
+        return False
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client gone or too slow is its own business; anything else is ours, with its traceback.
+        level = logging.DEBUG if isinstance(sys.exc_info()[1], OSError) else logging.WARNING
+        log.log(level, "probe server: the connection from %s failed", client_address, exc_info=True)
 
 
 class Probes:
@@ -29,6 +67,8 @@ class Probes:
         probes = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            timeout = CONNECTION_TIMEOUT
+
             def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
                 status, body, kind = probes.answer(self.path)
                 self.send_response(status)
@@ -37,16 +77,18 @@ class Probes:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, format: str, *args: object) -> None:  # scrapes every few seconds: not for the log
-                pass
+            def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+                pass  # scrapes every few seconds: not for the log
+
+            def log_message(self, format: str, *args: object) -> None:
+                log.debug("probe server: %s: " + format, self.address_string(), *args)
 
         try:
-            self._server = http.server.ThreadingHTTPServer((host, port), Handler)
+            self._server = _Server((host, port), Handler)
         except OSError as exc:
             raise ConfigError(
                 f"cannot serve metrics on {host}:{port} ({exc.strerror}): set EVENTBUS_METRICS_PORT to a free port"
             ) from None
-        self._server.daemon_threads = True
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(target=self._server.serve_forever, name="eventbus-probes", daemon=True)
 
