@@ -95,3 +95,38 @@ async def test_a_handler_error_with_a_lone_surrogate_keeps_its_retry_and_dead_le
     records = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
     levels = [r["level"] for r in records if "report-\\udcff.csv" in r["message"] + str(r.get("exception", ""))]
     assert levels == ["WARNING", "ERROR"], records
+
+
+_FORGED = "12:00:00 ERROR   eventbus: forged"
+
+
+async def test_a_payloads_newline_forges_no_line_in_the_text_log(
+    settings: Settings, topic: str, subprocess_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The handler's error quotes the payload; its message and its traceback's last line carry the newline."""
+    env = {**subprocess_env, "EB_TOPIC": topic, "EVENTBUS_LOG_FORMAT": "text"}
+    worker = Worker(env, tmp_path / "w.log", "tests.apps.quoting")
+    try:
+        await worker.wait_subscribed()
+        async with EventBus(settings, routers=[]) as bus:
+            await bus.publish(topic, {"field": "x\n" + _FORGED + "\x1b[2J"})
+        await eventually(lambda: "dead-lettered" in worker.text(), what="the dead letter")
+        worker.proc.send_signal(signal.SIGTERM)
+        assert await worker.wait_exit() == 0
+    finally:
+        worker.kill()
+    text = worker.text()
+    assert not [line for line in text.splitlines() if line.startswith(_FORGED)], text[-3000:]
+    assert "\x1b" not in text
+    assert "dead-lettered" in text and "unknown field x\\n" + _FORGED + "\\x1b[2J" in text, text[-3000:]  # one line
+    assert "\n  " + _FORGED + "\\x1b[2J\n" in text, text[-3000:]  # the traceback's lines: indented, escaped
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(text=st.text(st.characters(codec=None, exclude_categories=())))
+def test_any_text_makes_one_text_line(text: str) -> None:
+    from eventbus.observing.logs import TextFormatter
+
+    record = logging.makeLogRecord({"msg": "got %s", "args": (text,), "levelname": "INFO", "name": "eventbus"})
+    line = TextFormatter("%(levelname)s %(name)s: %(message)s").format(record)
+    assert line.isprintable() and line.startswith("INFO eventbus: got ")

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
+from opentelemetry import propagate
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from eventbus import EventBus, Message, Router, Settings
 
@@ -67,3 +72,37 @@ async def test_without_a_tracer_provider_nothing_is_traced_or_added(settings: Se
         await bus.publish(topic, 1)
         await eventually(lambda: seen)
     assert "traceparent" not in seen[0].properties, "no global provider set: no context injected"
+
+
+
+class _Recording(TraceContextTextMapPropagator):
+    """W3C trace context, recording what it is given to read: a propagator of the app's may bound nothing."""
+
+    def __init__(self) -> None:
+        self.given: list[dict[str, str]] = []
+
+    def extract(self, carrier: Any, context: Any = None, getter: Any = None) -> Any:
+        self.given.append(dict(carrier))
+        return super().extract(carrier, context) if getter is None else super().extract(carrier, context, getter)
+
+
+async def test_a_propagator_reads_only_its_fields_and_none_oversized(
+    settings: Settings, topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message's author writes its properties: a 1 MB one never reaches the propagator, nor one it does not read."""
+    recording = _Recording()
+    monkeypatch.setattr(propagate, "get_global_textmap", lambda: recording)
+    provider = TracerProvider()
+    router = Router()
+    done: list[int] = []
+
+    @router.subscribe(topic, "g", initial_position="earliest")
+    async def record(n: int) -> None:
+        done.append(n)
+
+    valid = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+    async with EventBus(settings, routers=[router], tracer_provider=provider) as bus, running(bus):
+        async with EventBus(settings, routers=[]) as plain:  # no provider: the properties go as written
+            await plain.publish(topic, 1, key="k", properties={"traceparent": valid, "tracestate": "a=" + "b" * (1 << 20)})
+        await eventually(lambda: done == [1], what="handled")
+    assert recording.given == [{"traceparent": valid}], [{k: len(v) for k, v in c.items()} for c in recording.given]

@@ -78,6 +78,21 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line).decode()
 
 
+class TextFormatter(logging.Formatter):
+    """The text format with each record's message on one line: a payload's newline cannot forge a log line.
+
+    The message is escaped as `printable` does (JSON mode escapes it too); a traceback keeps its lines, each
+    indented and escaped, so an error text's newline starts no line where a record's time would be.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = logging.makeLogRecord({**record.__dict__, "msg": printable(message_of(record)), "args": None})
+        return super().format(line)
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 (the stdlib's name)
+        return "\n".join("  " + printable(line) for line in super().formatException(ei).splitlines())
+
+
 class _Worker(logging.Filter):
     def __init__(self, number: int) -> None:
         super().__init__()
@@ -110,13 +125,14 @@ def setup_logging(level: str, form: str = "text", worker: int | None = None) -> 
     name; JSON: a `worker` field), so the processes' lines can be told apart.
     """
     named = "%(name)s" if worker is None else f"%(name)s[worker {worker}]"
-    logging.basicConfig(
-        level=level, format=f"%(asctime)s %(levelname)-7s {named}: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
-    )
+    text = TextFormatter(f"%(asctime)s %(levelname)-7s {named}: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=level, stream=sys.stderr)
     for handler in logging.getLogger().handlers:
         if form == "json":
             handler.setFormatter(JsonFormatter())
             handler.addFilter(MessageFields())
+        elif type(handler.formatter) in (logging.Formatter, TextFormatter):  # ours, not a test runner's
+            handler.setFormatter(text)
         if worker is not None:
             handler.addFilter(_Worker(worker))
     # The C++ client is chatty at INFO (every connection and lookup).

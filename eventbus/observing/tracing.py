@@ -13,6 +13,15 @@ except ImportError:  # pragma: no cover - without the extra there is nothing to 
     trace = None  # type: ignore[assignment]
 
 _SYSTEM = {"messaging.system": "pulsar"}
+#: Characters of a trace-context property read: W3C baggage's own limit. A message's author sets these,
+#: and the propagators would parse a 5 MB `traceparent` (its version-00 form takes any suffix) or `tracestate`.
+MAX_CONTEXT_CHARS = 8192
+
+
+def carried(properties: Mapping[str, str]) -> dict[str, str]:
+    """The properties the global propagator reads, each at most `MAX_CONTEXT_CHARS` long; longer ones are dropped."""
+    fields = propagate.get_global_textmap().fields
+    return {k: v for k in fields if (v := properties.get(k)) is not None and len(v) <= MAX_CONTEXT_CHARS}
 
 
 class Tracing:
@@ -46,7 +55,7 @@ class Tracing:
     @contextlib.contextmanager
     def process(self, topic: str, group: str, properties: Mapping[str, str], message_id: str, attempt: int) -> Iterator[Span]:
         """A CONSUMER span for one attempt, continuing the trace the message carries; current while it runs."""
-        parent = propagate.extract(properties)
+        parent = propagate.extract(carried(properties))
         with self._tracer.start_as_current_span(
             f"process {topic}", context=parent, kind=SpanKind.CONSUMER,
             attributes={
