@@ -196,6 +196,11 @@ class Settings(BaseSettings):
     consumer_max_in_flight: int = Field(
         default=1000, ge=1, description="Messages a subscription holds unacknowledged at most."
     )
+    consumer_max_in_flight_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1,
+        description="Payload bytes a subscription takes from the client's queue and holds unacknowledged at most "
+        "(one message at least); the queue itself holds up to EVENTBUS_CONSUMER_RECEIVER_QUEUE_SIZE messages more.",
+    )
 
     shutdown_drain_timeout: float = Field(default=30.0, ge=0)
     shutdown_exit_timeout: float = Field(

@@ -128,7 +128,7 @@ def test_the_wheel_holds_every_module_and_the_sdist_builds_the_same_wheel(built:
     }, "the wheel built from the sdist differs from the one built from the tree"
     with tarfile.open(built.sdist) as archive:
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
-    assert {"LICENSE", "CHANGELOG.md", "README.md", "pyproject.toml"} <= names
+    assert {"LICENSE", "CHANGELOG.md", "SECURITY.md", "README.md", "pyproject.toml"} <= names
     assert _package_files() <= names
 
 

@@ -37,6 +37,7 @@ class RawMessage(Protocol):
     """A message as the client hands it over (or as `build_message` made it to send)."""
 
     def data(self) -> bytes: ...
+    def length(self) -> int: ...  # the payload's size, without copying it
     def properties(self) -> dict[str, str]:
         """Raises UnicodeDecodeError when a property is not UTF-8: read it through `properties_of`."""
     def partition_key(self) -> str:
@@ -538,20 +539,24 @@ class Consumer:
         self._wrapper: pulsar.asyncio.Consumer | None = wrapper
         self._raw: _pulsar.Consumer = wrapper._consumer
 
-    def receive(self, limit: int, timeout_ms: int) -> list[RawMessage]:
-        """Wait up to `timeout_ms` for a message, then take up to `limit` that are already here ([] if none)."""
+    def receive(self, limit: int, timeout_ms: int, max_bytes: int = 1 << 62) -> list[RawMessage]:
+        """Wait up to `timeout_ms` for a message, then take up to `limit` that are already here ([] if none),
+        stopping at the first that brings their payloads to `max_bytes` or more."""
         raw = self._raw
         try:
-            batch = [raw.receive(timeout_ms)]
+            first = raw.receive(timeout_ms)
         except _pulsar.Timeout:
             return []
         except _pulsar.AlreadyClosed:
             raise ConsumerClosed from None
-        while len(batch) < limit:
+        batch, size = [first], first.length()
+        while len(batch) < limit and size < max_bytes:
             try:
-                batch.append(raw.receive(0))
+                message = raw.receive(0)
             except (_pulsar.Timeout, _pulsar.AlreadyClosed):
                 break
+            batch.append(message)
+            size += message.length()
         return batch
 
     def acknowledge(self, messages: collections.deque[RawMessage]) -> None:

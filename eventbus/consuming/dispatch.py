@@ -63,7 +63,7 @@ class Dispatch:
                     acks.append(message)
             finally:
                 lanes.finish(lane, ident, acknowledged)
-                intake.finish()
+                intake.finish(1, message.length())
                 self._after()
 
     async def in_batches(self, handle: HandleBatch, max_messages: int, max_wait: float) -> None:
@@ -84,7 +84,7 @@ class Dispatch:
                     self._intake.acks.append(message)
                 if self._lanes.finish(lane, ident, acknowledged):
                     self.wake(1)
-                self._intake.finish()
+                self._intake.finish(1, message.length())
                 self._after()
 
             delay: float | None = None

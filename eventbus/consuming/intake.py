@@ -6,17 +6,47 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import anyio
 
 from ..broker.client import Consumer, ConsumerClosed, IdKey, RawMessage, id_key
+from ..settings import Settings
+
+log = logging.getLogger("eventbus")
 
 #: How long the waiting thread blocks before the intake looks at the stop flag again: a stop waits up to this
 #: long. Idle, the example app's 8 consumers used 0.9 % of a core at 100 ms and 2.9 % at 25 ms.
 _POLL_MS = 100
 #: Messages pulled per turn of the event loop at most.
 _HANDOFF = 256
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What a subscription holds: at most `messages` in flight, whose payloads pass `bytes` by one message at most,
+    and the client's queue of `receiver_queue` messages beside them."""
+
+    messages: int
+    bytes: int
+    receiver_queue: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> Bounds:
+        return cls(
+            settings.consumer_max_in_flight, settings.consumer_max_in_flight_bytes, settings.consumer_receiver_queue_size
+        )
+
+    def oversized(self, topic: str, size: int) -> str:
+        fits = max(1, self.bytes // size)
+        return (
+            f"a message of {size:,} bytes on {topic}: the client's queue of {self.receiver_queue} messages may hold "
+            f"{self.receiver_queue * size / 2**20:,.0f} MiB beside the {self.bytes / 2**20:,.0f} MiB in flight "
+            f"(EVENTBUS_CONSUMER_MAX_IN_FLIGHT_BYTES); set EVENTBUS_CONSUMER_RECEIVER_QUEUE_SIZE to {fits} or less "
+            "to keep it within that"
+        )
 
 
 class Intake:
@@ -28,12 +58,18 @@ class Intake:
     """
 
     def __init__(
-        self, consumer: Consumer, limit: int, deliver: Callable[[list[RawMessage]], None],
+        self, consumer: Consumer, bounds: Bounds, deliver: Callable[[list[RawMessage]], None],
         begun: Callable[[IdKey], bool],
     ) -> None:
         """`deliver(batch)` takes each batch; after `drain`, `begun(id)` says which messages the intake still takes."""
         self._consumer = consumer
-        self._limit = limit
+        self._limit = bounds.messages
+        self._budget = bounds.bytes
+        self._bounds = bounds
+        #: Payload bytes received and not yet finished.
+        self.bytes = 0
+        #: A payload this large makes the client's queue, full, hold more than the budget: said once.
+        self._warn_above = bounds.bytes // bounds.receiver_queue
         self._deliver = deliver
         self._begun = begun
         self.received = 0
@@ -49,9 +85,10 @@ class Intake:
         """Messages received and not yet finished."""
         return self.received - self.finished
 
-    def finish(self, count: int = 1) -> None:
-        """`count` messages are finished (handled, dropped as copies or left): room for more."""
+    def finish(self, count: int = 1, size: int = 0) -> None:
+        """`count` messages of `size` payload bytes in all are finished (handled, dropped as copies or left)."""
         self.finished += count
+        self.bytes -= size
         room = self._room
         if room is not None and not room.done():
             room.set_result(None)
@@ -76,12 +113,13 @@ class Intake:
                 self._take_rest()
                 return
             free = limit - (self.received - self.finished)
-            if free <= 0:
+            if free <= 0 or self.bytes >= self._budget:
                 self._room = loop.create_future()
                 await self._room
                 continue
             try:
-                batch = consumer.receive(min(free, _HANDOFF), 0)  # what the client holds: never waits
+                room = self._budget - self.bytes
+                batch = consumer.receive(min(free, _HANDOFF), 0, room)  # what the client holds: never waits
                 if not batch:
                     # Nothing there: wait for the next message in a thread (the loop must not block).
                     batch = await anyio.to_thread.run_sync(consumer.receive, 1, _POLL_MS, limiter=self._thread)
@@ -89,8 +127,17 @@ class Intake:
                 return
             if batch:
                 self.received += len(batch)
+                self._count_bytes(batch)
                 deliver(batch)
                 await asyncio.sleep(0)  # the workers take the batch before the next is pulled
+
+    def _count_bytes(self, batch: list[RawMessage]) -> None:
+        sizes = [m.length() for m in batch]
+        self.bytes += sum(sizes)
+        largest = max(sizes)
+        if largest > self._warn_above:
+            self._warn_above = 1 << 62
+            log.warning(self._bounds.oversized(batch[0].topic_name(), largest))
 
     def _take_rest(self) -> None:
         """After a stop: the messages of begun batches still in the client's queue (a batch arrives whole)."""
@@ -103,6 +150,7 @@ class Intake:
             rest = list(itertools.takewhile(lambda m: begun(id_key(m)), batch))
             if rest:
                 self.received += len(rest)
+                self._count_bytes(rest)
                 self._deliver(rest)
             if len(rest) < len(batch) or not batch:
                 return  # the rest of the queue is left unacknowledged: the broker sends it again

@@ -23,7 +23,7 @@ from ..settings import Settings
 from .attempts import Handling, Sender, cancelled_by_us
 from .batches import BatchHandling
 from .dispatch import Dispatch
-from .intake import Intake
+from .intake import Bounds, Intake
 from .lanes import Lanes
 from .membership import Membership, State
 
@@ -125,9 +125,7 @@ class SubscriptionRunner:
             ):
                 return
             assert membership.consumer is not None
-            self._intake = Intake(
-                membership.consumer, self._settings.consumer_max_in_flight, self._deliver, self._lanes.begun
-            )
+            self._intake = Intake(membership.consumer, Bounds.of(self._settings), self._deliver, self._lanes.begun)
             if self._stopping.is_set():  # stopped while subscribing: take nothing
                 self._intake.drain()
             self._dispatch = Dispatch(
@@ -238,7 +236,7 @@ class SubscriptionRunner:
             # A key that is not UTF-8 (any producer may send one) is its lane as bytes.
             verdict = admit(message, id_key(message), key_of(message) if ordered else next(unique))
             if verdict != "queued":
-                self._intake.finish()
+                self._intake.finish(1, message.length())
                 if verdict == "left_at_stop":
                     self._not_handled("left_at_stop")
                     continue
