@@ -10,6 +10,8 @@ from .errors import detail
 REPLAY_SUBSCRIPTION = "eventbus-replay"
 #: The property a replay writes on what it sends back: ``<dead-letter topic>@<id there>``.
 REPLAYED_FROM = "eventbus-replayed-from"
+#: Where a request wants its reply: one of the requesting bus's own reply topics (`service.returns` checks).
+REPLY_TO = "eventbus-reply-to"
 #: Written on a dead letter whose original properties could not be read (one was not UTF-8).
 PROPERTIES_LOST = "eventbus-properties-lost"
 _ERROR_TEXT_MAX = 2000

@@ -672,3 +672,33 @@ async def test_a_request_to_a_batch_handler_is_answered_and_a_returned_value_is_
     assert replies == [None, None, None], "each request handled in a batch hears it was handled"
     lines = [r.getMessage() for r in caplog.records if "goes nowhere" in r.getMessage()]
     assert len(lines) == 1 and "a batch handler publishes what it makes" in lines[0]
+
+
+async def test_a_middleware_that_skips_the_handler_of_a_request_gives_the_requester_a_refusal(
+    settings: Settings, topic: str
+) -> None:
+    """It may return early (a filter); a requester then took its return value for the handler's answer."""
+
+    async def closed_on_sundays(message: Any, call_next: Any) -> Any:
+        if message.properties.get("day") == "sunday":
+            return "skipped"  # never the handler's answer
+        return await call_next(message)
+
+    router = Router(middleware=[closed_on_sundays])
+    handled: list[str] = []
+
+    @router.subscribe(topic, "pricing", initial_position="earliest", max_retries=3)
+    async def price(sku: str) -> str:
+        handled.append(sku)
+        return f"price of {sku}"
+
+    async with Harness(settings, [router]) as app, EventBus(settings, routers=[]) as requester:
+        with pytest.raises(RequestFailed) as refused:
+            await requester.request(topic, "tea", properties={"day": "sunday"}, timeout=20)
+        assert (refused.value.reason, refused.value.error_type) == ("refused", "Refuse")
+        assert "closed_on_sundays returned without calling the handler" in refused.value.error
+        assert await requester.request(topic, "tea", properties={"day": "monday"}, timeout=20) == "price of tea"
+        await app.publish(topic, "cake", properties={"day": "sunday"})  # no requester: a filter, as before
+        await app.wait_handled(2, topic=topic, timeout=20)
+        assert [h.outcome for h in app.handled] == ["refused", "ok", "ok"], "the request not retried"
+        assert app.dead_letters == [] and handled == ["tea"]

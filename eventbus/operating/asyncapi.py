@@ -12,8 +12,9 @@ from pydantic import BaseModel, TypeAdapter
 
 from ..codec import BINARY, JSON
 from ..registry import Router, Subscription
-from ..service.returns import CORRELATION_ID, REPLY_FAILED, REPLY_TO
+from ..service.returns import CORRELATION_ID, REPLY_FAILED
 from ..settings import Settings
+from ..topics import REPLY_TO
 from ..topics import DEAD_LETTER_PROPERTIES
 
 _PULSAR_BINDING = "0.1.0"

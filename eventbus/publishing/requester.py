@@ -16,10 +16,9 @@ from ..broker.client import Consumer, ConsumerClosed, RawMessage, properties_of
 from ..broker.connect import Connection
 from ..codec import DecodeError, Decoder, decoder_for
 from ..errors import RequestFailed, RequestTimeout
-from ..service.returns import (
-    CORRELATION_ID, REPLY_ERROR, REPLY_ERROR_TYPE, REPLY_FAILED, REPLY_TO, REPLY_TOPIC_PREFIX,
-)
+from ..service.returns import CORRELATION_ID, REPLY_ERROR, REPLY_ERROR_TYPE, REPLY_FAILED, REPLY_TOPIC_PREFIX
 from ..settings import Settings
+from ..topics import REPLY_TO
 
 log = logging.getLogger("eventbus")
 

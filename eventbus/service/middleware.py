@@ -8,7 +8,9 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+from ..errors import Refuse
 from ..message import Message
+from ..topics import REPLY_TO
 
 #: The rest of the chain around a handler attempt: call it with the message, get the handler's return value.
 CallNext = Callable[[Message], Awaitable[Any]]
@@ -100,7 +102,11 @@ def _layer(side: Callable[[Message, CallNext], Awaitable[Any]], inner: Call) -> 
                 raise MiddlewareError(f"middleware {_name(side)} called call_next twice in one attempt: call it once")
             return inner(payload, given, bus)
 
-        return await side(message, call_next)
+        result = await side(message, call_next)
+        if calls == 0 and REPLY_TO in message.properties:
+            # A requester would take the middleware's return value for the handler's answer.
+            raise Refuse(f"middleware {_name(side)} returned without calling the handler")
+        return result
 
     return layer
 

@@ -9,12 +9,12 @@ from typing import Any
 
 from ..broker.client import RawMessage, key_of, properties_of
 from ..errors import detail, text
+from ..topics import REPLY_TO
 from .handler import Publisher
 
 log = logging.getLogger("eventbus")
 
-#: On a request: the topic its reply goes to, and the id the reply carries back.
-REPLY_TO = "eventbus-reply-to"
+#: On a request: the id its reply carries back (`REPLY_TO`, from topics, names where the reply goes).
 CORRELATION_ID = "eventbus-correlation-id"
 #: On a reply that reports a failure instead of a value: the reason (as a dead letter's), the error's type and text.
 REPLY_FAILED = "eventbus-reply-failed"
