@@ -251,7 +251,8 @@ async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
 
     def said(dead: replay.DeadLetter, new_id: str | None) -> None:
         done = f"replayed {dead.message_id} -> {new_id}" if new_id is not None else f"would replay {dead.message_id} (dry run)"
-        print(printable(f"{done}  key={_key_text(dead.key)}  {dead.error_type}: {dead.error}"), flush=True)
+        request = "  (a request: sent without its reply address; its requester was told it failed)" if dead.request else ""
+        print(printable(f"{done}  key={_key_text(dead.key)}  {dead.error_type}: {dead.error}{request}"), flush=True)
 
     report = await replay.replay(
         settings, args.topic, args.group, error_type=args.error_type, limit=args.limit, dry_run=args.dry_run,

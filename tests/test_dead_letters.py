@@ -19,7 +19,7 @@ from eventbus.broker.embedded import SubscriptionLease
 from eventbus.testing import Harness
 from eventbus.topics import REPLAYED_FROM
 
-from .conftest import admin_urls, raw_client, read_stored
+from .conftest import admin_urls, raw_client, read_messages, read_stored
 from .pulsar_admin import admin
 from .test_worker_process import cli, one_line_error
 
@@ -313,3 +313,39 @@ async def test_a_forged_replay_marker_neither_hides_nor_discards_a_dead_letter(
     stored = read_stored(url, settings.jwt(), retries)
     assert sorted(p for p, ids in stored.items() for _ in ids) == [b'{"n":0}', b'{"n":1}', b'{"n":1}', b'{"n":666}']
     assert await replay.show(settings, topic, "billing") == []
+
+
+async def test_a_replayed_request_goes_without_its_reply_address_and_says_so(
+    settings: Settings, subprocess_env: dict[str, str], topic: str
+) -> None:
+    """Its requester heard of the failure when it was dead-lettered: a reply now would only bring a gone reply topic back."""
+    from eventbus import Reject, RequestFailed
+
+    fixed = {"pricing": False}
+    router = Router()
+
+    @router.subscribe(topic, "billing", max_retries=0)
+    async def price(sku: str) -> str:
+        if not fixed["pricing"]:
+            raise Reject("no price list yet")
+        return f"price of {sku}"
+
+    async with Harness(settings, [router]) as app:
+        async with EventBus(settings, routers=[]) as requester:
+            with pytest.raises(RequestFailed):
+                await requester.request(topic, "tea", timeout=20)
+        [dead] = await app.wait_dead_lettered()
+        fixed["pricing"] = True
+        replayed = cli(subprocess_env, "dlq", "replay", topic, "billing")
+        assert "(a request: sent without its reply address; its requester was told it failed)" in replayed.stdout, (
+            replayed.stdout + replayed.stderr
+        )
+        await app.wait_handled(1, group="billing", topic=f"{topic}-billing-RETRY")
+        url = app.bus.url
+    client = raw_client(url, settings.jwt())
+    try:
+        [copy] = read_messages(client, settings.topic(topic) + "-billing-RETRY")
+        assert "eventbus-reply-to" not in copy.properties() and "eventbus-correlation-id" not in copy.properties()
+        assert copy.properties()[REPLAYED_FROM].endswith("@" + id_text(dead.message_id)) and copy.data() == b'"tea"'
+    finally:
+        client.close()

@@ -31,7 +31,8 @@ from ..broker.connect import Connection, connect
 from ..errors import ConfigError, EventBusError
 from ..publishing.producers import Producers, TopicProducer
 from ..settings import Settings
-from ..topics import DEAD_LETTER_PROPERTIES, REPLAY_SUBSCRIPTION, REPLAYED_FROM, dead_letter_topic, retry_topic
+from ..service.returns import CORRELATION_ID
+from ..topics import DEAD_LETTER_PROPERTIES, REPLAY_SUBSCRIPTION, REPLAYED_FROM, REPLY_TO, dead_letter_topic, retry_topic
 
 log = logging.getLogger("eventbus")
 #: How long a replay or `show` waits for the next dead letter before it counts the topic as read to its end.
@@ -77,6 +78,11 @@ class DeadLetter:
             data=raw.data(),
             properties={k: v for k, v in written.items() if k not in DEAD_LETTER_PROPERTIES},
         )
+
+    @property
+    def request(self) -> bool:
+        """A `bus.request`'s message: its requester was told of the failure and waits no more."""
+        return REPLY_TO in self.properties
 
     def preview(self, width: int = 60) -> str:
         text = self.data[: width * 4].decode("utf-8", "backslashreplace")
@@ -397,7 +403,10 @@ class _Resend:
         sequence = sequence_id(raw.message_id())
         if sequence is not None and sequence <= self._highest:
             sequence = self._highest + 1
-        properties = {**dead.properties, REPLAYED_FROM: f"{self._marks.dead_letters}@{dead.message_id}"}
+        # A request's reply address goes: its requester heard of the failure when it was dead-lettered, and a
+        # reply now would only bring a gone requester's reply topic back.
+        kept = {k: v for k, v in dead.properties.items() if k not in (REPLY_TO, CORRELATION_ID)}
+        properties = {**kept, REPLAYED_FROM: f"{self._marks.dead_letters}@{dead.message_id}"}
         message, size = build_message(
             dead.data, None, key=dead.key, properties=properties, event_time=raw.event_timestamp() or None,
             sequence_id=sequence,

@@ -94,5 +94,6 @@ class Answers:
         }
         try:
             await self._bus.publish(reply_to, None, properties=failure)
+            log.debug("%s told request %s on %s it failed (%s)", self._name, correlation, reply_to, reason)
         except Exception as error:  # the requester times out instead
             log.warning("%s could not tell the requester on %s of the failure: %s", self._name, reply_to, text(error))
