@@ -702,3 +702,81 @@ async def test_a_middleware_that_skips_the_handler_of_a_request_gives_the_reques
         await app.wait_handled(2, topic=topic, timeout=20)
         assert [h.outcome for h in app.handled] == ["refused", "ok", "ok"], "the request not retried"
         assert app.dead_letters == [] and handled == ["tea"]
+
+
+_REQUESTER = """
+import asyncio, sys
+from eventbus import EventBus, Settings
+
+async def main() -> None:
+    async with EventBus(Settings()) as bus:
+        print(await bus.request(sys.argv[1], "tea", timeout=30), flush=True)
+        print(bus._requester.topic, flush=True)
+        await asyncio.Event().wait()  # until killed
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "plain-sigterm"])
+async def test_a_requester_that_ends_without_closing_leaves_no_subscription_on_its_reply_topic(
+    settings: Settings, subprocess_env: dict[str, str], topic: str, kill: signal.Signals, request: pytest.FixtureRequest
+) -> None:
+    """Its durable reply subscription stayed on Apache Pulsar for good (20 minutes and counting), holding replies."""
+    import subprocess
+    import sys
+
+    from .pulsar_admin import admin
+
+    if not settings.url:
+        pytest.skip("the embedded broker's reply subscription is removed at close; a topic's stats are Apache Pulsar's")
+    pulsar = request.getfixturevalue("pulsar")
+    router = Router()
+
+    @router.subscribe(topic, "pricing", initial_position="earliest")
+    async def price(sku: str) -> str:
+        return f"price of {sku}"
+
+    def subscriptions(reply_topic: str) -> dict:
+        stats: Any = admin(pulsar, "GET", "/admin/v2/" + reply_topic.replace("://", "/") + "/stats")
+        return dict(stats["subscriptions"])
+
+    async with Harness(settings, [router]):
+        requester = subprocess.Popen(
+            [sys.executable, "-c", _REQUESTER, topic], env=subprocess_env, stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert requester.stdout is not None
+            answer, reply_topic = [(await anyio.to_thread.run_sync(requester.stdout.readline)).strip() for _ in range(2)]
+            assert answer == "price of tea", answer
+            assert len(subscriptions(reply_topic)) == 1, "the requester reads its replies while it runs"
+            requester.send_signal(kill)
+            assert requester.wait(timeout=30) == -kill
+        finally:
+            requester.kill()
+        await eventually(lambda: subscriptions(reply_topic) == {}, timeout=60, what="no subscription left")
+
+
+async def test_a_responder_closes_a_reply_producer_once_its_requester_is_quiet_and_answers_it_again_later(
+    settings: Settings, topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A responder answering 500 requester buses kept 501 reply producers until it stopped."""
+    from eventbus.publishing import producers
+
+    monkeypatch.setattr(producers, "IDLE_REPLY_SECONDS", 0.2)
+    router = Router()
+
+    @router.subscribe(topic, "pricing", initial_position="earliest")
+    async def price(sku: str) -> str:
+        return f"price of {sku}"
+
+    def reply_producers(app: Harness) -> list[str]:
+        return [t for t in app.bus._producers.topics if "eventbus-replies-" in t]
+
+    async with Harness(settings, [router]) as app:
+        async with EventBus(settings, routers=[]) as first, EventBus(settings, routers=[]) as second:
+            assert [await bus.request(topic, "tea", timeout=20) for bus in (first, second)] == ["price of tea"] * 2
+            assert len(reply_producers(app)) == 2
+            await eventually(lambda: reply_producers(app) == [], what="both idle reply producers closed")
+            assert await first.request(topic, "cake", timeout=20) == "price of cake", "answered again on a new one"
+            assert len(reply_producers(app)) == 1

@@ -418,6 +418,11 @@ class Client:
             )
         return Consumer(wrapper)
 
+    async def reader(self, topic: str) -> Reader:
+        """A Reader of `topic` from its first message: a non-durable subscription, gone with its connection."""
+        with map_client_errors(f"cannot read {topic}", topic):
+            return Reader(await self._open().create_reader(topic, pulsar.MessageId.earliest))
+
     async def read(self, topic: str, limit: int | None, *, by_subscription: bool) -> list[RawMessage]:
         """The messages stored on `topic` (the first `limit`), oldest first; no existing subscription moves.
 
@@ -472,7 +477,7 @@ class Client:
 
 
 class Reader:
-    """Reads a topic from the start, without a subscription (`Client.read`)."""
+    """Reads a topic from the start, without a durable subscription (`Client.read`, `Client.reader`)."""
 
     def __init__(self, wrapper: pulsar.asyncio.Reader) -> None:
         self._wrapper = wrapper
@@ -493,6 +498,16 @@ class Reader:
                 message = await asyncio.wait_for(self._wrapper.read_next(), timeout_ms / 1000)
         except asyncio.TimeoutError:
             return None
+        return cast(RawMessage, message._message)
+
+    async def receive(self) -> RawMessage:
+        """The next message, however long it takes (a client callback, no thread); ConsumerClosed once closed."""
+        try:
+            message = await self._wrapper.read_next()
+        except CLIENT_ERRORS as exc:
+            if result_of(exc) == "AlreadyClosed":
+                raise ConsumerClosed from None
+            raise error_for("cannot read", exc) from exc
         return cast(RawMessage, message._message)
 
     async def close(self) -> None:

@@ -47,6 +47,17 @@ class BrokerProfile:
         return self.lite
 
     @property
+    def replies_by_reader(self) -> bool:
+        """Receive a bus's replies through a Reader (a non-durable subscription) rather than a subscription.
+
+        On Apache Pulsar a requester that ended without closing its bus (SIGKILL, a script's default
+        SIGTERM) left its durable reply subscription behind for good, holding every later reply; a
+        Reader's goes with its connection. pulsar-lite 0.2's Reader hands messages over again (see
+        `reads_by_subscription`): a subscription there, removed when the bus closes.
+        """
+        return not self.lite
+
+    @property
     def replay_subscription_type(self) -> str:
         """The type `eventbus dlq replay` takes the replay subscription with: the replays' lock on Apache Pulsar.
 

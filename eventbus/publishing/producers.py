@@ -13,11 +13,15 @@ from ..broker.bridge import LoopBridge
 from ..broker.client import OK, Client, MessageId, Producer, RawMessage, Result, build_message, sibling_id
 from ..errors import BrokerUnavailable, EventBusError, PublishError
 from ..observing.metrics import Metrics
+from ..service.returns import REPLY_TOPIC_PREFIX
 from ..settings import Settings
 
 log = logging.getLogger("eventbus")
 
 _NEVER_MS = 24 * 3600 * 1000
+#: A reply topic's producer closes after this long without a reply: a responder answering 500 requester buses
+#: kept 501 producers until it stopped, and each kept its requester's reply topic alive on the broker.
+IDLE_REPLY_SECONDS = 60.0
 _GROUP_BYTES_MAX = 1024 * 1024
 #: The client's results while a topic has no live owner (its broker died, it is being unloaded or split):
 #: a later try reaches the new owner. Anything else (terminated, refused) is final.
@@ -144,6 +148,8 @@ class TopicProducer:
         self._queue: list[tuple[RawMessage, str, int, asyncio.Future[MessageId]]] = []
         self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
         self.closing = False
+        #: Messages sent so far: `Producers` closes a reply topic's producer once it stops growing.
+        self.sent = 0
 
     async def send(
         self, message: RawMessage, key: str | bytes | None = None, size: int = 0, *, batchable: bool = True
@@ -188,6 +194,7 @@ class TopicProducer:
         """Send on a reserved slot; the future resolves when the broker confirmed the message."""
         loop = self._bridge.loop
         future: asyncio.Future[MessageId] = loop.create_future()
+        self.sent += 1
         if not (self._group_messages and batchable):
             try:
                 if self._counts is None:
@@ -374,6 +381,8 @@ class Producers:
         self.ready: dict[str, TopicProducer] = {}
         self.closed = False
         self._retained: set[str] = set()
+        #: Idle reply producers being closed (`_close_if_idle`), awaited by `close`.
+        self._closing: set[asyncio.Task[None]] = set()
 
     @property
     def topics(self) -> list[str]:
@@ -391,6 +400,8 @@ class Producers:
             if task is None or _failed(task):
                 task = asyncio.ensure_future(create_producer(self._client, full, self._settings, self._bridge, self._metrics))
                 self._tasks[full] = task
+                if full.rsplit("/", 1)[-1].startswith(REPLY_TOPIC_PREFIX):
+                    asyncio.get_running_loop().call_later(IDLE_REPLY_SECONDS, self._close_if_idle, full, task, -1)
             self._tasks[topic] = task
         producer = await asyncio.shield(task)
         if self._tasks.get(topic) is task:  # not closed meanwhile
@@ -436,12 +447,29 @@ class Producers:
             await consumer.close()
         self._retained.add(topic)
 
+    def _close_if_idle(self, full: str, task: asyncio.Task[TopicProducer], seen: int) -> None:
+        """A reply topic's producer: closed after one to two `IDLE_REPLY_SECONDS` without a reply, else looked at again."""
+        if self.closed or self._tasks.get(full) is not task or not task.done() or _failed(task):
+            return
+        producer = task.result()
+        if producer.sent != seen:
+            asyncio.get_running_loop().call_later(IDLE_REPLY_SECONDS, self._close_if_idle, full, task, producer.sent)
+            return
+        for name in [name for name, known in self._tasks.items() if known is task]:
+            del self._tasks[name]  # the next reply there makes a new producer
+            self.ready.pop(name, None)
+        closing = asyncio.ensure_future(producer.close())
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+
     async def close(self) -> None:
         """Refuse new publishes; settle every accepted one; close each producer once."""
         self.closed = True
         tasks = list({id(t): t for t in self._tasks.values()}.values())
         self._tasks = {}
         self.ready = {}
+        if self._closing:
+            await asyncio.wait(self._closing)
 
         async def close_one(task: asyncio.Task[TopicProducer]) -> None:
             if _failed(task):

@@ -12,7 +12,7 @@ from typing import Any
 
 import anyio
 
-from ..broker.client import Consumer, ConsumerClosed, RawMessage, properties_of
+from ..broker.client import Consumer, ConsumerClosed, RawMessage, Reader, properties_of
 from ..broker.connect import Connection
 from ..codec import DecodeError, Decoder, decoder_for
 from ..errors import RequestFailed, RequestTimeout
@@ -33,9 +33,10 @@ class Requester:
     """A bus's requests: publishes each with this bus's reply topic and a correlation id, and hands each reply
     to the request waiting for it.
 
-    A topic per bus instance: a requester receives only its own replies, and one that crashed leaves a
-    subscription with nothing more coming (a topic shared by every requester would pile every later reply up
-    in a crashed one's subscription). Its subscription is removed at close.
+    A topic per bus instance: a requester receives only its own replies (a topic shared by every requester
+    would pile every later reply up in a crashed one's subscription). On Apache Pulsar it reads them with a
+    Reader, whose non-durable subscription goes with its connection however the process ends; on the embedded
+    broker through a subscription removed at close (`Profile.replies_by_reader` says why).
     """
 
     def __init__(self, connection: Connection, settings: Settings, publish: Publish) -> None:
@@ -45,6 +46,7 @@ class Requester:
         self.topic = settings.topic(f"{REPLY_TOPIC_PREFIX}{uuid.uuid4().hex[:16]}")
         self._waiting: dict[str, tuple[asyncio.Future[Any], Decoder, str]] = {}
         self._consumer: Consumer | None = None
+        self._reader: Reader | None = None
         self._receiving: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._closing = False
@@ -83,9 +85,13 @@ class Requester:
 
     async def _subscribe(self) -> None:
         async with self._lock:
-            if self._consumer is not None:
+            if self._consumer is not None or self._reader is not None:
                 return
             profile = self._connection.profile
+            if profile.replies_by_reader:
+                self._reader = await self._connection.client.reader(self.topic)
+                self._receiving = asyncio.ensure_future(self._read(self._reader))
+                return
             self._consumer = await self._connection.client.subscribe(
                 self.topic, REPLY_SUBSCRIPTION, subscription_type="exclusive", initial_position="earliest",
                 receiver_queue_size=1000, consumer_name=f"{REPLY_SUBSCRIPTION}-{os.getpid()}",
@@ -104,6 +110,14 @@ class Requester:
                 self._answer(raw)
             if batch:
                 consumer.acknowledge(collections.deque(batch))
+
+    async def _read(self, reader: Reader) -> None:
+        while True:
+            try:
+                raw = await reader.receive()
+            except ConsumerClosed:
+                return
+            self._answer(raw)
 
     def _answer(self, raw: RawMessage) -> None:
         properties = properties_of(raw) or {}
@@ -130,7 +144,13 @@ class Requester:
         for future, _, _ in self._waiting.values():
             if not future.done():
                 future.set_exception(RequestTimeout("the bus closed before the reply came"))
-        if self._receiving is not None:
+        if self._reader is not None:
+            reader, self._reader = self._reader, None
+            if self._receiving is not None:
+                self._receiving.cancel()  # its read waits for a message that may never come
+                await asyncio.wait([self._receiving])  # ended: a cancellation of close() itself still goes through
+            await reader.close()
+        elif self._receiving is not None:
             await self._receiving
         if self._consumer is not None:
             consumer, self._consumer = self._consumer, None
