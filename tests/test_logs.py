@@ -76,21 +76,28 @@ def test_any_text_makes_a_json_line_and_a_printable_one(text: str) -> None:
     assert shown == text or "\\" in shown
 
 
-async def test_a_handler_error_with_a_lone_surrogate_keeps_its_retry_and_dead_letter_lines(
-    settings: Settings, topic: str, subprocess_env: dict[str, str], tmp_path: Path
-) -> None:
-    env = {**subprocess_env, "EB_TOPIC": topic, "EVENTBUS_LOG_FORMAT": "json"}
-    worker = Worker(env, tmp_path / "w.log", "tests.apps.surrogate")
+async def dead_letter_log(
+    settings: Settings, env: dict[str, str], app: str, log: Path, payload: object, key: str | None = None
+) -> str:
+    """What a worker of `app` (on env's EB_TOPIC) logs from its start to its stop, one message dead-lettered between."""
+    worker = Worker(env, log, app)
     try:
         await worker.wait_subscribed()
         async with EventBus(settings, routers=[]) as bus:
-            await bus.publish(topic, {"n": 1}, key="k1")
+            await bus.publish(env["EB_TOPIC"], payload, key=key)
         await eventually(lambda: "dead-lettered" in worker.text(), what="the dead letter")
         worker.proc.send_signal(signal.SIGTERM)
         assert await worker.wait_exit() == 0
     finally:
         worker.kill()
-    text = worker.text()
+    return worker.text()
+
+
+async def test_a_handler_error_with_a_lone_surrogate_keeps_its_retry_and_dead_letter_lines(
+    settings: Settings, topic: str, subprocess_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = {**subprocess_env, "EB_TOPIC": topic, "EVENTBUS_LOG_FORMAT": "json"}
+    text = await dead_letter_log(settings, env, "tests.apps.surrogate", tmp_path / "w.log", {"n": 1}, key="k1")
     assert "Logging error" not in text, text[-3000:]
     records = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
     levels = [r["level"] for r in records if "report-\\udcff.csv" in r["message"] + str(r.get("exception", ""))]
@@ -105,17 +112,8 @@ async def test_a_payloads_newline_forges_no_line_in_the_text_log(
 ) -> None:
     """The handler's error quotes the payload; its message and its traceback's last line carry the newline."""
     env = {**subprocess_env, "EB_TOPIC": topic, "EVENTBUS_LOG_FORMAT": "text"}
-    worker = Worker(env, tmp_path / "w.log", "tests.apps.quoting")
-    try:
-        await worker.wait_subscribed()
-        async with EventBus(settings, routers=[]) as bus:
-            await bus.publish(topic, {"field": "x\n" + _FORGED + "\x1b[2J"})
-        await eventually(lambda: "dead-lettered" in worker.text(), what="the dead letter")
-        worker.proc.send_signal(signal.SIGTERM)
-        assert await worker.wait_exit() == 0
-    finally:
-        worker.kill()
-    text = worker.text()
+    payload = {"field": "x\n" + _FORGED + "\x1b[2J"}
+    text = await dead_letter_log(settings, env, "tests.apps.quoting", tmp_path / "w.log", payload)
     assert not [line for line in text.splitlines() if line.startswith(_FORGED)], text[-3000:]
     assert "\x1b" not in text
     assert "dead-lettered" in text and "unknown field x\\n" + _FORGED + "\\x1b[2J" in text, text[-3000:]  # one line

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import socket
 import threading
 import time
@@ -20,7 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from eventbus import EventBus, Message, Router, Settings
 
 from .conftest import eventually, running
-from .test_worker_process import Worker, cli
+from .test_logs import dead_letter_log
+from .test_worker_process import cli
 
 
 def _get(port: int, path: str) -> tuple[int, str]:
@@ -206,17 +206,8 @@ async def test_json_logs_are_one_object_per_line_with_the_message_fields(
     settings: Settings, topic: str, subprocess_env: dict[str, str], tmp_path: Path
 ) -> None:
     env = {**subprocess_env, "EB_TOPIC": topic, "EVENTBUS_LOG_FORMAT": "json"}
-    worker = Worker(env, tmp_path / "w.log", "tests.apps.failing")
-    try:
-        await worker.wait_subscribed()
-        async with EventBus(settings, routers=[]) as bus:
-            await bus.publish(topic, {"n": 1}, key="k1")
-        await eventually(lambda: "dead-lettered" in worker.text(), what="the dead letter")
-        worker.proc.send_signal(signal.SIGTERM)
-        assert await worker.wait_exit() == 0
-    finally:
-        worker.kill()
-    ours = [line for line in worker.text().splitlines() if line.startswith("{")]
+    text = await dead_letter_log(settings, env, "tests.apps.failing", tmp_path / "w.log", {"n": 1}, key="k1")
+    ours = [line for line in text.splitlines() if line.startswith("{")]
     records = [json.loads(line) for line in ours]  # every line the bus wrote parses
     assert ours and all({"time", "level", "logger", "message"} <= r.keys() for r in records)
     (dead,) = [r for r in records if "dead-lettered" in r["message"]]
