@@ -172,3 +172,80 @@ def test_batch_options_are_checked_at_registration() -> None:
 
         @router.subscribe("t", "h", batch=Batch(), returns_to="out")
         async def many(records: list[Record]) -> None: ...
+
+
+async def test_middleware_with_on_batch_sees_every_batch_bus_first_and_a_plain_one_stays_out(
+    settings: Settings, topic: str
+) -> None:
+    """Batch handlers ran without any attempt middleware: a latency or tenant middleware was silent for them."""
+    seen: list[tuple[str, list[str]]] = []
+    plain_calls: list[int] = []
+
+    class Tenants:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        async def on_batch(self, messages: list[Message], call_next: object) -> object:
+            seen.append((self.name, [m.properties["tenant"] for m in messages]))
+            return await call_next(messages)  # type: ignore[operator]
+
+    async def plain(message: Message, call_next: object) -> object:  # one message's side: not for a batch
+        plain_calls.append(1)
+        return await call_next(message)  # type: ignore[operator]
+
+    router = Router(middleware=[Tenants("router"), plain])
+    loaded: list[int] = []
+
+    @router.subscribe(topic, "g", subscription_type="shared", initial_position="earliest", batch=Batch(10, 0.5))
+    async def load(records: list[Record]) -> None:
+        loaded.extend(r.n for r in records)
+
+    async with EventBus(settings, routers=[router], middleware=[Tenants("bus")]) as bus:
+        for n in range(20):
+            await bus.publish(topic, Record(n=n), properties={"tenant": f"t{n % 3}"})
+        async with running(bus):
+            await eventually(lambda: len(loaded) == 20, what="all 20")
+    assert plain_calls == []
+    assert [name for name, _ in seen] == ["bus", "router"] * (len(seen) // 2), "the bus's outside the router's"
+    assert sorted(t for name, tenants in seen if name == "router" for t in tenants) == sorted(
+        f"t{n % 3}" for n in range(20)
+    )
+
+
+async def test_an_on_batch_passing_part_of_the_batch_fails_it_naming_the_middleware(settings: Settings, topic: str) -> None:
+    class Halves:
+        async def on_batch(self, messages: list[Message], call_next: object) -> object:
+            return await call_next(messages[: len(messages) // 2])  # type: ignore[operator]
+
+    router = Router(middleware=[Halves()])
+    loaded: list[int] = []
+
+    @router.subscribe(topic, "g", initial_position="earliest", batch=Batch(10, 0.2), max_retries=0)
+    async def load(records: list[Record]) -> None:
+        loaded.extend(r.n for r in records)
+
+    async with Harness(settings, [router]) as app:
+        await app.publish(topic, Record(n=1))
+        await app.publish(topic, Record(n=2))
+        dead = await app.wait_dead_lettered(2)
+    assert loaded == [] and {d.error_type for d in dead} == {"MiddlewareError"}
+    assert all("Halves.on_batch passed" in d.error and "pass them all" in d.error for d in dead)
+
+
+async def test_call_handler_runs_a_batch_handlers_on_batch_middleware_as_the_worker_does() -> None:
+    from eventbus.testing import call_handler
+
+    seen: list[int] = []
+
+    class Count:
+        async def on_batch(self, messages: list[Message], call_next: object) -> object:
+            seen.append(len(messages))
+            return await call_next(messages)  # type: ignore[operator]
+
+    router = Router(middleware=[Count()])
+
+    @router.subscribe("records", "g", batch=Batch(10, 0.2))
+    async def load(records: list[Record]) -> None: ...
+
+    result = await call_handler(load, [Record(n=1), Record(n=2)], routers=[router])
+    assert result.outcome == "ok" and seen == [2]

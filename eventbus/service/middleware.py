@@ -16,13 +16,18 @@ from ..topics import REPLY_TO
 CallNext = Callable[[Message], Awaitable[Any]]
 #: The rest of the chain of a publish: call it with the outgoing message, get its id (a list for a batch).
 PublishNext = Callable[["Outgoing"], Awaitable[Any]]
+#: The rest of the chain around a batch handler's attempt: call it with the batch's messages, get its return value.
+BatchNext = Callable[[list[Message]], Awaitable[Any]]
+#: One attempt's call of a batch handler: (payloads, their messages, the bus) -> the handler's return value.
+BatchCall = Callable[[Any, "list[Message] | None", Any], Awaitable[Any]]
 #: One attempt's call: (payload, metadata, the bus) -> the handler's return value.
 Call = Callable[[Any, "Message | None", Any], Awaitable[Any]]
 
 
 class Middleware(Protocol):
     """``async def mw(message, call_next)`` around each attempt; it may also have ``async def on_publish(outgoing,
-    call_next)`` around each publish. Either side alone is fine: a class with only `on_publish` touches no attempt."""
+    call_next)`` around each publish and ``async def on_batch(messages, call_next)`` around each attempt of a batch
+    handler. Any side alone is fine: a class with only `on_publish` touches no attempt."""
 
     async def __call__(self, message: Message, call_next: CallNext) -> Any: ...
 
@@ -61,11 +66,11 @@ def checked(middleware: Sequence[object], where: str) -> tuple[object, ...]:
     if isinstance(middleware, (str, bytes)) or not isinstance(middleware, Sequence):
         raise TypeError(f"{where}: middleware=[...] takes a list of middleware, not {type(middleware).__name__}")
     for item in middleware:
-        consumes, publishes = consume_side(item) is not None, publish_side(item) is not None
-        if not consumes and not publishes:
+        if consume_side(item) is None and publish_side(item) is None and batch_side(item) is None:
             raise TypeError(
                 f"{where}: middleware {item!r} is neither `async def mw(message, call_next)` nor an object with "
-                "`async def on_publish(outgoing, call_next)`: make it one of them"
+                "`async def on_publish(outgoing, call_next)` or `async def on_batch(messages, call_next)`: make it "
+                "one of them"
             )
     return tuple(middleware)
 
@@ -74,6 +79,11 @@ def consume_side(item: object) -> Callable[[Message, CallNext], Awaitable[Any]] 
     if inspect.iscoroutinefunction(item) or inspect.iscoroutinefunction(getattr(item, "__call__", None)):
         return item  # type: ignore[return-value]
     return None
+
+
+def batch_side(item: object) -> Callable[[list[Message], BatchNext], Awaitable[Any]] | None:
+    on_batch = getattr(item, "on_batch", None)
+    return on_batch if inspect.iscoroutinefunction(on_batch) else None
 
 
 def publish_side(item: object) -> Callable[[Outgoing, PublishNext], Awaitable[Any]] | None:
@@ -106,6 +116,39 @@ def _layer(side: Callable[[Message, CallNext], Awaitable[Any]], inner: Call) -> 
         if calls == 0 and REPLY_TO in message.properties:
             # A requester would take the middleware's return value for the handler's answer.
             raise Refuse(f"middleware {_name(side)} returned without calling the handler")
+        return result
+
+    return layer
+
+
+def around_batch(call: BatchCall, middleware: Sequence[object]) -> BatchCall:
+    """A batch handler's `call` inside the `on_batch` sides of `middleware`, the first outermost."""
+    for item in reversed(middleware):
+        side = batch_side(item)
+        if side is not None:
+            call = _batch_layer(side, call)
+    return call
+
+
+def _batch_layer(side: Callable[[list[Message], BatchNext], Awaitable[Any]], inner: BatchCall) -> BatchCall:
+    async def layer(payloads: Any, messages: Any, bus: Any) -> Any:
+        calls = 0
+
+        def call_next(given: list[Message]) -> Awaitable[Any]:
+            nonlocal calls
+            calls += 1
+            if calls > 1:
+                raise MiddlewareError(f"middleware {_name(side)}.on_batch called call_next twice in one attempt: call it once")
+            if len(given) != len(payloads):  # the handler's items are the batch's, position by position
+                raise MiddlewareError(
+                    f"middleware {_name(side)}.on_batch passed {len(given)} messages of a batch of {len(payloads)}: "
+                    "pass them all (to fail some, raise BatchFailed after call_next)"
+                )
+            return inner(payloads, given, bus)
+
+        result = await side(list(messages), call_next)
+        if calls == 0 and any(REPLY_TO in m.properties for m in messages):
+            raise Refuse(f"middleware {_name(side)}.on_batch returned without calling the handler")
         return result
 
     return layer

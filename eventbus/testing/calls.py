@@ -10,7 +10,7 @@ import itertools
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Literal, Unpack
+from typing import Any, Callable, Literal, Unpack, cast
 
 import anyio
 
@@ -24,7 +24,9 @@ from ..observing.events import Published
 from ..registry import Router, Subscription, default_router
 from ..service.dependencies import AppScope, Provider
 from ..service.handler import BatchOptions, Publisher, PublishOptions
-from ..service.middleware import Outgoing, PublishNext, around_attempt, around_publish
+from ..service.middleware import (
+    Outgoing, PublishNext, around_attempt, around_batch, around_publish, batch_side, consume_side,
+)
 from ..settings import topic_problem
 
 #: What the worker would do with the message after this call.
@@ -155,11 +157,15 @@ async def _attempt(
             app = AppScope(overrides)
             await app.open([sub.handler.plan_for(app.overrides)], publisher, stack)
             call, wants_message = sub.handler.binding(app)
-            middleware = sub.middleware if batch is None else ()  # middleware sees one message
-            call = around_attempt(call, middleware)
+            if batch is None:
+                call = around_attempt(call, sub.middleware)
+                wraps = any(map(consume_side, sub.middleware))
+            else:  # a batch's middleware: its `on_batch` sides
+                call = cast(Any, around_batch(cast(Any, call), sub.middleware))
+                wraps = any(map(batch_side, sub.middleware))
             metadata: Any = batch if batch is not None else message
             with anyio.move_on_after(sub.timeout) as scope:
-                returned = await call(decoded, metadata if wants_message or middleware else None, publisher)
+                returned = await call(decoded, metadata if wants_message or wraps else None, publisher)
     finally:
         CURRENT.reset(token)
     if scope.cancelled_caught:
