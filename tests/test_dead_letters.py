@@ -349,3 +349,27 @@ async def test_a_replayed_request_goes_without_its_reply_address_and_says_so(
         assert copy.properties()[REPLAYED_FROM].endswith("@" + id_text(dead.message_id)) and copy.data() == b'"tea"'
     finally:
         client.close()
+
+
+async def test_a_dead_letter_and_its_replayed_copy_keep_the_original_event_time(
+    settings: Settings, subprocess_env: dict[str, str], topic: str
+) -> None:
+    """The README promised it; every dead letter and replayed copy had event time 0 (a Java service reading them saw so)."""
+    from datetime import datetime, timezone
+
+    when = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=timezone.utc)
+    millis = int(when.timestamp() * 1000)
+    async with Harness(settings, [failing(topic)]) as app:
+        await app.publish(topic, {"n": 1}, key="k", event_time=when)
+        await app.wait_dead_lettered()
+        url = app.bus.url
+    replayed = cli(subprocess_env, "dlq", "replay", topic, "billing")
+    assert replayed.returncode == 0, replayed.stderr
+    dead_letters, retries = replay.topics(settings, topic, "billing")
+    client = raw_client(url, settings.jwt())
+    try:
+        [dead] = read_messages(client, dead_letters)
+        [copy] = read_messages(client, retries)
+    finally:
+        client.close()
+    assert (dead.event_timestamp(), copy.event_timestamp()) == (millis, millis)

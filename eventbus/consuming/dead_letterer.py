@@ -21,7 +21,8 @@ class Sender(Protocol):
     """Where dead letters go: bytes as they are, with their key and properties, kept by a subscription."""
 
     async def send(
-        self, topic: str, data: bytes, *, key: str | bytes | None, properties: Mapping[str, str]
+        self, topic: str, data: bytes, *, key: str | bytes | None, properties: Mapping[str, str],
+        event_time: int | None = None,
     ) -> MessageId: ...
 
     async def retain(self, topic: str, subscription: str) -> None: ...
@@ -65,10 +66,11 @@ class DeadLetterer:
                 delay = min(delay * 2, most)
 
     async def _send(self, message: RawMessage, properties: dict[str, str], reason: str) -> Sent:
-        key = key_of(message) or None
+        # The original's event time goes with it (it was 0 on every dead letter, and so on every replayed copy).
+        key, event_time = key_of(message) or None, message.event_timestamp() or None
         if self._tracing is None:
-            sent = await self._sender.send(self.topic, message.data(), key=key, properties=properties)
+            sent = await self._sender.send(self.topic, message.data(), key=key, properties=properties, event_time=event_time)
             return Sent(self.topic, properties, sent)
         with self._tracing.send(self.topic, properties, **{"eventbus.dlq.reason": reason}) as (_, traced):
-            sent = await self._sender.send(self.topic, message.data(), key=key, properties=traced)
+            sent = await self._sender.send(self.topic, message.data(), key=key, properties=traced, event_time=event_time)
         return Sent(self.topic, traced, sent)
