@@ -13,7 +13,7 @@ import pytest
 
 from eventbus import AuthenticationFailed, ConfigError, EventBus, Message, Router, Settings
 
-from .conftest import eventually, running
+from .conftest import eventually, raw_client, running
 from .pulsar_admin import admin
 
 pytestmark = pytest.mark.pulsar
@@ -247,3 +247,47 @@ def test_a_publish_and_a_resend_the_broker_never_answers_end_at_the_deadline_nam
     assert "did not confirm the resend of" in replayed.stderr and "within 3 s" in replayed.stderr
     assert "0 failed" not in replayed.stderr and "1 failed" in replayed.stderr
     assert [d.data for d in anyio.run(replay.show, settings, topic, "billing")] == [big.encode()], "left in place"
+
+
+async def test_a_group_held_with_another_subscription_type_is_one_error_not_ready_until_it_can_join(
+    pulsar: dict, psettings: Settings, topic: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Java service's Exclusive consumer held the group: the bus stood by 'for another member' at INFO, ready."""
+    import urllib.error
+    import urllib.request
+
+    import pulsar as client_lib
+
+    def readyz(port: int) -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as answer:
+                return int(answer.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    full = psettings.topic(topic)
+    client = raw_client(pulsar["service_url"], pulsar["client_token"])
+    holder = client.subscribe(full, "g", consumer_type=client_lib.ConsumerType.Exclusive)
+    router = Router()
+    handled: list[int] = []
+
+    @router.subscribe(topic, "g")  # key_shared
+    async def h(n: int) -> None:
+        handled.append(n)
+
+    observed = psettings.model_copy(update={"metrics_port": 0})
+    try:
+        async with EventBus(observed, routers=[router]) as bus, running(bus):
+            [runner] = [r for r in bus.running if r.topic == full]
+            await eventually(lambda: runner.state == "conflict", what="the conflict seen")
+            assert bus.probe_port and await anyio.to_thread.run_sync(readyz, bus.probe_port) == 503
+            holder.close()
+            await eventually(lambda: runner.state == "consuming", timeout=60, what="joined once the holder left")
+            assert await anyio.to_thread.run_sync(readyz, bus.probe_port) == 200
+            await bus.publish(topic, 1)
+            await eventually(lambda: handled == [1], what="handled")
+    finally:
+        client.close()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and "cannot join group g" in r.getMessage()]
+    assert len(errors) == 1 and "key_shared consumer (ConsumerBusy)" in errors[0], errors
+    assert not [r for r in caplog.records if "standby: another member" in r.getMessage()]

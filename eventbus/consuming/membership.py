@@ -18,7 +18,7 @@ from .deadlines import sleep_unless
 
 log = logging.getLogger("eventbus")
 
-State = Literal["starting", "standby", "consuming", "stopped"]
+State = Literal["starting", "standby", "conflict", "consuming", "stopped"]
 #: How often a standby process looks whether the subscription's lease is free.
 _LEASE_POLL = 0.25
 #: How often a standby member asks Apache Pulsar for the exclusive subscription: first, and at most.
@@ -117,21 +117,38 @@ class Membership:
                 if exc.result == "ConsumerBusy":
                     # Another member holds the exclusive subscription: take over as soon as it leaves.
                     if not busy:
-                        busy, self.state = True, "standby"
-                        log.info(
-                            "standby: another member consumes %s group=%s (%s); taking over when it leaves",
-                            self.topic, self.group, self.subscription_type,
-                        )
+                        busy = True
+                        self._held_elsewhere()
                     if await sleep_unless(self._stopping, poll):
                         break
-                    # Each refused subscribe is a ConsumerBusy line in the client's log: ask less often.
-                    poll = min(poll * 1.5, _STANDBY_POLL[1])
+                    # Each refused subscribe is a ConsumerBusy line in the client's log: ask less often, and for a
+                    # group held with another type (which someone must change) at most every 30 s.
+                    poll = min(poll * 1.5, _STANDBY_POLL[1] if self.state == "standby" else _RETRY[1])
                     continue
                 log.warning("still cannot subscribe %s group=%s (%s); next try in %.0fs", self.topic, self.group, exc, delay)
             if await sleep_unless(self._stopping, delay):
                 break
             delay = min(delay * 2, _RETRY[1])
         return False
+
+    def _held_elsewhere(self) -> None:
+        """A refused subscribe (ConsumerBusy): a standby member, or on Apache Pulsar a group held with another type.
+
+        Apache Pulsar shares a failover, shared or key_shared subscription among consumers of its type: refusing one
+        means the group is held with another type (a Java or Go service's consumer, or this app's other version).
+        """
+        asked = self.subscription_type
+        if asked == "exclusive" or self._connection.profile.lite:
+            self.state = "standby"
+            log.info("standby: another member consumes %s group=%s (%s); taking over when it leaves", self.topic, self.group, asked)
+            return
+        self.state = "conflict"  # not ready: this worker takes nothing of the group
+        log.error(
+            "cannot join group %s on %s: Apache Pulsar refuses a %s consumer (ConsumerBusy), so the group is held by "
+            "consumers of another subscription type or Key_Shared mode (another service's, or another version of "
+            "this app): give every member the same subscription_type, or this handler a group of its own; retrying "
+            "quietly until it can join", self.group, self.topic, asked,
+        )
 
     def _leave(self, exc: EventBusError) -> bool:
         """For a retry topic that cannot be subscribed: say what replaying needs, and leave it (True)."""

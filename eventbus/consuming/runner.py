@@ -77,7 +77,8 @@ class SubscriptionRunner:
 
     @property
     def state(self) -> State:
-        """starting, standby (another process or member consumes it), consuming, or stopped."""
+        """starting, standby (another process or member consumes it), conflict (the group is held with another
+        subscription type), consuming, or stopped."""
         return "consuming" if self._consuming else self._membership.state
 
     @property
