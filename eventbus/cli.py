@@ -278,11 +278,14 @@ async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
 def _status(settings: Settings, args: argparse.Namespace) -> None:
     if (args.topic is None) != (args.group is None):
         raise _Fail("--topic and --group go together: name both, or the app's modules", EXIT_USAGE)
+    declared: dict[tuple[str, str], str] = {}
     if args.topic is not None:
         pairs = [(settings.topic(args.topic), args.group)]
     else:
         routers, _ = resolve(args.targets)
-        pairs = [(settings.topic(sub.topic), sub.group) for router in routers for sub in router.subscriptions]
+        subs = [sub for router in routers for sub in router.subscriptions]
+        pairs = [(settings.topic(sub.topic), sub.group) for sub in subs]
+        declared = {(settings.topic(sub.topic), sub.group): sub.subscription_type for sub in subs}
     if settings.uses_embedded:
         _status_embedded(settings, pairs)
         return
@@ -297,11 +300,23 @@ def _status(settings: Settings, args: argparse.Namespace) -> None:
             f", {r.dead_letters_not_replayed} not replayed" if r.dead_letters_not_replayed is not None else ", none replayed"
         )
         table.append([
-            r.topic, r.group, r.subscription_type, str(r.backlog), str(r.unacked), str(r.consumers),
+            r.topic, r.group, _held(r.subscription_type, declared.get((r.topic, r.group))), str(r.backlog), str(r.unacked),
+            str(r.consumers),
             f"{r.rate_in:.1f}", f"{r.rate_out:.1f}", _owner(r.owners), dead,
         ])
     for line in _aligned(table, right={3, 4, 5, 6, 7}):
         print(printable(line))
+
+
+#: The type Apache Pulsar shows for a subscription the app declares so (failover runs as exclusive there).
+_HELD_AS = {"key_shared": "Key_Shared", "shared": "Shared", "failover": "Exclusive", "exclusive": "Exclusive"}
+
+
+def _held(held: str, declared: str | None) -> str:
+    """The type the broker holds the subscription with, flagged when the app's handler asks for another."""
+    if declared is None or held in ("?", "") or _HELD_AS.get(declared) == held:
+        return held
+    return f"{held} (app: {declared}: it cannot join)"
 
 
 def _aligned(table: list[list[str]], right: Collection[int] = ()) -> list[str]:

@@ -13,8 +13,9 @@ import pytest
 
 from eventbus import AuthenticationFailed, ConfigError, EventBus, Message, Router, Settings
 
-from .conftest import eventually, raw_client, running
+from .conftest import ROOT, eventually, raw_client, running
 from .pulsar_admin import admin
+from .test_worker_process import cli
 
 pytestmark = pytest.mark.pulsar
 
@@ -276,6 +277,11 @@ async def test_a_group_held_with_another_subscription_type_is_one_error_not_read
         handled.append(n)
 
     observed = psettings.model_copy(update={"metrics_port": 0})
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "EB_TOPIC": topic, "EVENTBUS_URL": psettings.url,
+           "EVENTBUS_TOKEN": pulsar["client_token"], "EVENTBUS_ADMIN_URL": pulsar["admin_url"],
+           "EVENTBUS_ADMIN_TOKEN": pulsar["admin_token"]}
+    shown = cli(env, "status", "tests.apps.failing")  # its handler: group g, key_shared
+    assert "Exclusive (app: key_shared: it cannot join)" in shown.stdout, shown.stdout + shown.stderr
     try:
         async with EventBus(observed, routers=[router]) as bus, running(bus):
             [runner] = [r for r in bus.running if r.topic == full]
