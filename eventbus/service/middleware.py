@@ -6,7 +6,7 @@ import dataclasses
 import inspect
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from ..errors import Refuse
 from ..message import Message
@@ -22,6 +22,7 @@ BatchNext = Callable[[list[Message]], Awaitable[Any]]
 BatchCall = Callable[[Any, "list[Message] | None", Any], Awaitable[Any]]
 #: One attempt's call: (payload, metadata, the bus) -> the handler's return value.
 Call = Callable[[Any, "Message | None", Any], Awaitable[Any]]
+C = TypeVar("C", Call, BatchCall)
 
 
 class Middleware(Protocol):
@@ -93,10 +94,19 @@ def publish_side(item: object) -> Callable[[Outgoing, PublishNext], Awaitable[An
 
 def around_attempt(call: Call, middleware: Sequence[object]) -> Call:
     """`call` inside the consume sides of `middleware`, the first outermost; `call` itself without any."""
+    return _wrapped(call, middleware, consume_side, _layer)
+
+
+def around_batch(call: BatchCall, middleware: Sequence[object]) -> BatchCall:
+    """A batch handler's `call` inside the `on_batch` sides of `middleware`, the first outermost."""
+    return _wrapped(call, middleware, batch_side, _batch_layer)
+
+
+def _wrapped(call: C, middleware: Sequence[object], side_of: Callable[[object], Any], layer: Callable[[Any, C], C]) -> C:
     for item in reversed(middleware):
-        side = consume_side(item)
+        side = side_of(item)
         if side is not None:
-            call = _layer(side, call)
+            call = layer(side, call)
     return call
 
 
@@ -119,15 +129,6 @@ def _layer(side: Callable[[Message, CallNext], Awaitable[Any]], inner: Call) -> 
         return result
 
     return layer
-
-
-def around_batch(call: BatchCall, middleware: Sequence[object]) -> BatchCall:
-    """A batch handler's `call` inside the `on_batch` sides of `middleware`, the first outermost."""
-    for item in reversed(middleware):
-        side = batch_side(item)
-        if side is not None:
-            call = _batch_layer(side, call)
-    return call
 
 
 def _batch_layer(side: Callable[[list[Message], BatchNext], Awaitable[Any]], inner: BatchCall) -> BatchCall:
