@@ -7,7 +7,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any
 
 from ..broker.client import RawMessage, id_text, key_of, properties_of
 from ..codec import DecodeError
@@ -20,7 +20,7 @@ from ..observing.tracing import Tracing, failed
 from ..registry import Subscription
 from ..service.dependencies import AppScope
 from ..service.handler import Publisher
-from ..service.middleware import BatchCall, around_attempt, around_batch, batch_side, consume_side
+from ..service.middleware import around_handler
 from ..service.returns import Answers
 from ..topics import dead_letter_properties
 from .dead_letterer import DeadLetterer, Sender
@@ -82,13 +82,8 @@ class Handling:
         self._report = report_for(topic, sub.group, sub.name, metrics, observer)
         self._deadlines = Deadlines(sub.timeout) if sub.timeout else None
         call, self._wants_message = sub.handler.binding(app if app is not None else AppScope())
-        middleware = (*middleware, *sub.middleware)
-        if sub.batch is None:
-            call = around_attempt(call, middleware)
-            self._wants_message = self._wants_message or any(map(consume_side, middleware))
-        else:  # a batch has many messages: a middleware's `on_batch` sees them all
-            call = cast(Call, around_batch(cast(BatchCall, call), middleware))  # a batch handler's call takes lists
-            self._wants_message = self._wants_message or any(map(batch_side, middleware))
+        call, wrapped = around_handler(call, (*middleware, *sub.middleware), batch=sub.batch is not None)
+        self._wants_message = self._wants_message or wrapped
         self._numbered = self._wants_message or observer is not None or tracing is not None
         self._dead_letterer = DeadLetterer(
             dead_letters, dead_letter_topic or sub.dead_letter_topic(topic), tracing=tracing, report=self._report,

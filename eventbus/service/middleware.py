@@ -6,7 +6,7 @@ import dataclasses
 import inspect
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from ..errors import Refuse
 from ..message import Message
@@ -100,6 +100,15 @@ def around_attempt(call: Call, middleware: Sequence[object]) -> Call:
 def around_batch(call: BatchCall, middleware: Sequence[object]) -> BatchCall:
     """A batch handler's `call` inside the `on_batch` sides of `middleware`, the first outermost."""
     return _wrapped(call, middleware, batch_side, _batch_layer)
+
+
+def around_handler(call: Call, middleware: Sequence[object], *, batch: bool) -> tuple[Call, bool]:
+    """A handler's `call` inside the attempt sides of `middleware` (`on_batch` for a batch handler), and whether
+    they need the `Message`s (the call must then be given them)."""
+    if batch:
+        wrapped = cast(Call, around_batch(cast(BatchCall, call), middleware))  # a batch handler's call takes lists
+        return wrapped, any(map(batch_side, middleware))
+    return around_attempt(call, middleware), any(map(consume_side, middleware))
 
 
 def _wrapped(call: C, middleware: Sequence[object], side_of: Callable[[object], Any], layer: Callable[[Any, C], C]) -> C:

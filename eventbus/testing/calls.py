@@ -10,7 +10,7 @@ import itertools
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Literal, Unpack, cast
+from typing import Any, Callable, Literal, Unpack
 
 import anyio
 
@@ -24,9 +24,7 @@ from ..observing.events import Published
 from ..registry import Router, Subscription, default_router
 from ..service.dependencies import AppScope, Provider
 from ..service.handler import BatchOptions, Publisher, PublishOptions
-from ..service.middleware import (
-    Outgoing, PublishNext, around_attempt, around_batch, around_publish, batch_side, consume_side,
-)
+from ..service.middleware import Outgoing, PublishNext, around_handler, around_publish
 from ..settings import topic_problem
 
 #: What the worker would do with the message after this call.
@@ -157,12 +155,7 @@ async def _attempt(
             app = AppScope(overrides)
             await app.open([sub.handler.plan_for(app.overrides)], publisher, stack)
             call, wants_message = sub.handler.binding(app)
-            if batch is None:
-                call = around_attempt(call, sub.middleware)
-                wraps = any(map(consume_side, sub.middleware))
-            else:  # a batch's middleware: its `on_batch` sides
-                call = cast(Any, around_batch(cast(Any, call), sub.middleware))
-                wraps = any(map(batch_side, sub.middleware))
+            call, wraps = around_handler(call, sub.middleware, batch=batch is not None)
             metadata: Any = batch if batch is not None else message
             with anyio.move_on_after(sub.timeout) as scope:
                 returned = await call(decoded, metadata if wants_message or wraps else None, publisher)
