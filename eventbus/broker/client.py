@@ -554,14 +554,17 @@ class Consumer:
         self._wrapper: pulsar.asyncio.Consumer | None = wrapper
         self._raw: _pulsar.Consumer = wrapper._consumer
 
-    def receive(self, limit: int, timeout_ms: int, max_bytes: int = 1 << 62) -> list[RawMessage]:
-        """Wait up to `timeout_ms` for a message, then take up to `limit` that are already here ([] if none),
-        stopping at the first that brings their payloads to `max_bytes` or more."""
+    def receive(self, limit: int, timeout_ms: int) -> list[RawMessage]:
+        """Wait up to `timeout_ms` for a message, then take up to `limit` that are already here ([] if none)."""
+        return self.receive_sized(limit, timeout_ms)[0]
+
+    def receive_sized(self, limit: int, timeout_ms: int, max_bytes: int = 1 << 62) -> tuple[list[RawMessage], int]:
+        """`receive`, stopping at the first message that brings the payloads to `max_bytes` or more; with their size."""
         raw = self._raw
         try:
             first = raw.receive(timeout_ms)
         except _pulsar.Timeout:
-            return []
+            return [], 0
         except _pulsar.AlreadyClosed:
             raise ConsumerClosed from None
         batch, size = [first], first.length()
@@ -572,7 +575,7 @@ class Consumer:
                 break
             batch.append(message)
             size += message.length()
-        return batch
+        return batch, size
 
     def acknowledge(self, messages: collections.deque[RawMessage]) -> None:
         """Acknowledge and empty `messages`, without waiting; an ack that does not reach the broker means a redelivery."""

@@ -118,26 +118,28 @@ class Intake:
                 await self._room
                 continue
             try:
-                room = self._budget - self.bytes
-                batch = consumer.receive(min(free, _HANDOFF), 0, room)  # what the client holds: never waits
+                # What the client holds, up to the budget's room: never waits.
+                batch, size = consumer.receive_sized(min(free, _HANDOFF), 0, self._budget - self.bytes)
                 if not batch:
                     # Nothing there: wait for the next message in a thread (the loop must not block).
-                    batch = await anyio.to_thread.run_sync(consumer.receive, 1, _POLL_MS, limiter=self._thread)
+                    batch, size = await anyio.to_thread.run_sync(
+                        consumer.receive_sized, 1, _POLL_MS, limiter=self._thread
+                    )
             except ConsumerClosed:
                 return
             if batch:
                 self.received += len(batch)
-                self._count_bytes(batch)
+                self._count_bytes(batch, size)
                 deliver(batch)
                 await asyncio.sleep(0)  # the workers take the batch before the next is pulled
 
-    def _count_bytes(self, batch: list[RawMessage]) -> None:
-        sizes = [m.length() for m in batch]
-        self.bytes += sum(sizes)
-        largest = max(sizes)
-        if largest > self._warn_above:
-            self._warn_above = 1 << 62
-            log.warning(self._bounds.oversized(batch[0].topic_name(), largest))
+    def _count_bytes(self, batch: list[RawMessage], size: int) -> None:
+        self.bytes += size
+        if size > self._warn_above:  # no message passes it unless all of them together do
+            largest = max(m.length() for m in batch)
+            if largest > self._warn_above:
+                self._warn_above = 1 << 62
+                log.warning(self._bounds.oversized(batch[0].topic_name(), largest))
 
     def _take_rest(self) -> None:
         """After a stop: the messages of begun batches still in the client's queue (a batch arrives whole)."""
@@ -150,7 +152,7 @@ class Intake:
             rest = list(itertools.takewhile(lambda m: begun(id_key(m)), batch))
             if rest:
                 self.received += len(rest)
-                self._count_bytes(rest)
+                self._count_bytes(rest, sum(m.length() for m in rest))
                 self._deliver(rest)
             if len(rest) < len(batch) or not batch:
                 return  # the rest of the queue is left unacknowledged: the broker sends it again
