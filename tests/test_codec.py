@@ -90,3 +90,11 @@ def test_text_from_other_producers_stays_as_it_is() -> None:
     assert decode(b"plain text") == "plain text"
     assert decode(b'"not" json"') == '"not" json"'
     assert decode("caf\u00e9".encode()) == "caf\u00e9"
+
+
+@pytest.mark.parametrize("target", [dict, Any, Item])
+def test_json_nested_100000_deep_is_refused_as_undecodable(target: Any) -> None:
+    """A message's author writes the payload: nesting is bounded, not a stack overflow (SECURITY.md)."""
+    deep = b'{"a":' * 100_000 + b"1" + b"}" * 100_000
+    with pytest.raises(DecodeError, match="depth limit|recursion limit"):
+        decoder_for(target)(deep)
