@@ -105,9 +105,9 @@ class Worker:
         """Stop every runner no request waits on; True when none is left taking messages."""
         keep = self._awaited()
         for runner in self.runners:
-            if runner.topic not in keep:
+            if not keep or runner.topic not in keep:
                 runner.stop()
-        return not any(runner.topic in keep for runner in self.runners)
+        return not keep or not any(runner.topic in keep for runner in self.runners)
 
     async def _stop_when_unawaited(self) -> None:
         """A handler waiting on a request to a subscription of this same worker would wait for nothing (measured:
