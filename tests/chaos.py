@@ -21,7 +21,11 @@ a poison key that is not UTF-8; `--subscription failover` runs the group as fail
 `--app` runs the workers as a service (tests/chaos_app.py): a lifespan holds the record files, a
 middleware writes the records, and a second group handles the topic with a batch handler; that
 group's deliveries are checked the same way (nothing lost, order per key, no duplicate after a
-SIGTERM), and a message that should be handled but was dead-lettered fails the run.
+SIGTERM), and a message that should be handled but was dead-lettered fails the run. The first
+group's handler also asks a third group of the same workers (`<topic>-ask`) with `bus.request`
+and checks the reply names its own event: a reply naming another request, an input handled with
+no answer recorded, a request dead-lettered, or one request answered twice because of a SIGTERM
+fails the run.
 
 `--broker cluster` runs on scripts/pulsar-cluster with its faults (the topic's owner SIGKILLed or
 SIGTERMed and started again, rolling restarts, unloads, bundle splits, a bookie SIGKILLed) beside the
@@ -327,16 +331,31 @@ class Run:
             # Stored twice: a publish whose receipt was lost with its connection, resent (not on public/dedup).
             return "publish-resent"
         between = [(kind, name) for t, kind, name in self.events if start < t <= end]
-        for kind in ("sigkill", "sigterm"):
-            if (kind, worker) in between:
-                return kind
-        # A broker fault under way between the two, or its consumers still reconnecting after it (an
-        # acknowledgement sent meanwhile is lost, the broker sends the message again: measured within 10 ms
-        # of a topic unload on scripts/pulsar-cluster).
+        if ("sigkill", worker) in between:
+            return "sigkill"
+        # Handled while its consumer was still reconnecting after a broker fault: the acknowledgement went
+        # nowhere, so the message comes again whatever ends the worker next (a SIGTERM included).
+        during = self.broker_fault(start, start)
+        if during:
+            return during
+        if ("sigterm", worker) in between:
+            return "sigterm"
+        return self.broker_fault(start, end) or "none"
+
+    def broker_fault(self, start: int, end: int) -> str:
+        """The broker fault under way between `start` and `end`, or whose consumers were still reconnecting.
+
+        An acknowledgement sent while its consumer is disconnected is lost and the broker sends the message
+        again (measured within 10 ms of a topic unload on scripts/pulsar-cluster). The client retries a
+        connection with a doubling backoff, so after an outage of d seconds its consumers may take up to
+        about d more to come back (retries 0.1 s apart, doubling: 16 s down, the next try about 25 s after it went;
+        a 600 s `--app` run on Apache Pulsar had 104 messages handled 6 s after the broker was back, SIGTERMed 2 s
+        later, and sent again).
+        """
         for began, ended, fault in self.windows:
-            if began <= end and ended + RECONNECT_NS >= start:
+            if began <= end and ended + max(RECONNECT_NS, (ended - began) * 6 // 5) >= start:
                 return fault
-        return "none"
+        return ""
 
 
 #: The cluster's faults (`--broker cluster`), by weight: each also attributes the duplicates it causes.
@@ -386,6 +405,13 @@ async def harness(args: argparse.Namespace) -> int:
     @router.subscribe(settings.topic(topic) + "-chaos-DLQ", "chaos-check", initial_position="earliest")
     async def read_dlq(data: bytes, msg: Message) -> None:
         dead.append(msg)
+
+    dead_requests: list[Message] = []
+    if args.app:
+
+        @router.subscribe(settings.topic(topic + "-ask") + "-chaos-answer-DLQ", "chaos-check", initial_position="earliest")
+        async def read_request_dlq(data: bytes, msg: Message) -> None:
+            dead_requests.append(msg)
 
     started = time.monotonic()
     publishers: list[subprocess.Popen] = []
@@ -464,6 +490,7 @@ async def harness(args: argparse.Namespace) -> int:
         if not args.keep_broker:
             broker.stop()
 
+    (workdir / "faults.json").write_text(json.dumps({"events": run.events, "windows": run.windows}))
     h = handled()
     events, poisons = dead_ids()
     lost = sorted((must_handle - h.keys() - events) | (must_die - events))
@@ -471,6 +498,7 @@ async def harness(args: argparse.Namespace) -> int:
     violations, causes, handlings = examine(h, run)
     failed = read_lines("failed-*.log", workdir)
     batch_rows: list[tuple[str, object]] = []
+    request_failures = 0
     faulted = [f for f in BROKER_FAULTS if f in args.faults] if args.broker != "embedded" else ["broker-restart"]
     wrongly_dead = sorted(events & must_handle) if args.app else []
     if args.app:
@@ -486,6 +514,8 @@ async def harness(args: argparse.Namespace) -> int:
             ("  lost", len(batch_lost)), ("  order violations", len(batch_violations)),
             ("dead-lettered though handleable", len(wrongly_dead)),
         ]
+        request_rows, request_failures = requests_report(workdir, run, h.keys() & must_handle, dead_requests)
+        batch_rows += request_rows
     rows = [
         ("broker", broker.kind), ("seconds", f"{time.monotonic() - started:.0f}"), ("seed", args.seed),
         ("published (attempted)", len(confirmed) + len(failed)), ("confirmed", len(confirmed)),
@@ -513,7 +543,45 @@ async def harness(args: argparse.Namespace) -> int:
     if rolling_duplicates:
         print(f"  DUPLICATED IN A ROLLING DEPLOY {handlings - len(h)}")
     failing = lost or violations or poison_missing or run.unexpected or causes["sigterm"] or rolling_duplicates
-    return 1 if failing or wrongly_dead else 0
+    return 1 if failing or wrongly_dead or request_failures else 0
+
+
+def requests_report(
+    workdir: Path, run: Run, handled: set[tuple[int, str, int]], dead_requests: list[Message]
+) -> tuple[list[tuple[str, object]], int]:
+    """The app mode's request/reply between groups: its report rows and how many of them fail the run.
+
+    Each request message's answers are grouped by its message id: one request answered twice is a
+    redelivery (attributed to the fault between, a SIGTERM failing the run); an input asking again after
+    it was handled again or its request timed out is a new request, counted apart.
+    """
+    answered = read_lines("answered-*.log", workdir)
+    asked = read_lines("asked-*.log", workdir)
+    by_request: dict[str, list[list[str]]] = collections.defaultdict(list)
+    for line in answered:
+        by_request[line[6]].append(line)
+    causes: collections.Counter[str] = collections.Counter()
+    for lines in by_request.values():
+        lines.sort(key=lambda line: int(line[0]))
+        for first, again in zip(lines, lines[1:]):
+            causes[run.cause(first, again)] += 1
+    inputs = {(int(line[1]), line[2], int(line[3])) for line in answered}
+    unanswered = sorted(handled - inputs)
+    lies = [line for line in asked if len(line) > 5 and line[5] == "lie"]
+    timeouts = [line for line in asked if len(line) > 5 and line[5] == "timeout"]
+    for item in unanswered[:5]:
+        print(f"  HANDLED WITHOUT AN ANSWER {item}")
+    for line in lies[:5]:
+        print(f"  LIE {' '.join(line)}")
+    rows: list[tuple[str, object]] = [
+        ("requests sent", len(asked) - len(lies) - len(timeouts)), ("  answered (distinct requests)", len(by_request)),
+        ("  answered more than once", sum(causes.values())),
+    ] + [(f"    after {cause}", causes[cause])
+         for cause in ("sigkill", "sigterm", *BROKER_FAULTS, "publish-resent", "none") if causes[cause] or cause == "sigterm"] + [
+        ("  timed out (the input retried)", len(timeouts)), ("  dead-lettered", len(dead_requests)),
+        ("  replies naming another request", len(lies)), ("  inputs handled with no answer", len(unanswered)),
+    ]
+    return rows, len(unanswered) + len(lies) + len(dead_requests) + causes["sigterm"]
 
 
 def latency_summary(workdir: Path) -> str:

@@ -2,7 +2,9 @@
 
 With CHAOS_APP set (`--app`) it is built as a service: the handled records go through a file a lifespan
 opens before the first message and closes after the drain, a middleware writes them after the handler
-returned, and a second group (`chaos-batch`) handles the same topic with a batch handler.
+returned, a second group (`chaos-batch`) handles the same topic with a batch handler, and the first group's
+handler asks a third (`chaos-answer`, on `<topic>-ask`, in the same workers) for an answer with `bus.request`
+before it returns: a worker both requests and answers, as a service split into groups does.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import IO, Any, Literal
 
 from pydantic import BaseModel
 
-from eventbus import Batch, CallNext, EventBus, Message, Router, default_router
+from eventbus import Batch, CallNext, EventBus, Message, RequestTimeout, Router, default_router
 
 WORKER = os.environ["CHAOS_WORKER"]
 APP = bool(os.environ.get("CHAOS_APP"))
@@ -37,6 +39,8 @@ def _write(name: str, line: str) -> None:
 async def record_after_handler(message: Message, call_next: CallNext) -> Any:
     """The app mode's middleware: the record is written once the handler returned."""
     result = await call_next(message)
+    if message.topic.endswith(ASK_TOPIC):
+        return result  # the answering group writes its own records
     event = ChaosEvent.model_validate_json(message.data)
     _write("handled", f"{time.time_ns()} {event.pub} {event.key} {event.seq} {message.attempt} {WORKER}\n")
     return result
@@ -48,7 +52,7 @@ if APP:
     @router.lifespan
     @asynccontextmanager
     async def records(bus: EventBus) -> AsyncIterator[None]:
-        for name in ("handled", "batch"):
+        for name in ("handled", "batch", "answered", "asked"):
             _files[name] = open(_DIR / f"{name}-{WORKER}-{os.getpid()}.log", "a")
         yield
         for record in _files.values():
@@ -62,6 +66,20 @@ class ChaosEvent(BaseModel):
     key: str
     seq: int
     kind: Literal["ok", "transient", "always", "cancelled", "base", "surrogate"]
+
+
+class Answer(BaseModel):
+    """What the answering group replies: the question's identity, so a reply to another request shows."""
+
+    pub: int
+    key: str
+    seq: int
+
+
+#: The topic the first group's handler sends its requests to (the app mode's third group answers them).
+ASK_TOPIC = os.environ["CHAOS_TOPIC"] + "-ask"
+#: Long enough for a broker restart or a responder's replacement; a timeout is recorded, then the input retried.
+ASK_TIMEOUT = 30.0
 
 
 class Odd(BaseException):
@@ -79,7 +97,7 @@ async def _cancelled() -> None:
     os.environ["CHAOS_TOPIC"], "chaos", concurrency=8, max_retries=3, retry_backoff=0.05, retry_backoff_max=0.5,
     initial_position="earliest", subscription_type=os.environ.get("CHAOS_SUBSCRIPTION", "key_shared"),  # type: ignore[arg-type]
 )
-async def handle(event: ChaosEvent, msg: Message) -> None:
+async def handle(event: ChaosEvent, msg: Message, bus: EventBus) -> None:
     if event.kind == "always":
         raise RuntimeError("this message always fails")
     if event.kind == "surrogate":
@@ -90,7 +108,9 @@ async def handle(event: ChaosEvent, msg: Message) -> None:
         await _cancelled()
     if msg.attempt == 1 and event.kind == "base":
         raise Odd("once")
-    if not APP:  # durable before the handler returns, so before the acknowledgement
+    if APP:
+        await ask(event, bus)
+    else:  # durable before the handler returns, so before the acknowledgement
         # The id last: two handlings under two ids are a message stored twice (a publish resent), not delivered twice.
         _write("handled", f"{time.time_ns()} {event.pub} {event.key} {event.seq} {msg.attempt} {WORKER} {msg.message_id}\n")
 
@@ -104,3 +124,26 @@ if APP:
     async def handle_many(events: list[ChaosEvent], messages: list[Message]) -> None:
         now = time.time_ns()
         _write("batch", "".join(f"{now} {e.pub} {e.key} {e.seq} 1 {WORKER}\n" for e in events))
+
+
+async def ask(event: ChaosEvent, bus: EventBus) -> None:
+    """The app mode's request: its reply must name this event (a reply to another request is recorded as a lie)."""
+    _write("asked", f"{time.time_ns()} {event.pub} {event.key} {event.seq} {WORKER}\n")
+    try:
+        answer = await bus.request(ASK_TOPIC, event, key=event.key, response_type=Answer, timeout=ASK_TIMEOUT)
+    except RequestTimeout:
+        _write("asked", f"{time.time_ns()} {event.pub} {event.key} {event.seq} {WORKER} timeout\n")
+        raise
+    if (answer.pub, answer.key, answer.seq) != (event.pub, event.key, event.seq):
+        _write("asked", f"{time.time_ns()} {event.pub} {event.key} {event.seq} {WORKER} lie {answer.model_dump_json()}\n")
+
+
+if APP:
+
+    @router.subscribe(ASK_TOPIC, "chaos-answer", concurrency=8, max_retries=3, retry_backoff=0.05, initial_position="earliest")
+    async def answer(event: ChaosEvent, msg: Message) -> Answer:
+        """Fails a transient event's first attempt too; the record is durable before the reply is sent."""
+        if msg.attempt == 1 and event.kind == "transient":
+            raise RuntimeError("transient failure answering")
+        _write("answered", f"{time.time_ns()} {event.pub} {event.key} {event.seq} {msg.attempt} {WORKER} {msg.message_id}\n")
+        return Answer(pub=event.pub, key=event.key, seq=event.seq)
