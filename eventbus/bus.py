@@ -21,7 +21,7 @@ from .observing.tracing import Tracing
 from .publishing.producers import Producers
 from .publishing.requester import Requester
 from .publishing.sending import Publishing, sending_for
-from .registry import Lifespan, Router, Subscription, default_router, lifespan_of, subscriptions_of
+from .registry import Lifespan, Router, Subscription, declared_schemas, default_router, lifespan_of, subscriptions_of
 from .running.lifetime import Lifetime
 from .running.worker import Worker, runners_for
 from .service.dependencies import Provider
@@ -128,7 +128,8 @@ class EventBus(Publisher):
         connection = await connect(self.settings)
         self._connection = connection
         self._tracing = Tracing.for_provider(self._tracer_provider)
-        self._producers = Producers(connection.client, self.settings, connection.bridge, self.metrics)
+        schemas = declared_schemas(self.routers, self.settings.topic)
+        self._producers = Producers(connection.client, self.settings, connection.bridge, self.metrics, schemas)
         self._requester = Requester(connection, self.settings, self.publish)
         self._publishing = sending_for(
             self._producers, self.settings, self.routers, self._tracing, self._observer, self._middleware

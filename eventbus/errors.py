@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import enum
 from collections.abc import Sequence
 from typing import ClassVar
@@ -177,6 +179,8 @@ def broker_error(what: str, result: str, detail: str, topic: str | None = None) 
     """The error to raise when the broker refused `what` (on `topic`), by the class of its result."""
     failure = classify(result)
     text = f"{what}: {detail or result}"
+    if result == "IncompatibleSchema":
+        text = f"{what}: IncompatibleSchema: {_java_reason(detail)}{_SCHEMA_HINT}"
     if result == "TopicNotFound" and topic and topic.count("/") == 4:
         tenant, namespace = topic.split("/")[2:4]
         text += (
@@ -193,6 +197,19 @@ def broker_error(what: str, result: str, detail: str, topic: str | None = None) 
         error = BrokerUnavailable(text)
     error.result = result
     return error
+
+
+_SCHEMA_HINT = (
+    " (the topic's registered schema and this producer's disagree: declare the model the topic carries with "
+    "Router.publisher(topic, Model) so the bus registers its schema, or change the namespace's schema policy)"
+)
+
+
+def _java_reason(detail: str) -> str:
+    """The broker's reason once, on one line: without the Java exception classes, the repeated `caused by` chain
+    and the schema definitions it quotes."""
+    first = re.sub(r"\s*\{.*", "", detail.split(" caused by ")[0], flags=re.S).rstrip(": ")  # the definitions too
+    return re.sub(r"(?:\b[a-z_]\w*\.)+[A-Z]\w*(?:Exception|Error): ", "", first).removeprefix("IncompatibleSchema: ")
 
 
 #: Results that mean the message was not stored: refused by the client before

@@ -5,17 +5,23 @@ from __future__ import annotations
 import contextlib
 import difflib
 import inspect
+import logging
 import typing
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict, TypeVar, Unpack
 
+from pydantic import BaseModel
+
 from .codec import decoder_for
 from .errors import ConfigError
 from .service.handler import Handler, Publisher, handler_name
 from .service.middleware import checked
+from .schemas import PayloadSchema, SchemaUnsupported, json_schema_of
 from .settings import topic_problem
 from .topics import dead_letter_topic, retry_topic
+
+log = logging.getLogger("eventbus")
 
 SubscriptionType = Literal["key_shared", "shared", "failover", "exclusive"]
 InitialPosition = Literal["latest", "earliest"]
@@ -352,3 +358,45 @@ subscribe = default_router.subscribe
 #:
 #: >>> publisher("invoices", Invoice)
 publisher = default_router.publisher
+
+
+def declared_schemas(routers: Sequence[Router], full_name: Callable[[str], str]) -> dict[str, PayloadSchema]:
+    """The schema each topic's producer registers, by full topic name; a WARNING says why a typed topic has none.
+
+    A topic gets the schema of the pydantic model the app declares it sends there: `Router.publisher`, or a
+    `returns_to` handler's return annotation (`Model` or `Model | None`). Untyped topics (dict, str, bytes, no
+    declaration) stay schemaless; a topic declared with two types, or with a model Avro cannot describe, too.
+    """
+    declared: dict[str, set[Any]] = {}
+    for router in routers:
+        for publication in router.publications:
+            declared.setdefault(full_name(publication.topic), set()).add(publication.payload_type)
+        for sub in router.subscriptions:
+            if sub.returns_to is not None:
+                declared.setdefault(full_name(sub.returns_to), set()).add(_without_none(sub.handler.return_type))
+    schemas: dict[str, PayloadSchema] = {}
+    problems: list[str] = []
+    for topic, types in declared.items():
+        models = [t for t in types if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not models:
+            continue
+        if len(types) > 1:
+            names = ", ".join(sorted(getattr(t, "__qualname__", str(t)) for t in types))
+            problems.append(f"{topic} is declared with {names}: no schema registered there (declare one model per topic)")
+            continue
+        try:
+            schemas[topic] = json_schema_of(models[0])
+        except SchemaUnsupported as exc:
+            problems.append(
+                f"{topic}: {models[0].__qualname__} has no Avro form ({exc}): no schema registered there, "
+                "so Java and Go consumers with a schema cannot subscribe"
+            )
+    for problem in problems:
+        log.warning("%s", problem)
+    return schemas
+
+
+def _without_none(annotation: Any) -> Any:
+    """`Model | None` (a handler that may publish nothing) is `Model`."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if len(args) == 1 and type(None) in typing.get_args(annotation) else annotation

@@ -574,7 +574,7 @@ def requests_report(
     for line in lies[:5]:
         print(f"  LIE {' '.join(line)}")
     rows: list[tuple[str, object]] = [
-        ("requests sent", len(asked) - len(lies) - len(timeouts)), ("  answered (distinct requests)", len(by_request)),
+        ("requests asked", len(asked) - len(lies) - len(timeouts)), ("  answered (distinct requests)", len(by_request)),
         ("  answered more than once", sum(causes.values())),
     ] + [(f"    after {cause}", causes[cause])
          for cause in ("sigkill", "sigterm", *BROKER_FAULTS, "publish-resent", "none") if causes[cause] or cause == "sigterm"] + [

@@ -46,7 +46,8 @@ def test_a_rolling_deploy_under_load_handles_every_message_exactly_once(
 
 @pytest.mark.timeout(300)
 def test_a_service_built_worker_loses_nothing_under_chaos(broker_kind: str, request: pytest.FixtureRequest) -> None:
-    """`--app`: a lifespan holds the records, a middleware writes them, a second group handles in batches."""
+    """`--app`: a lifespan holds the records, a middleware writes them, a second group handles in batches, and the
+    first asks a third of the same workers with `bus.request` (a reply naming another request fails the run)."""
     if broker_kind == "pulsar":
         request.getfixturevalue("pulsar")
     result = subprocess.run(
@@ -58,3 +59,5 @@ def test_a_service_built_worker_loses_nothing_under_chaos(broker_kind: str, requ
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "batch group: handled (distinct)" in result.stdout
     assert "dead-lettered though handleable       0" in result.stdout
+    assert "requests asked" in result.stdout, "the handlers asked the answering group"
+    assert "replies naming another request      0" in result.stdout

@@ -13,6 +13,7 @@ from ..broker.bridge import LoopBridge
 from ..broker.client import OK, Client, MessageId, Producer, RawMessage, Result, build_message, sibling_id
 from ..errors import BrokerUnavailable, EventBusError, PublishError
 from ..observing.metrics import Metrics
+from ..schemas import PayloadSchema
 from ..service.returns import REPLY_TOPIC_PREFIX
 from ..settings import Settings
 
@@ -319,7 +320,8 @@ class TopicProducer:
 
 
 async def create_producer(
-    client: Client, topic: str, settings: Settings, bridge: LoopBridge, metrics: Metrics | None = None
+    client: Client, topic: str, settings: Settings, bridge: LoopBridge, metrics: Metrics | None = None,
+    schema: PayloadSchema | None = None,
 ) -> TopicProducer:
     """The topic's producer; a broker that cannot serve it yet (a failover) is asked again until the publish deadline.
 
@@ -331,7 +333,7 @@ async def create_producer(
     pause = 0.2
     while True:
         try:
-            return await _create_producer(client, topic, settings, bridge, metrics)
+            return await _create_producer(client, topic, settings, bridge, metrics, schema)
         except BrokerUnavailable as exc:
             if exc.result not in _FAILOVER or deadline is not None and time.monotonic() + pause > deadline:
                 raise
@@ -341,7 +343,8 @@ async def create_producer(
 
 
 async def _create_producer(
-    client: Client, topic: str, settings: Settings, bridge: LoopBridge, metrics: Metrics | None
+    client: Client, topic: str, settings: Settings, bridge: LoopBridge, metrics: Metrics | None,
+    schema: PayloadSchema | None,
 ) -> TopicProducer:
     # A partitioned topic, even of one partition, names its partitions ("...-partition-0").
     grouped = await client.partitions(topic) == [topic]
@@ -356,6 +359,7 @@ async def _create_producer(
         send_timeout_ms=settings.producer_send_timeout_ms,
         max_pending_messages=settings.producer_max_pending_messages,
         producer_name=settings.producer_name,
+        schema=schema,
     )
     if not grouped:
         return TopicProducer(topic, producer, bridge, settings.producer_max_pending_messages, metrics=metrics)
@@ -371,8 +375,13 @@ async def _create_producer(
 class Producers:
     """The bus's producers: one per topic, created on first use, shared by short and full names."""
 
-    def __init__(self, client: Client, settings: Settings, bridge: LoopBridge, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, client: Client, settings: Settings, bridge: LoopBridge, metrics: Metrics | None = None,
+        schemas: Mapping[str, PayloadSchema] | None = None,
+    ) -> None:
         self._client = client
+        #: The schema each topic's producer registers, by full topic name (the app's declared payload types).
+        self.schemas: Mapping[str, PayloadSchema] = schemas or {}
         self._metrics = metrics
         self._settings = settings
         self._bridge = bridge
@@ -398,7 +407,9 @@ class Producers:
             full = self._settings.topic(topic)
             task = self._tasks.get(full)
             if task is None or _failed(task):
-                task = asyncio.ensure_future(create_producer(self._client, full, self._settings, self._bridge, self._metrics))
+                task = asyncio.ensure_future(create_producer(
+                    self._client, full, self._settings, self._bridge, self._metrics, self.schemas.get(full)
+                ))
                 self._tasks[full] = task
                 if full.rsplit("/", 1)[-1].startswith(REPLY_TOPIC_PREFIX):
                     asyncio.get_running_loop().call_later(IDLE_REPLY_SECONDS, self._close_if_idle, full, task, -1)

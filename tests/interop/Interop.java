@@ -1,0 +1,89 @@
+// A Java service on the bus's topics, for tests/test_interop.py: the official client with Pulsar's schemas.
+//
+//   java -cp <classpath> Interop consume-json <url> <token> <topic> <subscription> <count>
+//   java -cp <classpath> Interop produce-json <url> <token> <topic> <count>
+//
+// consume-json reads <count> messages with Schema.JSON(Reading.class) from the earliest and prints each as
+// one JSON line after "ROW " (the client logs on stdout too): key, properties, event time, the decoded fields.
+// produce-json sends <count> Readings keyed "sensor-<i % 3>" with a property and an event time, then prints
+// "ROW sent <count>". Any failure: its text on stderr and exit 1.
+import java.util.Map;
+import java.util.concurrent.TimeUnit;
+
+import com.fasterxml.jackson.databind.ObjectMapper;
+import org.apache.pulsar.client.api.AuthenticationFactory;
+import org.apache.pulsar.client.api.Consumer;
+import org.apache.pulsar.client.api.Message;
+import org.apache.pulsar.client.api.Producer;
+import org.apache.pulsar.client.api.PulsarClient;
+import org.apache.pulsar.client.api.Schema;
+import org.apache.pulsar.client.api.SubscriptionInitialPosition;
+
+public final class Interop {
+    /** The payload both sides share; a Java team writes it as a plain class with public fields. */
+    public static final class Reading {
+        public String sensor;
+        public double value;
+        public long seq;
+        public String note;
+    }
+
+    public static void main(String[] args) throws Exception {
+        String mode = args[0];
+        try (PulsarClient client = client(args[1], args[2])) {
+            if (mode.equals("consume-json")) {
+                consume(client, args[3], args[4], Integer.parseInt(args[5]));
+            } else if (mode.equals("produce-json")) {
+                produce(client, args[3], Integer.parseInt(args[4]));
+            } else {
+                throw new IllegalArgumentException("unknown mode " + mode);
+            }
+        } catch (Exception e) {
+            System.err.println(e.getClass().getSimpleName() + ": " + e.getMessage());
+            System.exit(1);
+        }
+    }
+
+    private static PulsarClient client(String url, String token) throws Exception {
+        var builder = PulsarClient.builder().serviceUrl(url).operationTimeout(30, TimeUnit.SECONDS);
+        if (!token.isEmpty()) {
+            builder.authentication(AuthenticationFactory.token(token));
+        }
+        return builder.build();
+    }
+
+    private static void consume(PulsarClient client, String topic, String subscription, int count) throws Exception {
+        ObjectMapper json = new ObjectMapper();
+        try (Consumer<Reading> consumer = client.newConsumer(Schema.JSON(Reading.class)).topic(topic)
+                .subscriptionName(subscription).subscriptionInitialPosition(SubscriptionInitialPosition.Earliest)
+                .subscribe()) {
+            for (int i = 0; i < count; i++) {
+                Message<Reading> message = consumer.receive(30, TimeUnit.SECONDS);
+                if (message == null) {
+                    throw new IllegalStateException("no message " + (i + 1) + " of " + count + " within 30 s");
+                }
+                Reading r = message.getValue();
+                System.out.println("ROW " + json.writeValueAsString(Map.of(
+                        "key", message.hasKey() ? message.getKey() : "", "properties", message.getProperties(),
+                        "event_time", message.getEventTime(), "sensor", String.valueOf(r.sensor), "value", r.value,
+                        "seq", r.seq, "note", String.valueOf(r.note))));
+                consumer.acknowledge(message);
+            }
+        }
+    }
+
+    private static void produce(PulsarClient client, String topic, int count) throws Exception {
+        try (Producer<Reading> producer = client.newProducer(Schema.JSON(Reading.class)).topic(topic).create()) {
+            for (int i = 0; i < count; i++) {
+                Reading r = new Reading();
+                r.sensor = "sensor-" + (i % 3);
+                r.value = i * 1.5;
+                r.seq = i;
+                r.note = i % 2 == 0 ? null : "odd";
+                producer.newMessage().key(r.sensor).value(r).property("origin", "java")
+                        .eventTime(1_700_000_000_000L + i).send();
+            }
+        }
+        System.out.println("ROW sent " + count);
+    }
+}

@@ -1,0 +1,163 @@
+"""A Java service on the bus's topics: tests/interop/Interop.java on the official Java client, with Pulsar's schemas."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel, ConfigDict
+
+from eventbus import ConfigError, EventBus, Message, PublishError, Router, Settings
+
+from .conftest import ROOT, eventually, running
+from .pulsar_admin import admin
+
+pytestmark = pytest.mark.pulsar
+
+JavaRun = Callable[..., subprocess.CompletedProcess[str]]
+
+
+class Reading(BaseModel):
+    """The payload Interop.java's `Reading` class holds: the same fields, a Java team's plain class."""
+
+    sensor: str
+    value: float
+    seq: int
+    note: str | None = None
+
+
+@pytest.fixture(scope="session")
+def java(pulsar: dict, tmp_path_factory: pytest.TempPathFactory) -> JavaRun:
+    """Interop.java compiled against the Java client scripts/pulsar-standalone resolved; runs one of its modes."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from pulsarkit import java_for  # type: ignore[import-not-found]
+
+    java_bin = Path(java_for(pulsar["version"]))
+    javac = java_bin.with_name("javac")
+    if not javac.exists():
+        javac = Path(shutil.which("javac") or "javac")
+    classes = tmp_path_factory.mktemp("interop")
+    subprocess.run(
+        [str(javac), "-d", str(classes), "-cp", pulsar["classpath"], str(ROOT / "tests" / "interop" / "Interop.java")],
+        check=True, capture_output=True, text=True, timeout=180,
+    )
+    classpath = f"{classes}:{pulsar['classpath']}"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(java_bin), "-cp", classpath, "Interop", args[0], pulsar["service_url"], pulsar["client_token"], *args[1:]],
+            capture_output=True, text=True, timeout=120,
+        )
+
+    return run
+
+
+def rows(done: subprocess.CompletedProcess[str]) -> list[dict]:
+    """What Interop.java printed (its "ROW " lines: the Java client logs on stdout too)."""
+    return [json.loads(line[4:]) for line in done.stdout.splitlines() if line.startswith("ROW {")]
+
+
+@pytest.fixture
+def psettings(pulsar: dict) -> Settings:
+    return Settings(_env_file=None, url=pulsar["service_url"], token=pulsar["client_token"], shutdown_drain_timeout=10)
+
+
+async def _publish_readings(settings: Settings, topic: str, count: int) -> list[Reading]:
+    router = Router()
+    router.publisher(topic, Reading)
+    sent = [Reading(sensor=f"s-{i % 2}", value=i / 4, seq=i, note=None if i % 2 else "even") for i in range(count)]
+    async with EventBus(settings, routers=[router]) as bus:
+        for reading in sent:
+            await bus.publish(topic, reading, key=reading.sensor, properties={"origin": "python"},
+                              event_time=1_700_000_000_000 + reading.seq)
+    return sent
+
+
+async def test_a_java_consumer_with_a_json_schema_reads_a_topic_the_bus_created(
+    psettings: Settings, topic: str, java: JavaRun
+) -> None:
+    """Before: `IncompatibleSchemaException: Failed to add schema to an active topic with empty(BYTES) schema`."""
+    sent = await _publish_readings(psettings, topic, 5)
+    done = java("consume-json", psettings.topic(topic), "java-service", "5")
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = rows(done)
+    assert [(g["key"], g["properties"], g["event_time"], g["sensor"], g["value"], g["seq"], g["note"]) for g in got] == [
+        (r.sensor, {"origin": "python", "content-type": "application/json"}, 1_700_000_000_000 + r.seq,
+         r.sensor, r.value, r.seq, r.note or "null")  # Interop.java prints a null field as "null"
+        for r in sent
+    ]
+
+
+async def test_a_schema_enforcing_namespace_takes_declared_payloads_and_refuses_untyped_ones_by_name(
+    pulsar: dict, java: JavaRun
+) -> None:
+    """`schemaValidationEnforced`: a declared model's publishes are stored (and read by Java); a dict to that topic,
+    which now has a schema, is refused naming it (a topic without one takes anything, enforced or not)."""
+    namespace = f"enforced-{uuid.uuid4().hex[:6]}"
+    admin(pulsar, "PUT", f"/admin/v2/namespaces/public/{namespace}")
+    admin(pulsar, "POST", f"/admin/v2/namespaces/public/{namespace}/permissions/client", ["produce", "consume"])
+    admin(pulsar, "POST", f"/admin/v2/namespaces/public/{namespace}/schemaValidationEnforced", True)
+    settings = Settings(_env_file=None, url=pulsar["service_url"], token=pulsar["client_token"], namespace=namespace)
+    await _publish_readings(settings, "readings", 3)
+    done = java("consume-json", settings.topic("readings"), "java-service", "3")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [row["seq"] for row in rows(done)] == [0, 1, 2]
+    async with EventBus(settings) as bus:
+        with pytest.raises((ConfigError, PublishError)) as refused:
+            await bus.publish("readings", {"seq": 1})
+    text = str(refused.value)
+    assert "\n" not in text and text.count("without a schema") == 1 and "org.apache" not in text, text
+    assert "Router.publisher(topic, Model)" in text
+
+
+class ReadingWithUnit(BaseModel):
+    """`Reading` with a required field more: a change Pulsar's default (FULL) compatibility refuses."""
+
+    model_config = ConfigDict(title="Reading")
+    sensor: str
+    value: float
+    seq: int
+    unit: str
+
+
+async def test_an_incompatible_model_change_is_refused_with_the_brokers_reason_in_one_line(
+    psettings: Settings, topic: str
+) -> None:
+    await _publish_readings(psettings, topic, 1)
+    router = Router()
+    router.publisher(topic, ReadingWithUnit)
+    async with EventBus(psettings, routers=[router]) as bus:
+        with pytest.raises((ConfigError, PublishError)) as refused:
+            await bus.publish(topic, ReadingWithUnit(sensor="s", value=1, seq=1, unit="C"))
+    text = str(refused.value)
+    assert "IncompatibleSchema" in text and "\n" not in text and "org.apache" not in text, text
+    assert "strategy FULL" in text and "Router.publisher(topic, Model)" in text
+
+
+async def test_a_java_producers_json_with_its_nulls_left_out_reaches_a_typed_handler_whole(
+    psettings: Settings, topic: str, java: JavaRun
+) -> None:
+    """Java's `Schema.JSON` leaves null fields out: a model whose optional fields default to None takes them all."""
+    got: list[tuple[Reading, str | None, dict[str, str], int]] = []
+    router = Router()
+
+    @router.subscribe(topic, "python-service", initial_position="earliest")
+    async def record(reading: Reading, msg: Message) -> None:
+        assert msg.event_time is not None
+        got.append((reading, msg.key, msg.properties, int(msg.event_time.timestamp() * 1000)))
+
+    done = java("produce-json", psettings.topic(topic), "6")
+    assert done.returncode == 0 and "ROW sent 6" in done.stdout, done.stderr[-2000:]
+    async with EventBus(psettings, routers=[router]) as bus, running(bus):
+        await eventually(lambda: len(got) >= 6)
+    assert sorted(got, key=lambda g: g[0].seq) == [
+        (Reading(sensor=f"sensor-{i % 3}", value=i * 1.5, seq=i, note=None if i % 2 == 0 else "odd"), f"sensor-{i % 3}",
+         {"origin": "java"}, 1_700_000_000_000 + i)
+        for i in range(6)
+    ]
