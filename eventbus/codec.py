@@ -106,6 +106,22 @@ def _validator(annotation: Any) -> Decoder:
     return decode
 
 
+def value_validator(annotation: Any) -> Callable[[Any], Any]:
+    """Turn a value already decoded (an Avro record's fields) into a handler's payload type; `DecodeError` if not."""
+    if annotation is inspect.Parameter.empty or annotation is Any or annotation is object:
+        return lambda value: value
+    validate = TypeAdapter(annotation).validate_python
+
+    def convert(value: Any) -> Any:
+        try:
+            return validate(value)
+        except ValidationError as exc:
+            errors = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors()[:5])
+            raise DecodeError(f"payload does not validate as {_name(annotation)}: {errors}") from None
+
+    return convert
+
+
 def _name(annotation: Any) -> str:
     return getattr(annotation, "__qualname__", None) or repr(annotation)
 

@@ -1,11 +1,14 @@
-"""Pulsar schemas for typed payloads: a pydantic model's JSON schema in the Avro record form Java and Go register."""
+"""Pulsar schemas: a pydantic model's JSON schema in the Avro record form Java and Go register, and Avro payloads read."""
 
 from __future__ import annotations
 
+import io
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import fastavro
 import orjson
 from pydantic import BaseModel
 
@@ -43,6 +46,20 @@ def json_schema_of(model: type[BaseModel]) -> PayloadSchema:
     record = _Converter(document.get("$defs", {})).record(document, model.__name__)
     record["namespace"] = _namespace(model.__module__)
     return PayloadSchema("JSON", model.__name__, orjson.dumps(record).decode())
+
+
+def avro_reader(definition: str) -> Callable[[bytes], Any]:
+    """A reader of Avro payloads written with `definition` (a topic's AVRO schema): bytes to Python values.
+
+    Raises `ValueError` for a definition Avro refuses; the reader raises what fastavro raises for bytes that
+    are not such a record.
+    """
+    parsed = fastavro.parse_schema(orjson.loads(definition))
+
+    def read(data: bytes) -> Any:
+        return fastavro.schemaless_reader(io.BytesIO(data), parsed, None)
+
+    return read
 
 
 def _namespace(module: str) -> str:

@@ -161,3 +161,43 @@ async def test_a_java_producers_json_with_its_nulls_left_out_reaches_a_typed_han
          {"origin": "java"}, 1_700_000_000_000 + i)
         for i in range(6)
     ]
+
+
+async def test_a_java_avro_producers_records_reach_typed_handlers_decoded_and_a_str_handler_refuses_them(
+    psettings: Settings, topic: str, java: JavaRun
+) -> None:
+    """Before: 6 of 6 dead-lettered `undecodable: ... Invalid JSON` for the model; the `str` handler "handled" binary."""
+    typed: list[Reading] = []
+    as_dict: list[dict] = []
+    texts: list[str] = []
+    router = Router()
+
+    @router.subscribe(topic, "typed", initial_position="earliest")
+    async def read_typed(reading: Reading) -> None:
+        typed.append(reading)
+
+    @router.subscribe(topic, "untyped", initial_position="earliest")
+    async def read_dict(reading: dict) -> None:
+        as_dict.append(reading)
+
+    @router.subscribe(topic, "text", initial_position="earliest")
+    async def read_text(text: str) -> None:
+        texts.append(text)
+
+    done = java("produce-avro", psettings.topic(topic), "6")
+    assert done.returncode == 0 and "ROW sent 6" in done.stdout, done.stderr[-2000:]
+    dead: list[Message] = []
+    check = Router()
+
+    @check.subscribe(psettings.topic(topic) + "-text-DLQ", "check", initial_position="earliest")
+    async def read_dead(data: bytes, msg: Message) -> None:
+        dead.append(msg)
+
+    async with EventBus(psettings, routers=[router, check]) as bus, running(bus):
+        await eventually(lambda: len(typed) >= 6 and len(as_dict) >= 6 and len(dead) >= 6)
+    expected = [Reading(sensor=f"sensor-{i % 3}", value=i * 1.5, seq=i, note=None if i % 2 == 0 else "odd") for i in range(6)]
+    assert sorted(typed, key=lambda r: r.seq) == expected
+    assert sorted(as_dict, key=lambda r: r["seq"]) == [r.model_dump() for r in expected]
+    assert texts == []
+    reasons = {m.properties.get("eventbus-error") for m in dead}
+    assert len(reasons) == 1 and "an AVRO payload (schema Interop.Reading)" in reasons.pop()

@@ -48,6 +48,7 @@ class RawMessage(Protocol):
     def topic_name(self) -> str: ...
     def publish_timestamp(self) -> int: ...
     def event_timestamp(self) -> int: ...
+    def int_schema_version(self) -> int: ...  # -1: sent without a schema
 
 
 class Result(Protocol):
@@ -360,6 +361,20 @@ class Client:
         if self._client is None:
             raise EventBusError("the client is closed")
         return self._client
+
+    async def schema(self, topic: str, version: int = -1) -> PayloadSchema | None:
+        """The topic's registered schema at `version` (-1: the latest), or None when it has none."""
+        raw: _pulsar.Client = self._open()._client
+        try:
+            # The client's call blocks until the broker answers: on a thread of its own.
+            with map_client_errors(f"cannot read the schema of {topic}", topic):
+                info = await asyncio.to_thread(raw.get_schema_info, topic, version)
+        except EventBusError as exc:
+            if exc.result == "TopicNotFound":  # what the broker answers for a topic without a schema
+                return None
+            raise
+        kind = str(info.schema_type()).rsplit(".", 1)[-1]
+        return None if kind in ("NONE", "BYTES") else PayloadSchema(kind, info.name(), info.schema())
 
     async def partitions(self, topic: str) -> list[str]:
         """The topic's partitions; a partitioned topic of one names it "...-partition-0"."""

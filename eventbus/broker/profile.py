@@ -37,6 +37,11 @@ class BrokerProfile:
         return not self.lite
 
     @property
+    def schema_registry(self) -> bool:
+        """Whether the broker answers a topic's schema (pulsar-lite 0.2 does not: GetSchema times out after 30 s)."""
+        return not self.lite
+
+    @property
     def reads_by_subscription(self) -> bool:
         """Read a topic back through a temporary shared subscription rather than a Reader.
 

@@ -25,6 +25,7 @@ from ..service.returns import Answers
 from ..topics import dead_letter_properties
 from .dead_letterer import DeadLetterer, Sender
 from .deadlines import Deadlines, HandlerTimeout, sleep_unless
+from .payloads import TopicPayloads
 from .reporting import report_for
 
 __all__ = ["Handling", "HandlerTimeout", "Sender", "backoff", "cancelled_by_us", "sleep_unless", "verdict"]
@@ -75,6 +76,8 @@ class Handling:
         backoff is in flight, and the drain (bounded by its timeout) finishes it.
         """
         self.sub = sub
+        #: How an AVRO topic's payloads are read (set by the runner once subscribed); None: as sent, JSON or bytes.
+        self.payloads: TopicPayloads | None = None
         self._topic = topic
         self._bus = bus
         self._finished = finished
@@ -119,8 +122,9 @@ class Handling:
         sub = self.sub
         handler = sub.handler
         data = message.data()
+        payloads = self.payloads
         try:
-            payload = handler.decode(data)
+            payload = handler.decode(data) if payloads is None else await payloads.decode(message)
         except DecodeError as exc:
             return await self._give_up(message, "undecodable", exc, attempts=1, trace=False)
         current = self._context()
@@ -169,7 +173,8 @@ class Handling:
                     return await self._give_up(message, then, exc, attempts=attempt, trace=trace, payload=payload)
                 if await self._retry_later(message, payload, metadata, attempt, exc):
                     return False  # unacknowledged: redelivered
-                payload = handler.decode(data)  # a fresh copy: the handler may have changed it
+                # A fresh copy: the handler may have changed it.
+                payload = handler.decode(data) if payloads is None else await payloads.decode(message)
 
     def _context(self) -> Attempt:
         """The lane task's attempt context, made once per task for all its messages: the handler's log lines

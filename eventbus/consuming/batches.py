@@ -32,10 +32,11 @@ class BatchHandling(Handling):
         those). Returns the backoff before the unfinished ones are tried again (None: all finished); the caller
         retries them in a later batch, so a failing key waits alone and the others go on."""
         live: list[int] = []
+        decode, avro = self.sub.handler.decode, self.payloads
         for index, message in enumerate(messages):
             if attempt == 1:
                 try:
-                    self.sub.handler.decode(message.data())
+                    decode(message.data()) if avro is None else await avro.decode(message)
                 except DecodeError as exc:  # never handed to the handler
                     finish(index, await self._give_up(message, "undecodable", exc, attempts=1, trace=False))
                     continue
@@ -43,7 +44,8 @@ class BatchHandling(Handling):
         if not live:
             return None
         batch = [messages[i] for i in live]
-        payloads = [self.sub.handler.decode(m.data()) for m in batch]  # fresh each attempt: a handler may change them
+        # Fresh each attempt: a handler may change them.
+        payloads = [decode(m.data()) for m in batch] if avro is None else [await avro.decode(m) for m in batch]
         failures = await self._attempt(batch, payloads, attempt)
         retrying = 0
         for position, index in enumerate(live):

@@ -22,6 +22,7 @@ from ..service.handler import Publisher
 from ..settings import Settings
 from .attempts import Handling, Sender, cancelled_by_us
 from .batches import BatchHandling
+from .payloads import payloads_for
 from .dispatch import Dispatch
 from .intake import Bounds, Intake
 from .lanes import Lanes
@@ -46,7 +47,7 @@ class SubscriptionRunner:
         by `eventbus dlq replay`): failures go to the main topic's dead-letter topic, and a retry topic
         that cannot be subscribed (auto-creation off) is logged and left, not fatal."""
         self.sub, self.topic, self.replays_for = sub, topic, replays_for
-        self._settings = settings
+        self._settings, self._connection = settings, connection
         self._stopping = asyncio.Event()
         self._finished_handling = asyncio.Event()
         self._handling = (BatchHandling if sub.batch is not None else Handling)(
@@ -126,6 +127,7 @@ class SubscriptionRunner:
             ):
                 return
             assert membership.consumer is not None
+            self._handling.payloads = await payloads_for(self._connection, self.topic, self.sub.handler)
             self._intake = Intake(membership.consumer, Bounds.of(self._settings), self._deliver, self._lanes.begun)
             if self._stopping.is_set():  # stopped while subscribing: take nothing
                 self._intake.drain()

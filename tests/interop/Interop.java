@@ -2,11 +2,12 @@
 //
 //   java -cp <classpath> Interop consume-json <url> <token> <topic> <subscription> <count>
 //   java -cp <classpath> Interop produce-json <url> <token> <topic> <count>
+//   java -cp <classpath> Interop produce-avro <url> <token> <topic> <count>
 //
 // consume-json reads <count> messages with Schema.JSON(Reading.class) from the earliest and prints each as
 // one JSON line after "ROW " (the client logs on stdout too): key, properties, event time, the decoded fields.
 // produce-json sends <count> Readings keyed "sensor-<i % 3>" with a property and an event time, then prints
-// "ROW sent <count>". Any failure: its text on stderr and exit 1.
+// "ROW sent <count>"; produce-avro the same with Schema.AVRO(Reading.class). Any failure: its text on stderr and exit 1.
 import java.util.Map;
 import java.util.concurrent.TimeUnit;
 
@@ -34,7 +35,9 @@ public final class Interop {
             if (mode.equals("consume-json")) {
                 consume(client, args[3], args[4], Integer.parseInt(args[5]));
             } else if (mode.equals("produce-json")) {
-                produce(client, args[3], Integer.parseInt(args[4]));
+                produce(client, Schema.JSON(Reading.class), args[3], Integer.parseInt(args[4]));
+            } else if (mode.equals("produce-avro")) {
+                produce(client, Schema.AVRO(Reading.class), args[3], Integer.parseInt(args[4]));
             } else {
                 throw new IllegalArgumentException("unknown mode " + mode);
             }
@@ -72,8 +75,9 @@ public final class Interop {
         }
     }
 
-    private static void produce(PulsarClient client, String topic, int count) throws Exception {
-        try (Producer<Reading> producer = client.newProducer(Schema.JSON(Reading.class)).topic(topic).create()) {
+    private static void produce(PulsarClient client, Schema<Reading> schema, String topic, int count)
+            throws Exception {
+        try (Producer<Reading> producer = client.newProducer(schema).topic(topic).create()) {
             for (int i = 0; i < count; i++) {
                 Reading r = new Reading();
                 r.sensor = "sensor-" + (i % 3);
