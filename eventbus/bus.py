@@ -128,8 +128,8 @@ class EventBus(Publisher):
         connection = await connect(self.settings)
         self._connection = connection
         self._tracing = Tracing.for_provider(self._tracer_provider)
-        schemas = declared_schemas(self.routers, self.settings.topic)
-        self._producers = Producers(connection.client, self.settings, connection.bridge, self.metrics, schemas)
+        schemas, registry = declared_schemas(self.routers, self.settings.topic), connection.profile.schema_registry
+        self._producers = Producers(connection.client, self.settings, connection.bridge, self.metrics, schemas, registry)
         self._requester = Requester(connection, self.settings, self.publish)
         self._publishing = sending_for(
             self._producers, self.settings, self.routers, self._tracing, self._observer, self._middleware

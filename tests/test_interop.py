@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from eventbus import ConfigError, EventBus, Message, PublishError, Router, Settings
 
-from .conftest import ROOT, eventually, running
+from .conftest import ROOT, eventually, read_stored, running
 from .pulsar_admin import admin
 
 pytestmark = pytest.mark.pulsar
@@ -201,3 +201,18 @@ async def test_a_java_avro_producers_records_reach_typed_handlers_decoded_and_a_
     assert texts == []
     reasons = {m.properties.get("eventbus-error") for m in dead}
     assert len(reasons) == 1 and "an AVRO payload (schema Interop.Reading)" in reasons.pop()
+
+
+async def test_the_bus_refuses_to_publish_json_into_an_avro_topic_and_stores_nothing_there(
+    pulsar: dict, psettings: Settings, topic: str, java: JavaRun
+) -> None:
+    """Before: stored as JSON, and the Java `Schema.AVRO` consumer threw on every one: the topic poisoned."""
+    done = java("produce-avro", psettings.topic(topic), "2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    async with EventBus(psettings) as bus:
+        for payload in (Reading(sensor="s", value=1, seq=9), {"sensor": "s"}, b"raw"):
+            with pytest.raises(ConfigError) as refused:
+                await bus.publish(topic, payload)
+            text = str(refused.value)
+            assert "its registered schema is AVRO" in text and "\n" not in text, text
+    assert sum(len(ids) for ids in read_stored(pulsar["service_url"], pulsar["client_token"], psettings.topic(topic)).values()) == 2

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from ..broker.bridge import LoopBridge
 from ..broker.client import OK, Client, MessageId, Producer, RawMessage, Result, build_message, sibling_id
-from ..errors import BrokerUnavailable, EventBusError, PublishError
+from ..errors import BrokerUnavailable, ConfigError, EventBusError, PublishError
 from ..observing.metrics import Metrics
 from ..schemas import PayloadSchema
 from ..service.returns import REPLY_TOPIC_PREFIX
@@ -372,16 +372,38 @@ async def _create_producer(
     )
 
 
+#: Schema types whose readers read what the bus writes (JSON, or text).
+_WRITABLE = frozenset({"JSON", "STRING"})
+
+
+async def refuse_unwritable(client: Client, topic: str) -> None:
+    """Raise `ConfigError` when the topic's registered schema is one whose readers cannot read the bus's JSON (AVRO,
+    PROTOBUF, ...): stored there, every message would fail its readers. A topic without a schema takes anything."""
+    try:
+        found = await client.schema(topic)
+    except EventBusError as exc:
+        log.debug("cannot read the schema of %s before publishing there (%s)", topic, exc)
+        return
+    if found is not None and found.kind not in _WRITABLE:
+        raise ConfigError(
+            f"cannot publish to {topic}: its registered schema is {found.kind}, whose readers cannot read the JSON "
+            f"(or bytes) the bus writes; publish to a topic of the app's own, or let a {found.kind} producer write this one"
+        )
+
+
 class Producers:
     """The bus's producers: one per topic, created on first use, shared by short and full names."""
 
     def __init__(
         self, client: Client, settings: Settings, bridge: LoopBridge, metrics: Metrics | None = None,
-        schemas: Mapping[str, PayloadSchema] | None = None,
+        schemas: Mapping[str, PayloadSchema] | None = None, registry: bool = False,
     ) -> None:
+        """`schemas`: what each declared topic's producer registers; `registry`: the broker keeps schemas (Apache
+        Pulsar), so a topic whose schema the bus cannot write is refused before anything is stored there."""
         self._client = client
         #: The schema each topic's producer registers, by full topic name (the app's declared payload types).
         self.schemas: Mapping[str, PayloadSchema] = schemas or {}
+        self._registry = registry
         self._metrics = metrics
         self._settings = settings
         self._bridge = bridge
@@ -392,6 +414,12 @@ class Producers:
         self._retained: set[str] = set()
         #: Idle reply producers being closed (`_close_if_idle`), awaited by `close`.
         self._closing: set[asyncio.Task[None]] = set()
+
+    async def _create(self, topic: str) -> TopicProducer:
+        schema = self.schemas.get(topic)
+        if schema is None and self._registry and not topic.rsplit("/", 1)[-1].startswith(REPLY_TOPIC_PREFIX):
+            await refuse_unwritable(self._client, topic)
+        return await create_producer(self._client, topic, self._settings, self._bridge, self._metrics, schema)
 
     @property
     def topics(self) -> list[str]:
@@ -407,9 +435,7 @@ class Producers:
             full = self._settings.topic(topic)
             task = self._tasks.get(full)
             if task is None or _failed(task):
-                task = asyncio.ensure_future(create_producer(
-                    self._client, full, self._settings, self._bridge, self._metrics, self.schemas.get(full)
-                ))
+                task = asyncio.ensure_future(self._create(full))
                 self._tasks[full] = task
                 if full.rsplit("/", 1)[-1].startswith(REPLY_TOPIC_PREFIX):
                     asyncio.get_running_loop().call_later(IDLE_REPLY_SECONDS, self._close_if_idle, full, task, -1)
