@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -216,3 +217,28 @@ async def test_the_bus_refuses_to_publish_json_into_an_avro_topic_and_stores_not
             text = str(refused.value)
             assert "its registered schema is AVRO" in text and "\n" not in text, text
     assert sum(len(ids) for ids in read_stored(pulsar["service_url"], pulsar["client_token"], psettings.topic(topic)).values()) == 2
+
+
+@pytest.mark.parametrize("batcher", ["default", "key-based"])
+async def test_a_batch_of_several_keys_from_another_producer_is_warned_about_once_naming_the_fix(
+    psettings: Settings, topic: str, java: JavaRun, batcher: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Java's default batcher puts several keys in a batch, which key_shared dispatches by its first key."""
+    got: list[str] = []
+    router = Router()
+
+    @router.subscribe(topic, "ordered", initial_position="earliest")
+    async def handle(text: str) -> None:
+        got.append(text)
+
+    done = java("produce-batched", psettings.topic(topic), "200", batcher)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with caplog.at_level(logging.WARNING, "eventbus"):
+        async with EventBus(psettings, routers=[router]) as bus, running(bus):
+            await eventually(lambda: len(got) >= 200)
+    warned = [r.getMessage() for r in caplog.records if "several keys" in r.getMessage()]
+    if batcher == "default":
+        assert len(warned) == 1 and "BatcherBuilder.KEY_BASED" in warned[0] and topic in warned[0], warned
+    else:
+        assert warned == []
+    assert sorted(got, key=int) == [str(i) for i in range(200)]

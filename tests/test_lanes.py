@@ -8,7 +8,7 @@ from itertools import count
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eventbus.consuming.lanes import Lanes, RecentIds
+from eventbus.consuming.lanes import Lanes, MixedKeys, RecentIds
 
 Ident = tuple[int, int]  # (batch, index in the batch)
 
@@ -155,3 +155,26 @@ def test_entry_of_a_serialized_id_names_its_entry_exactly(first: tuple[int, int,
     assert (entry_of(key(first)) == entry_of(key(second))) == same_entry
     sibling = (*first[:3], (first[3] + 1) % 1000)
     assert entry_of(key(first)) == entry_of(key(sibling))
+
+
+batches_of_keys = st.lists(st.lists(st.sampled_from("abc"), min_size=1, max_size=5), max_size=30)
+
+
+@given(batches_of_keys)
+def test_mixed_key_batches_are_noticed_once_each_and_never_invented(batches: list[list[str]]) -> None:
+    """`MixedKeys` fed a stream of batches: a flag only for a batch of several keys, at most once per batch; and
+    every such batch whose first key differs from the message before it is flagged (the cheap check sees it)."""
+    mixed = MixedKeys[tuple[int, int]](lambda ident: ident[0])
+    flagged: list[int] = []
+    before: str | None = None
+    must: set[int] = set()
+    for entry, keys in enumerate(batches):
+        if len(set(keys)) > 1 and keys[0] != before:
+            must.add(entry)
+        for index, key in enumerate(keys):
+            if mixed.seen((entry, index), key):
+                flagged.append(entry)
+            before = key
+    assert len(flagged) == len(set(flagged)) == mixed.count
+    assert all(len(set(batches[entry])) > 1 for entry in flagged)
+    assert must <= set(flagged)

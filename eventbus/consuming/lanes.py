@@ -150,3 +150,32 @@ class Lanes(Generic[M, I]):
     def begun(self, ident: I) -> bool:
         """After `stop`: whether the message's batch was begun (the intake takes the rest of those)."""
         return self._begun is not None and self._batch_of(ident) in self._begun
+
+
+class MixedKeys(Generic[I]):
+    """Notices batches that hold messages of different keys (other producers' default batchers, Java's and Go's).
+
+    A key_shared subscription hands a whole batch to the member its first key belongs to, so the other keys'
+    order across members cannot hold for such a batch. Fed each message in the order received; cheap unless
+    the key changed from the message before (then one `entry_of`).
+    """
+
+    def __init__(self, entry_of: Callable[[I], Hashable]) -> None:
+        self._entry_of = entry_of
+        self._key: object = None
+        self._entry: Hashable = None
+        self._counted: Hashable = None
+        #: Batches seen holding more than one key.
+        self.count = 0
+
+    def seen(self, ident: I, key: object) -> bool:
+        """Whether this message is the first sign of a batch not seen mixed before (then counted)."""
+        if key == self._key:
+            return False
+        entry = self._entry_of(ident)
+        mixed = entry == self._entry and entry != self._counted
+        self._key, self._entry = key, entry
+        if mixed:
+            self._counted = entry
+            self.count += 1
+        return mixed

@@ -25,7 +25,7 @@ from .batches import BatchHandling
 from .payloads import payloads_for
 from .dispatch import Dispatch
 from .intake import Bounds, Intake
-from .lanes import Lanes
+from .lanes import Lanes, MixedKeys
 from .membership import Membership, State
 
 log = logging.getLogger("eventbus")
@@ -59,6 +59,8 @@ class SubscriptionRunner:
         if self._counts is not None:
             self._counts.in_flight = lambda: self.in_flight
         self._lanes: Lanes[RawMessage, IdKey] = Lanes(entry_of, _REMEMBER_ACKED)
+        #: Batches of several keys, noticed on key_shared (where they break order per key).
+        self._mixed = MixedKeys[IdKey](entry_of) if sub.subscription_type == "key_shared" else None
         self._dispatch: Dispatch | None = None
         self._unique = itertools.count()
         self._intake: Intake | None = None
@@ -234,10 +236,18 @@ class SubscriptionRunner:
         assert self._intake is not None
         if self._counts is not None:
             self._counts.received += len(batch)
-        admit, ordered, unique = self._lanes.admit, self.sub.ordered, self._unique
+        admit, ordered, unique, mixed = self._lanes.admit, self.sub.ordered, self._unique, self._mixed
         for message in batch:
             # A key that is not UTF-8 (any producer may send one) is its lane as bytes.
-            verdict = admit(message, id_key(message), key_of(message) if ordered else next(unique))
+            ident, key = id_key(message), key_of(message) if ordered else next(unique)
+            if mixed is not None and mixed.seen(ident, key) and mixed.count == 1:
+                log.warning(
+                    "%s group=%s: a batch holds messages of several keys (a producer batching regardless of keys: "
+                    "Java's and Go's default batchers); key_shared hands it whole to the member of its first key, so "
+                    "order per key does not hold for it: batch by key (Java BatcherBuilder.KEY_BASED, Go "
+                    "KeyBasedBatchBuilder) or not at all", self.topic, self.sub.group,
+                )
+            verdict = admit(message, ident, key)
             if verdict != "queued":
                 self._intake.finish(1, message.length())
                 if verdict == "left_at_stop":

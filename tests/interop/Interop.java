@@ -3,16 +3,19 @@
 //   java -cp <classpath> Interop consume-json <url> <token> <topic> <subscription> <count>
 //   java -cp <classpath> Interop produce-json <url> <token> <topic> <count>
 //   java -cp <classpath> Interop produce-avro <url> <token> <topic> <count>
+//   java -cp <classpath> Interop produce-batched <url> <token> <topic> <count> default|key-based
 //
 // consume-json reads <count> messages with Schema.JSON(Reading.class) from the earliest and prints each as
 // one JSON line after "ROW " (the client logs on stdout too): key, properties, event time, the decoded fields.
 // produce-json sends <count> Readings keyed "sensor-<i % 3>" with a property and an event time, then prints
-// "ROW sent <count>"; produce-avro the same with Schema.AVRO(Reading.class). Any failure: its text on stderr and exit 1.
+// "ROW sent <count>"; produce-avro the same with Schema.AVRO(Reading.class); produce-batched sends <count>
+// byte payloads "<i>" keyed "k<i % 4>" at once (sendAsync, then flush) with the batcher named. Any failure: its text on stderr and exit 1.
 import java.util.Map;
 import java.util.concurrent.TimeUnit;
 
 import com.fasterxml.jackson.databind.ObjectMapper;
 import org.apache.pulsar.client.api.AuthenticationFactory;
+import org.apache.pulsar.client.api.BatcherBuilder;
 import org.apache.pulsar.client.api.Consumer;
 import org.apache.pulsar.client.api.Message;
 import org.apache.pulsar.client.api.Producer;
@@ -36,6 +39,8 @@ public final class Interop {
                 consume(client, args[3], args[4], Integer.parseInt(args[5]));
             } else if (mode.equals("produce-json")) {
                 produce(client, Schema.JSON(Reading.class), args[3], Integer.parseInt(args[4]));
+            } else if (mode.equals("produce-batched")) {
+                produceBatched(client, args[3], Integer.parseInt(args[4]), args[5].equals("key-based"));
             } else if (mode.equals("produce-avro")) {
                 produce(client, Schema.AVRO(Reading.class), args[3], Integer.parseInt(args[4]));
             } else {
@@ -73,6 +78,21 @@ public final class Interop {
                 consumer.acknowledge(message);
             }
         }
+    }
+
+    private static void produceBatched(PulsarClient client, String topic, int count, boolean keyBased)
+            throws Exception {
+        var builder = client.newProducer().topic(topic).batchingMaxPublishDelay(50, TimeUnit.MILLISECONDS);
+        if (keyBased) {
+            builder.batcherBuilder(BatcherBuilder.KEY_BASED);
+        }
+        try (Producer<byte[]> producer = builder.create()) {
+            for (int i = 0; i < count; i++) {
+                producer.newMessage().key("k" + (i % 4)).value(("\"" + i + "\"").getBytes()).sendAsync();
+            }
+            producer.flush();
+        }
+        System.out.println("ROW sent " + count);
     }
 
     private static void produce(PulsarClient client, Schema<Reading> schema, String topic, int count)
