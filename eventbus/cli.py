@@ -261,6 +261,12 @@ async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
     for dead, error in report.failed:
         print(printable(f"failed {dead.message_id}: {error} (left in the dead-letter topic)"), file=sys.stderr)
     already = f"; {report.already} found on the retry topic already (acknowledged)" if report.already else ""
+    if report.foreign:
+        print(
+            f"left {report.foreign} dead letter(s) not written by eventbus on {report.dead_letter_topic} (no "
+            "eventbus-dlq-reason; Java's DeadLetterPolicy writes REAL_TOPIC): replay them with the client that "
+            "wrote them", file=sys.stderr,
+        )
     if report.untrusted:
         print(
             f"warning: {report.untrusted} message(s) on {report.retry_topic} named a dead letter they are not a "

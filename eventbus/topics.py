@@ -25,6 +25,9 @@ DEAD_LETTER_PROPERTIES = {
     "eventbus-original-topic": "the topic the message came from",
     "eventbus-original-message-id": "its id there, ledger:entry:partition:batch",
     "eventbus-subscription": "the group that gave up on it",
+    # Java's DeadLetterPolicy names the same two, so its tools read the bus's dead letters too.
+    "REAL_TOPIC": "the topic the message came from (the name Java's DeadLetterPolicy writes)",
+    "ORIGIN_MESSAGE_ID": "its id there (the name Java's DeadLetterPolicy writes)",
 }
 
 
@@ -55,6 +58,8 @@ def dead_letter_properties(
             "eventbus-original-topic": topic,
             "eventbus-original-message-id": message_id,
             "eventbus-subscription": group,
+            "REAL_TOPIC": topic,
+            "ORIGIN_MESSAGE_ID": message_id,
         }
     )
     return properties

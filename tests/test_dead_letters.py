@@ -373,3 +373,40 @@ async def test_a_dead_letter_and_its_replayed_copy_keep_the_original_event_time(
     finally:
         client.close()
     assert (dead.event_timestamp(), copy.event_timestamp()) == (millis, millis)
+
+
+async def test_a_javas_dead_letter_beside_ours_is_shown_attributed_and_never_replayed_into_our_group(
+    settings: Settings, subprocess_env: dict[str, str], topic: str
+) -> None:
+    """Java's DeadLetterPolicy names the same `<topic>-<group>-DLQ` and writes REAL_TOPIC and ORIGIN_MESSAGE_ID.
+
+    Before: `dlq show` listed Java's letter as `? ?: attempts=0 from ?` and `dlq replay` sent it to our retry topic.
+    """
+    async with Harness(settings, [failing(topic)]) as app:
+        await app.publish(topic, {"n": 0}, key="k0")
+        [ours] = await app.wait_dead_lettered(1)
+        url = app.bus.url
+    dead_letters, retries = replay.topics(settings, topic, "billing")
+    client = raw_client(url, settings.jwt())
+    try:
+        java = client.create_producer(dead_letters)
+        java.send(b'{"n":7}', partition_key="k7", properties={"REAL_TOPIC": settings.topic(topic), "ORIGIN_MESSAGE_ID": "9:9:-1"})
+        [stored_ours] = [m for m in read_messages(client, dead_letters) if m.data() == b'{"n":0}']
+    finally:
+        client.close()
+    # Ours speak Java's names too, so its tools read them.
+    assert stored_ours.properties()["REAL_TOPIC"] == settings.topic(topic)
+    assert stored_ours.properties()["ORIGIN_MESSAGE_ID"] == stored_ours.properties()["eventbus-original-message-id"]
+
+    shown = json.loads(cli(subprocess_env, "dlq", "show", topic, "billing", "--json").stdout)
+    java_letter = next(d for d in shown if d["foreign"])
+    assert (java_letter["reason"], java_letter["original_topic"], java_letter["original_message_id"]) == (
+        "not-eventbus", settings.topic(topic), "9:9:-1",
+    )
+    assert [d["message_id"] for d in shown if not d["foreign"]] == [id_text(ours.message_id)]
+    result = cli(subprocess_env, "dlq", "replay", topic, "billing")
+    assert result.returncode == 0 and result.stdout.count("replayed ") == 1, result.stdout + result.stderr
+    assert "left 1 dead letter(s) not written by eventbus" in result.stderr
+    assert [p for p, ids in read_stored(url, settings.jwt(), retries).items() for _ in ids] == [b'{"n":0}']
+    [left] = await replay.show(settings, topic, "billing")
+    assert left.foreign and left.data == b'{"n":7}'

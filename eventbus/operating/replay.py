@@ -59,24 +59,28 @@ class DeadLetter:
     properties: dict[str, str] = field(default_factory=dict)
     #: Sent back by a replay already (`show(..., every=True)` lists those too).
     replayed: bool = False
+    #: Not written by the bus (no `eventbus-dlq-reason`): Java's `DeadLetterPolicy` shares the topic names.
+    foreign: bool = False
 
     @classmethod
     def of(cls, raw: RawMessage) -> DeadLetter:
         written = properties_of(raw) or {}
         attempts = written.get("eventbus-attempts", "")
+        foreign = "eventbus-dlq-reason" not in written
         millis = raw.publish_timestamp()
         return cls(
             message_id=id_text(raw.message_id()),
             publish_time=datetime.fromtimestamp(millis / 1000, tz=timezone.utc) if millis > 0 else None,
             key=key_of(raw) or None,
-            reason=written.get("eventbus-dlq-reason", "?"),
+            reason=written.get("eventbus-dlq-reason", "not-eventbus" if foreign else "?"),
             error_type=written.get("eventbus-error-type", "?"),
             error=written.get("eventbus-error", ""),
             attempts=int(attempts) if attempts.isdigit() else 0,
-            original_topic=written.get("eventbus-original-topic", "?"),
-            original_message_id=written.get("eventbus-original-message-id", "?"),
+            original_topic=written.get("eventbus-original-topic", written.get("REAL_TOPIC", "?")),
+            original_message_id=written.get("eventbus-original-message-id", written.get("ORIGIN_MESSAGE_ID", "?")),
             data=raw.data(),
             properties={k: v for k, v in written.items() if k not in DEAD_LETTER_PROPERTIES},
+            foreign=foreign,
         )
 
     @property
@@ -102,6 +106,7 @@ class DeadLetter:
             "properties": self.properties,
             "preview": self.preview(),
             "replayed": self.replayed,
+            "foreign": self.foreign,
         }
 
 
@@ -289,6 +294,8 @@ class ReplayReport:
     already: int = 0
     #: Messages on the retry topic naming a dead letter they are not a copy of: ignored (`ReplayMarks`).
     untrusted: int = 0
+    #: Dead letters another client wrote (Java's DeadLetterPolicy): left where they are, unacknowledged.
+    foreign: int = 0
 
 
 async def replay(
@@ -347,6 +354,9 @@ async def _replay_each(
     acks: collections.deque[RawMessage] = collections.deque()
     async for raw in waiting:
         dead = DeadLetter.of(raw)
+        if dead.foreign:
+            report.foreign += 1  # whose group and retry rules are another client's: never sent to ours
+            continue
         if resend.stored_already(dead) is not None:
             report.already += 1  # a replay before stored it; its acknowledgement did not reach the broker
             if not dry_run:
