@@ -23,6 +23,7 @@ from .broker.client import id_text
 from .bus import EventBus
 from .errors import ConfigError, EventBusError
 from .observing.logs import printable, setup_logging
+from .registry import declared_schemas
 from .operating import replay
 from .operating.admin import Admin, check_dead_letters, namespace_topics
 from .operating.asyncapi import document
@@ -146,6 +147,15 @@ def _status_and_publish_parsers(commands: Any) -> None:
     status.add_argument("targets", nargs="*", metavar="MODULE[:ATTRIBUTE]")
     status.add_argument("--topic", default=None)
     status.add_argument("--group", default=None)
+    schemas = commands.add_parser(
+        "schemas", help="check the app's declared models against the broker's schema registry (exit 1: incompatible)",
+        epilog=_settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="For each topic the app declares a pydantic model for (Router.publisher, a returns_to handler's "
+        "return annotation): the schema the bus registers, what Apache Pulsar's registry holds, and whether the "
+        "model may follow it under the namespace's compatibility strategy. Exit 1 when one may not: a check for a "
+        "deploy pipeline, before the new version publishes.",
+    )
+    schemas.add_argument("targets", nargs="+", metavar="MODULE[:ATTRIBUTE]")
     publish = commands.add_parser(
         "publish", help="publish one JSON message and print its id", epilog=_settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -281,6 +291,36 @@ async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_RUNTIME if report.failed else 0
 
 
+def _schemas(settings: Settings, args: argparse.Namespace) -> int:
+    routers, _ = resolve(args.targets)
+    declared = declared_schemas(routers, settings.topic)
+    if not declared:
+        print("no topic has a declared pydantic model: nothing is registered", file=sys.stderr)
+        return 0
+    if settings.uses_embedded:
+        for topic, schema in declared.items():
+            print(f"{topic}  {schema.name}  {schema.kind}")
+        print("the embedded broker keeps no schemas: set EVENTBUS_URL to check against Apache Pulsar", file=sys.stderr)
+        return 0
+    api = Admin(settings)
+    try:
+        checks = [api.schema_check(topic, schema) for topic, schema in declared.items()]
+    finally:
+        api.close()
+    width = max(len(c.topic) for c in checks)
+    for c in checks:
+        verdict = "same" if c.same else "compatible" if c.compatible else f"INCOMPATIBLE ({c.strategy})"
+        print(f"{c.topic:<{width}}  {c.model}  registered: {c.registered}  {verdict}")
+    bad = [c for c in checks if not c.compatible]
+    if bad:
+        print(
+            f"{len(bad)} model(s) the registry would refuse under its compatibility strategy: publishing them fails; "
+            "keep the change compatible (new fields optional, with defaults) or change the namespace's strategy",
+            file=sys.stderr,
+        )
+    return EXIT_RUNTIME if bad else 0
+
+
 def _status(settings: Settings, args: argparse.Namespace) -> None:
     if (args.topic is None) != (args.group is None):
         raise _Fail("--topic and --group go together: name both, or the app's modules", EXIT_USAGE)
@@ -411,6 +451,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             _docs(settings, args)
         elif args.command == "status":
             _status(settings, args)
+        elif args.command == "schemas":
+            return _schemas(settings, args)
         elif args.command == "dlq":
             # A wrong topic or group is named before anything is made: a replay would create topics and a subscription.
             check_dead_letters(settings, args.topic, args.group, namespace_topics(settings))

@@ -11,12 +11,13 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import anyio
 import pytest
 from pydantic import BaseModel, ConfigDict
 
 from eventbus import ConfigError, EventBus, Message, PublishError, Router, Settings
 
-from .conftest import ROOT, eventually, read_stored, running
+from .conftest import ROOT, admin_urls, eventually, read_stored, running
 from .pulsar_admin import admin
 
 pytestmark = pytest.mark.pulsar
@@ -242,3 +243,28 @@ async def test_a_batch_of_several_keys_from_another_producer_is_warned_about_onc
     else:
         assert warned == []
     assert sorted(got, key=int) == [str(i) for i in range(200)]
+
+
+def test_eventbus_schemas_tells_a_deploy_pipeline_whether_the_models_may_follow_the_registry(
+    pulsar: dict, base_env: dict[str, str], topic: str, tmp_path: Path
+) -> None:
+    """The registry holds `Reading` (the bus published it): the same model passes, a required field more fails."""
+    settings = Settings(_env_file=None, url=pulsar["service_url"], token=pulsar["client_token"])
+    anyio.run(_publish_readings, settings, topic, 1)
+    env = {**base_env, "EVENTBUS_URL": pulsar["service_url"], "EVENTBUS_TOKEN": pulsar["client_token"],
+           "EVENTBUS_ADMIN_URL": admin_urls(pulsar), "EVENTBUS_ADMIN_TOKEN": pulsar["admin_token"],
+           "PYTHONPATH": f"{tmp_path}:{ROOT}"}
+    for name, model in (("same_app", "Reading"), ("changed_app", "ReadingWithUnit")):
+        (tmp_path / f"{name}.py").write_text(
+            f"from eventbus import Router\nfrom tests.test_interop import {model}\n"
+            f"router = Router()\nrouter.publisher({topic!r}, {model})\n"
+        )
+    same = subprocess.run([sys.executable, "-m", "eventbus", "schemas", "same_app:router"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert f"{settings.topic(topic)}  Reading  registered: JSON v0  same" in same.stdout
+    changed = subprocess.run([sys.executable, "-m", "eventbus", "schemas", "changed_app:router"], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert changed.returncode == 1, changed.stdout + changed.stderr
+    assert "registered: JSON v0  INCOMPATIBLE (FULL)" in changed.stdout
+    assert "1 model(s) the registry would refuse" in changed.stderr

@@ -9,9 +9,11 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+import orjson
 
 from ..broker.embedded import stored_topics
 from ..errors import ConfigError, EventBusError
+from ..schemas import PayloadSchema
 from ..settings import Settings, broker_addresses, redacted
 from ..topics import REPLAY_SUBSCRIPTION, dead_letter_topic
 
@@ -33,6 +35,26 @@ def _reason(response: httpx.Response) -> str | None:
         return None
     reason = body.get("reason") if isinstance(body, dict) else None
     return str(reason) if reason is not None else None
+
+
+@dataclass(frozen=True)
+class SchemaCheck:
+    """A declared model against the broker's registry: what is registered, and whether the model may follow it."""
+
+    topic: str
+    model: str
+    registered: str
+    same: bool
+    compatible: bool
+    strategy: str
+
+
+def _same(held: object, definition: str) -> bool:
+    """Whether a registered definition is this one (compared as JSON: the broker reformats it)."""
+    try:
+        return isinstance(held, str) and orjson.loads(held) == orjson.loads(definition)
+    except orjson.JSONDecodeError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -96,9 +118,12 @@ class Admin:
     def close(self) -> None:
         self._http.close()
 
-    def get(self, path: str, missing: str) -> Any:
-        """GET a JSON document; `missing` is the error for Pulsar's 404 (its reason is added)."""
-        response = self._follow(path)
+    def get(self, path: str, missing: str, body: Any = None) -> Any:
+        """GET a JSON document (POST `body`, when given); `missing` is the error for Pulsar's 404 (its reason added)."""
+        return self._document(self._follow(path, body), path, missing)
+
+    def _document(self, response: httpx.Response, path: str, missing: str) -> Any:
+        """The answer's JSON, or one error naming the fix."""
         if response.status_code in (401, 403):
             raise ConfigError(
                 f"the admin API at {redacted(self.base)} refused the request (HTTP {response.status_code}): set "
@@ -122,8 +147,8 @@ class Admin:
                 f"({response.text[:80]!r}): is EVENTBUS_ADMIN_URL Apache Pulsar's admin API?"
             ) from None
 
-    def _follow(self, path: str) -> httpx.Response:
-        """GET `path`, following redirects with the token kept, to the configured admin hosts only.
+    def _follow(self, path: str, body: Any = None) -> httpx.Response:
+        """GET `path` (POST `body`), following redirects with the token kept, to the configured admin hosts only.
 
         A broker that does not own a topic answers its stats with a redirect (HTTP 307) to the one that
         does, often on another host or port, where httpx's own following drops the Authorization header.
@@ -132,7 +157,7 @@ class Admin:
         """
         url = path
         for _ in range(_REDIRECTS_MAX):
-            response = self._get(url)
+            response = self._get(url, body)
             location = response.headers.get("location")
             if not response.is_redirect or not location:
                 return response
@@ -143,12 +168,14 @@ class Admin:
             url = str(target)
         raise EventBusError(f"the admin API redirected {path} more than {_REDIRECTS_MAX} times: last to {url}")
 
-    def _get(self, url: str) -> httpx.Response:
-        """GET from the first of the admin URLs that answers (a redirect's absolute URL as it is)."""
+    def _get(self, url: str, body: Any = None) -> httpx.Response:
+        """GET (POST `body`) from the first of the admin URLs that answers (a redirect's absolute URL as it is)."""
         bases = [""] if "://" in url else self.bases
         problems = []
         for base in bases:
             try:
+                if body is not None:
+                    return self._http.post(base + url, json=body)
                 return self._http.get(base + url)
             except httpx.HTTPError as exc:
                 problems.append(f"at {redacted(base or url)} ({redacted(f'{type(exc).__name__}: {exc}')})")
@@ -197,6 +224,27 @@ class Admin:
         closest = difflib.get_close_matches(topic, names, n=5, cutoff=0) or names[:5]
         more = f" and {len(names) - len(closest)} more" if len(names) > len(closest) else ""
         return f"{namespace} has {', '.join(closest)}{more}"
+
+    def schema_check(self, topic: str, schema: PayloadSchema) -> SchemaCheck:
+        """What the registry holds for `topic`, and whether it would take `schema` (its compatibility check)."""
+        path = "/admin/v2/schemas/" + quote(topic.split("://", 1)[-1], safe="/")
+        try:
+            held = self.get(f"{path}/schema", f"no schema on {topic}")
+        except ConfigError as exc:
+            if "no schema on" not in str(exc):
+                raise
+            held = None
+        registered = f"{held.get('type', '?')} v{held.get('version', '?')}" if held else "none"
+        same = bool(held) and held.get("type") == schema.kind and _same(held.get("data"), schema.definition)
+        body = {"type": schema.kind, "schema": schema.definition, "properties": {}}
+        refused = self._follow(f"{path}/compatibility", body)
+        reason = _reason(refused) or ""
+        if refused.status_code >= 400 and "compatibility check" in reason:  # Pulsar 4.0 answers a refusal with HTTP 500
+            strategy = re.search(r"strategy (\w+)", reason)
+            return SchemaCheck(topic, schema.name, registered, same, False, strategy.group(1) if strategy else "?")
+        answer = self._document(refused, f"{path}/compatibility", f"cannot check a schema for {topic}")
+        compatible = bool(answer.get("compatibility", answer.get("isCompatibility", False)))
+        return SchemaCheck(topic, schema.name, registered, same, compatible, str(answer.get("schemaCompatibilityStrategy", "?")))
 
     def status(self, topic: str, group: str) -> SubscriptionStatus:
         stats = self.topic_stats(topic)
