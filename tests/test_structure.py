@@ -172,7 +172,7 @@ def test_the_public_names_stay() -> None:
         "call_handler", "find_subscription",
     ]
     usage = _run(sys.executable, "-m", "eventbus", "--help").stdout
-    assert "{run,docs,dlq,status,publish}" in usage, usage
+    assert "{run,docs,dlq,status,schemas,publish}" in usage, usage
     script = entry_points(group="console_scripts", name="eventbus")
     plugin = entry_points(group="pytest11", name="eventbus")
     assert [e.value for e in script] == ["eventbus.cli:entry"] and callable(next(iter(script)).load())
