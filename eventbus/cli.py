@@ -135,11 +135,18 @@ def _dlq_parser(commands: Any) -> None:
     replay_command.add_argument("--dry-run", action="store_true", help="say what would be replayed; send and acknowledge nothing")
 
 
+def _command(commands: Any, name: str, summary: str, description: str) -> Any:
+    """A command that reads the settings (listed after its help)."""
+    return commands.add_parser(
+        name, help=summary, description=description, epilog=_settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def _status_and_publish_parsers(commands: Any) -> None:
-    status = commands.add_parser(
-        "status", help="each subscription's backlog, unacknowledged messages, consumers and dead letters",
-        epilog=_settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="For each subscription of the app (or the --topic and --group given), what Apache Pulsar's "
+    status = _command(
+        commands, "status", "each subscription's backlog, unacknowledged messages, consumers and dead letters",
+        "For each subscription of the app (or the --topic and --group given), what Apache Pulsar's "
         "admin API (EVENTBUS_ADMIN_URL, EVENTBUS_ADMIN_TOKEN) says: backlog, unacknowledged messages, connected "
         "consumers, rates, and the dead-letter topic. The embedded broker has no admin API: it shows the dead "
         "letters and says what it cannot show.",
@@ -147,10 +154,9 @@ def _status_and_publish_parsers(commands: Any) -> None:
     status.add_argument("targets", nargs="*", metavar="MODULE[:ATTRIBUTE]")
     status.add_argument("--topic", default=None)
     status.add_argument("--group", default=None)
-    schemas = commands.add_parser(
-        "schemas", help="check the app's declared models against the broker's schema registry (exit 1: incompatible)",
-        epilog=_settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="For each topic the app declares a pydantic model for (Router.publisher, a returns_to handler's "
+    schemas = _command(
+        commands, "schemas", "check the app's declared models against the broker's schema registry (exit 1: incompatible)",
+        "For each topic the app declares a pydantic model for (Router.publisher, a returns_to handler's "
         "return annotation): the schema the bus registers, what Apache Pulsar's registry holds, and whether the "
         "model may follow it under the namespace's compatibility strategy. Exit 1 when one may not: a check for a "
         "deploy pipeline, before the new version publishes.",

@@ -372,6 +372,8 @@ async def _create_producer(
     )
 
 
+#: How long a new producer waits for its topic's schema before it goes ahead without checking it.
+_SCHEMA_CHECK_SECONDS = 5.0
 #: Schema types whose readers read what the bus writes (JSON, or text).
 _WRITABLE = frozenset({"JSON", "STRING"})
 
@@ -380,9 +382,11 @@ async def refuse_unwritable(client: Client, topic: str) -> None:
     """Raise `ConfigError` when the topic's registered schema is one whose readers cannot read the bus's JSON (AVRO,
     PROTOBUF, ...): stored there, every message would fail its readers. A topic without a schema takes anything."""
     try:
-        found = await client.schema(topic)
-    except EventBusError as exc:
-        log.debug("cannot read the schema of %s before publishing there (%s)", topic, exc)
+        # Bounded: during a failover the lookup waits for a new owner (the client's 30 s operation timeout), and
+        # the producer's own creation has the publish deadline to ride that out; this check must not eat it.
+        found = await asyncio.wait_for(client.schema(topic), _SCHEMA_CHECK_SECONDS)
+    except (EventBusError, TimeoutError) as exc:
+        log.debug("cannot read the schema of %s before publishing there (%s)", topic, exc or "no answer")
         return
     if found is not None and found.kind not in _WRITABLE:
         raise ConfigError(
