@@ -98,12 +98,15 @@ def _validator(annotation: Any) -> Decoder:
         try:
             return validate(data)
         except ValidationError as exc:
-            errors = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors()[:5]
-            )
-            raise DecodeError(f"payload does not validate as {_name(annotation)}: {errors}") from None
+            raise _invalid(annotation, exc) from None
 
     return decode
+
+
+def _invalid(annotation: Any, exc: ValidationError) -> DecodeError:
+    """The `DecodeError` naming the type and the first five of pydantic's complaints."""
+    errors = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors()[:5])
+    return DecodeError(f"payload does not validate as {_name(annotation)}: {errors}")
 
 
 def value_validator(annotation: Any) -> Callable[[Any], Any]:
@@ -116,8 +119,7 @@ def value_validator(annotation: Any) -> Callable[[Any], Any]:
         try:
             return validate(value)
         except ValidationError as exc:
-            errors = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors()[:5])
-            raise DecodeError(f"payload does not validate as {_name(annotation)}: {errors}") from None
+            raise _invalid(annotation, exc) from None
 
     return convert
 
