@@ -17,7 +17,7 @@ from eventbus.operating import replay
 from eventbus.broker.client import id_text
 from eventbus.broker.embedded import SubscriptionLease
 from eventbus.testing import Harness
-from eventbus.topics import REPLAYED_FROM
+from eventbus.topics import REPLAY_SUBSCRIPTION, REPLAYED_FROM
 
 from .conftest import admin_urls, raw_client, read_messages, read_stored
 from .pulsar_admin import admin
@@ -410,3 +410,30 @@ async def test_a_javas_dead_letter_beside_ours_is_shown_attributed_and_never_rep
     assert [p for p, ids in read_stored(url, settings.jwt(), retries).items() for _ in ids] == [b'{"n":0}']
     [left] = await replay.show(settings, topic, "billing")
     assert left.foreign and left.data == b'{"n":7}'
+
+
+async def test_a_dead_letter_topic_only_java_wrote_is_read_never_subscribed_and_never_replayed(
+    settings: Settings, subprocess_env: dict[str, str], topic: str, request: pytest.FixtureRequest
+) -> None:
+    """Before: `dlq show` on Java's own `<topic>-<group>-DLQ` created the durable `eventbus-replay` subscription,
+    which acknowledges nothing of another client's and so would keep its letters for good."""
+    dead_letters, _ = replay.topics(settings, topic, "billing")
+    async with EventBus(settings, routers=[]) as bus:
+        url = bus.url
+    client = raw_client(url, settings.jwt())
+    try:
+        java = client.create_producer(dead_letters)
+        for n in (1, 2):
+            java.send(f'{{"n":{n}}}'.encode(), properties={"REAL_TOPIC": settings.topic(topic), "ORIGIN_MESSAGE_ID": f"9:{n}:-1"})
+    finally:
+        client.close()
+    shown = json.loads(cli(subprocess_env, "dlq", "show", topic, "billing", "--json").stdout)
+    assert [(d["foreign"], d["original_message_id"]) for d in shown] == [(True, "9:1:-1"), (True, "9:2:-1")]
+    result = cli(subprocess_env, "dlq", "replay", topic, "billing")
+    assert result.returncode == 0 and "replayed " not in result.stdout, result.stdout + result.stderr
+    assert "left 2 dead letter(s) not written by eventbus" in result.stderr
+    if settings.url:
+        path = "/admin/v2/" + dead_letters.replace("://", "/") + "/stats"
+        stats: Any = admin(request.getfixturevalue("pulsar"), "GET", path)
+        assert REPLAY_SUBSCRIPTION not in stats["subscriptions"], stats["subscriptions"]
+    assert [d.data for d in await replay.show(settings, topic, "billing")] == [b'{"n":1}', b'{"n":2}']

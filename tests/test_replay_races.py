@@ -26,8 +26,9 @@ from .conftest import raw_client, read_stored
 
 pytestmark = pytest.mark.slow
 
-#: The two replays overlapped (one refused) in 8 of 8 rounds on both brokers (2026-12-05): 6 run the race for sure.
-ROUNDS = int(os.environ.get("EB_REPLAY_ROUNDS", "6"))
+#: The two replays overlapped (one refused) in 8 of 8 rounds on both brokers (2026-12-05), so 3 rounds run the race
+#: (a round that misses it would still check the read-back); 6 cost CI 100 s more for no failure found in any run.
+ROUNDS = int(os.environ.get("EB_REPLAY_ROUNDS", "3"))
 DEAD_LETTERS = int(os.environ.get("EB_REPLAY_DEAD_LETTERS", "100"))
 GROUP = "billing"
 

@@ -146,6 +146,9 @@ async def show_many(
 async def _listed(
     connection: Connection, dead_letters: str, retries: str, limit: int | None, every: bool
 ) -> list[DeadLetter]:
+    stored = await _stored(connection, dead_letters)
+    if not any(not d.foreign for d in stored):
+        return stored[:limit]  # none of ours (empty, or Java's alone): never a subscription of ours on it
     marks = await _replayed(connection, dead_letters, retries)
     async with _replay_subscription(connection, dead_letters) as consumer:
         # A replay's acknowledgement of part of a batch may not reach the broker (the client acknowledges
@@ -155,8 +158,17 @@ async def _listed(
         log.warning(marks.warning())
     if not every:
         return list(waiting.values())[:limit]
-    stored = await connection.client.read(dead_letters, limit, by_subscription=connection.profile.reads_by_subscription)
-    return [dataclasses.replace(d, replayed=d.message_id not in waiting) for d in map(DeadLetter.of, stored)]
+    return [dataclasses.replace(d, replayed=d.message_id not in waiting) for d in stored[:limit]]
+
+
+async def _stored(connection: Connection, dead_letters: str) -> list[DeadLetter]:
+    """Every letter `dead_letters` holds, read without a subscription.
+
+    A topic the bus never wrote to (Java's `DeadLetterPolicy` shares the name) is only ever read so: a
+    durable replay subscription there would acknowledge nothing and keep the other client's letters for good.
+    """
+    reads_by_subscription = connection.profile.reads_by_subscription
+    return [DeadLetter.of(raw) for raw in await connection.client.read(dead_letters, None, by_subscription=reads_by_subscription)]
 
 
 async def _dead_letters(raws: AsyncIterator[RawMessage]) -> AsyncIterator[DeadLetter]:
@@ -321,6 +333,10 @@ async def replay(
     settings = settings.model_copy(update={"producer_name": f"eventbus-replay-{group}"})
     connection = await connect(settings)
     try:
+        stored = await _stored(connection, dead_letters)
+        if not any(not d.foreign for d in stored):
+            report.foreign = len(stored)  # none of ours: left where they are, and no subscription of ours there
+            return report
         async with _replay_subscription(connection, dead_letters) as consumer:
             producers = Producers(connection.client, settings, connection.bridge)
             try:
