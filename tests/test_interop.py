@@ -13,6 +13,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from prometheus_client import generate_latest
 from pydantic import BaseModel, ConfigDict
 
 from eventbus import ConfigError, EventBus, Message, PublishError, Router, Settings
@@ -235,13 +236,17 @@ async def test_a_batch_of_several_keys_from_another_producer_is_warned_about_onc
     done = java("produce-batched", psettings.topic(topic), "200", batcher)
     assert done.returncode == 0, done.stderr[-2000:]
     with caplog.at_level(logging.WARNING, "eventbus"):
-        async with EventBus(psettings, routers=[router]) as bus, running(bus):
+        async with EventBus(psettings.model_copy(update={"metrics": True}), routers=[router]) as bus, running(bus):
             await eventually(lambda: len(got) >= 200)
+            assert bus.metrics is not None
+            mixed = bus.metrics.subscription(psettings.topic(topic), "ordered").mixed_key_batches
+            scraped = generate_latest(bus.metrics.registry).decode()
     warned = [r.getMessage() for r in caplog.records if "several keys" in r.getMessage()]
     if batcher == "default":
         assert len(warned) == 1 and "BatcherBuilder.KEY_BASED" in warned[0] and topic in warned[0], warned
+        assert mixed >= 1 and f'eventbus_mixed_key_batches_total{{group="ordered",topic="{psettings.topic(topic)}"}} {mixed}.0' in scraped
     else:
-        assert warned == []
+        assert warned == [] and mixed == 0
     assert sorted(got, key=int) == [str(i) for i in range(200)]
 
 

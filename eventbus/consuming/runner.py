@@ -225,6 +225,17 @@ class SubscriptionRunner:
         if self._counts is not None:
             self._counts.not_handled[reason] += count
 
+    def _mixed_batch(self, seen: int) -> None:
+        if self._counts is not None:
+            self._counts.mixed_key_batches += 1
+        if seen == 1:
+            log.warning(
+                "%s group=%s: a batch holds messages of several keys (a producer batching regardless of keys: "
+                "Java's and Go's default batchers); key_shared hands it whole to the member of its first key, so "
+                "order per key does not hold for it: batch by key (Java BatcherBuilder.KEY_BASED, Go "
+                "KeyBasedBatchBuilder) or not at all (counted in eventbus_mixed_key_batches)", self.topic, self.sub.group,
+            )
+
     def _deliver(self, batch: list[RawMessage]) -> None:
         """A batch from the intake: into the lanes, and a worker woken per lane made ready."""
         try:
@@ -240,13 +251,8 @@ class SubscriptionRunner:
         for message in batch:
             # A key that is not UTF-8 (any producer may send one) is its lane as bytes.
             ident, key = id_key(message), key_of(message) if ordered else next(unique)
-            if mixed is not None and mixed.seen(ident, key) and mixed.count == 1:
-                log.warning(
-                    "%s group=%s: a batch holds messages of several keys (a producer batching regardless of keys: "
-                    "Java's and Go's default batchers); key_shared hands it whole to the member of its first key, so "
-                    "order per key does not hold for it: batch by key (Java BatcherBuilder.KEY_BASED, Go "
-                    "KeyBasedBatchBuilder) or not at all", self.topic, self.sub.group,
-                )
+            if mixed is not None and mixed.seen(ident, key):
+                self._mixed_batch(mixed.count)
             verdict = admit(message, ident, key)
             if verdict != "queued":
                 self._intake.finish(1, message.length())

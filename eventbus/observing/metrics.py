@@ -52,6 +52,8 @@ class SubscriptionCounts:
         self.handler = Durations()
         self.dead_letters = {"ok": 0, "error": 0}
         self.subscribes = 0
+        #: Batches of several keys received on key_shared (another client's batcher): order per key not kept.
+        self.mixed_key_batches = 0
         self.in_flight: Callable[[], int] = lambda: 0
 
 
@@ -107,6 +109,12 @@ class Metrics:
             "acknowledged), left_at_stop (unacknowledged, for the broker to send again).",
             labels=[*sub, "reason"],
         )
+        mixed = CounterMetricFamily(
+            "eventbus_mixed_key_batches",
+            "Batches holding several keys received on a key_shared subscription (a producer batching regardless of "
+            "keys): the broker hands each whole to one member, so order per key does not hold for them.",
+            labels=sub,
+        )
         for (topic, group), counts in list(self.subscriptions.items()):
             labels = [topic, group]
             received.add_metric(labels, counts.received)
@@ -119,6 +127,7 @@ class Metrics:
             subscribes.add_metric(labels, counts.subscribes)
             for reason, value in counts.not_handled.items():
                 not_handled.add_metric([*labels, reason], value)
+            mixed.add_metric(labels, counts.mixed_key_batches)
         published = CounterMetricFamily("eventbus_messages_published", "Messages the broker confirmed.", labels=["topic"])
         errors = CounterMetricFamily(
             "eventbus_publish_errors", "Messages the broker did not confirm, by result.", labels=["topic", "result"]
@@ -134,5 +143,6 @@ class Metrics:
                 errors.add_metric([topic, result], value)
             publish_seconds.add_metric([topic], counts_.durations.cumulative(), counts_.durations.total)
         yield from (
-            received, handled, seconds, in_flight, dead, subscribes, not_handled, published, errors, publish_seconds
+            received, handled, seconds, in_flight, dead, subscribes, not_handled, mixed, published, errors,
+            publish_seconds,
         )
