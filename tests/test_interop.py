@@ -1,14 +1,19 @@
-"""A Java service on the bus's topics: tests/interop/Interop.java on the official Java client, with Pulsar's schemas."""
+"""Java and Go services on the bus's topics: tests/interop/ on the official clients, with Pulsar's schemas.
+
+Java runs in every Pulsar run; Go (tests/interop/go, pulsar-client-go 0.19.0 from the Go module proxy: a
+first build takes about 2 minutes) runs the same scenarios with EB_INTEROP_GO=1.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -23,7 +28,21 @@ from .pulsar_admin import admin
 
 pytestmark = pytest.mark.pulsar
 
-JavaRun = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A program of another language's service: `peer(mode, *args)` runs one of its modes (the same in both)."""
+
+    name: str
+    command: list[str]
+    pulsar: dict
+
+    def __call__(self, mode: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*self.command, mode, self.pulsar["service_url"], self.pulsar["client_token"], *args],
+            capture_output=True, text=True, timeout=120,
+        )
 
 
 class Reading(BaseModel):
@@ -36,8 +55,8 @@ class Reading(BaseModel):
 
 
 @pytest.fixture(scope="session")
-def java(pulsar: dict, tmp_path_factory: pytest.TempPathFactory) -> JavaRun:
-    """Interop.java compiled against the Java client scripts/pulsar-standalone resolved; runs one of its modes."""
+def java(pulsar: dict, tmp_path_factory: pytest.TempPathFactory) -> Peer:
+    """Interop.java compiled against the Java client scripts/pulsar-standalone resolved."""
     sys.path.insert(0, str(ROOT / "scripts"))
     from pulsarkit import java_for  # type: ignore[import-not-found]
 
@@ -50,19 +69,30 @@ def java(pulsar: dict, tmp_path_factory: pytest.TempPathFactory) -> JavaRun:
         [str(javac), "-d", str(classes), "-cp", pulsar["classpath"], str(ROOT / "tests" / "interop" / "Interop.java")],
         check=True, capture_output=True, text=True, timeout=180,
     )
-    classpath = f"{classes}:{pulsar['classpath']}"
+    return Peer("java", [str(java_bin), "-cp", f"{classes}:{pulsar['classpath']}", "Interop"], pulsar)
 
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(java_bin), "-cp", classpath, "Interop", args[0], pulsar["service_url"], pulsar["client_token"], *args[1:]],
-            capture_output=True, text=True, timeout=120,
-        )
 
-    return run
+@pytest.fixture(scope="session")
+def go(pulsar: dict, tmp_path_factory: pytest.TempPathFactory) -> Peer:
+    """tests/interop/go built with the machine's Go (EB_INTEROP_GO=1: CI's 30 minutes leave no room for its build)."""
+    if os.environ.get("EB_INTEROP_GO") != "1":
+        pytest.skip("the Go peer runs with EB_INTEROP_GO=1 (README: Sharing topics with Java and Go services)")
+    binary = tmp_path_factory.mktemp("interop-go") / "interop"
+    subprocess.run(
+        ["go", "build", "-o", str(binary), "."], cwd=ROOT / "tests" / "interop" / "go",
+        check=True, capture_output=True, text=True, timeout=900,
+    )
+    return Peer("go", [str(binary)], pulsar)
+
+
+@pytest.fixture(params=["java", "go"])
+def peer(request: pytest.FixtureRequest) -> Peer:
+    """Each test once with the Java service, once with the Go one."""
+    return request.getfixturevalue(request.param)
 
 
 def rows(done: subprocess.CompletedProcess[str]) -> list[dict]:
-    """What Interop.java printed (its "ROW " lines: the Java client logs on stdout too)."""
+    """What the peer printed (its "ROW " lines: the Java client logs on stdout too)."""
     return [json.loads(line[4:]) for line in done.stdout.splitlines() if line.startswith("ROW {")]
 
 
@@ -83,11 +113,11 @@ async def _publish_readings(settings: Settings, topic: str, count: int) -> list[
 
 
 async def test_a_java_consumer_with_a_json_schema_reads_a_topic_the_bus_created(
-    psettings: Settings, topic: str, java: JavaRun
+    psettings: Settings, topic: str, peer: Peer
 ) -> None:
     """Before: `IncompatibleSchemaException: Failed to add schema to an active topic with empty(BYTES) schema`."""
     sent = await _publish_readings(psettings, topic, 5)
-    done = java("consume-json", psettings.topic(topic), "java-service", "5")
+    done = peer("consume-json", psettings.topic(topic), f"{peer.name}-service", "5")
     assert done.returncode == 0, done.stderr[-2000:]
     got = rows(done)
     assert [(g["key"], g["properties"], g["event_time"], g["sensor"], g["value"], g["seq"], g["note"]) for g in got] == [
@@ -98,7 +128,7 @@ async def test_a_java_consumer_with_a_json_schema_reads_a_topic_the_bus_created(
 
 
 async def test_a_schema_enforcing_namespace_takes_declared_payloads_and_refuses_untyped_ones_by_name(
-    pulsar: dict, java: JavaRun
+    pulsar: dict, peer: Peer
 ) -> None:
     """`schemaValidationEnforced`: a declared model's publishes are stored (and read by Java); a dict to that topic,
     which now has a schema, is refused naming it (a topic without one takes anything, enforced or not)."""
@@ -108,7 +138,7 @@ async def test_a_schema_enforcing_namespace_takes_declared_payloads_and_refuses_
     admin(pulsar, "POST", f"/admin/v2/namespaces/public/{namespace}/schemaValidationEnforced", True)
     settings = Settings(_env_file=None, url=pulsar["service_url"], token=pulsar["client_token"], namespace=namespace)
     await _publish_readings(settings, "readings", 3)
-    done = java("consume-json", settings.topic("readings"), "java-service", "3")
+    done = peer("consume-json", settings.topic("readings"), f"{peer.name}-service", "3")
     assert done.returncode == 0, done.stderr[-2000:]
     assert [row["seq"] for row in rows(done)] == [0, 1, 2]
     async with EventBus(settings) as bus:
@@ -144,7 +174,7 @@ async def test_an_incompatible_model_change_is_refused_with_the_brokers_reason_i
 
 
 async def test_a_java_producers_json_with_its_nulls_left_out_reaches_a_typed_handler_whole(
-    psettings: Settings, topic: str, java: JavaRun
+    psettings: Settings, topic: str, peer: Peer
 ) -> None:
     """Java's `Schema.JSON` leaves null fields out: a model whose optional fields default to None takes them all."""
     got: list[tuple[Reading, str | None, dict[str, str], int]] = []
@@ -155,19 +185,19 @@ async def test_a_java_producers_json_with_its_nulls_left_out_reaches_a_typed_han
         assert msg.event_time is not None
         got.append((reading, msg.key, msg.properties, int(msg.event_time.timestamp() * 1000)))
 
-    done = java("produce-json", psettings.topic(topic), "6")
+    done = peer("produce-json", psettings.topic(topic), "6")
     assert done.returncode == 0 and "ROW sent 6" in done.stdout, done.stderr[-2000:]
     async with EventBus(psettings, routers=[router]) as bus, running(bus):
         await eventually(lambda: len(got) >= 6)
     assert sorted(got, key=lambda g: g[0].seq) == [
         (Reading(sensor=f"sensor-{i % 3}", value=i * 1.5, seq=i, note=None if i % 2 == 0 else "odd"), f"sensor-{i % 3}",
-         {"origin": "java"}, 1_700_000_000_000 + i)
+         {"origin": peer.name}, 1_700_000_000_000 + i)
         for i in range(6)
     ]
 
 
 async def test_a_java_avro_producers_records_reach_typed_handlers_decoded_and_a_str_handler_refuses_them(
-    psettings: Settings, topic: str, java: JavaRun
+    psettings: Settings, topic: str, peer: Peer
 ) -> None:
     """Before: 6 of 6 dead-lettered `undecodable: ... Invalid JSON` for the model; the `str` handler "handled" binary."""
     typed: list[Reading] = []
@@ -187,7 +217,7 @@ async def test_a_java_avro_producers_records_reach_typed_handlers_decoded_and_a_
     async def read_text(text: str) -> None:
         texts.append(text)
 
-    done = java("produce-avro", psettings.topic(topic), "6")
+    done = peer("produce-avro", psettings.topic(topic), "6")
     assert done.returncode == 0 and "ROW sent 6" in done.stdout, done.stderr[-2000:]
     dead: list[Message] = []
     check = Router()
@@ -207,10 +237,10 @@ async def test_a_java_avro_producers_records_reach_typed_handlers_decoded_and_a_
 
 
 async def test_the_bus_refuses_to_publish_json_into_an_avro_topic_and_stores_nothing_there(
-    pulsar: dict, psettings: Settings, topic: str, java: JavaRun
+    pulsar: dict, psettings: Settings, topic: str, peer: Peer
 ) -> None:
     """Before: stored as JSON, and the Java `Schema.AVRO` consumer threw on every one: the topic poisoned."""
-    done = java("produce-avro", psettings.topic(topic), "2")
+    done = peer("produce-avro", psettings.topic(topic), "2")
     assert done.returncode == 0, done.stderr[-2000:]
     async with EventBus(psettings) as bus:
         for payload in (Reading(sensor="s", value=1, seq=9), {"sensor": "s"}, b"raw"):
@@ -223,7 +253,7 @@ async def test_the_bus_refuses_to_publish_json_into_an_avro_topic_and_stores_not
 
 @pytest.mark.parametrize("batcher", ["default", "key-based"])
 async def test_a_batch_of_several_keys_from_another_producer_is_warned_about_once_naming_the_fix(
-    psettings: Settings, topic: str, java: JavaRun, batcher: str, caplog: pytest.LogCaptureFixture
+    psettings: Settings, topic: str, peer: Peer, batcher: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Java's default batcher puts several keys in a batch, which key_shared dispatches by its first key."""
     got: list[str] = []
@@ -233,7 +263,7 @@ async def test_a_batch_of_several_keys_from_another_producer_is_warned_about_onc
     async def handle(text: str) -> None:
         got.append(text)
 
-    done = java("produce-batched", psettings.topic(topic), "200", batcher)
+    done = peer("produce-batched", psettings.topic(topic), "200", batcher)
     assert done.returncode == 0, done.stderr[-2000:]
     with caplog.at_level(logging.WARNING, "eventbus"):
         async with EventBus(psettings.model_copy(update={"metrics": True}), routers=[router]) as bus, running(bus):
@@ -273,3 +303,29 @@ def test_eventbus_schemas_tells_a_deploy_pipeline_whether_the_models_may_follow_
     assert changed.returncode == 1, changed.stdout + changed.stderr
     assert "registered: JSON v0  INCOMPATIBLE (FULL)" in changed.stdout
     assert "1 model(s) the registry would refuse" in changed.stderr
+
+
+async def test_a_java_or_go_consumer_reads_the_dead_letters_with_their_key_event_time_and_reason(
+    psettings: Settings, topic: str, peer: Peer
+) -> None:
+    """A dead-letter topic carries no schema: another service reads it as bytes (Java `Schema.BYTES`, Go's default)."""
+    router = Router()
+
+    @router.subscribe(topic, "billing", max_retries=0)
+    async def bill(reading: Reading) -> None:
+        raise ValueError(f"cannot bill {reading.seq}")
+
+    async with EventBus(psettings, routers=[router]) as bus, running(bus):
+        for seq in range(3):
+            await bus.publish(topic, Reading(sensor="s", value=1, seq=seq), key=f"k{seq}", event_time=1_700_000_000_000 + seq)
+        dead_letters = psettings.topic(topic) + "-billing-DLQ"
+        done = await anyio.to_thread.run_sync(lambda: peer("consume-bytes", dead_letters, f"{peer.name}-dlq", "3"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = sorted(rows(done), key=lambda g: g["key"])
+    assert [(g["key"], g["event_time"], json.loads(g["payload"])["seq"]) for g in got] == [
+        (f"k{seq}", 1_700_000_000_000 + seq, seq) for seq in range(3)
+    ]
+    for g in got:
+        assert g["properties"]["eventbus-dlq-reason"] == "handler-failed" and g["properties"]["REAL_TOPIC"] == psettings.topic(topic)
+        assert (g["properties"]["eventbus-error-type"], g["properties"]["eventbus-error"]) == (
+            "ValueError", f"cannot bill {json.loads(g['payload'])['seq']}")

@@ -4,12 +4,14 @@
 //   java -cp <classpath> Interop produce-json <url> <token> <topic> <count>
 //   java -cp <classpath> Interop produce-avro <url> <token> <topic> <count>
 //   java -cp <classpath> Interop produce-batched <url> <token> <topic> <count> default|key-based
+//   java -cp <classpath> Interop consume-bytes <url> <token> <topic> <subscription> <count>
 //
 // consume-json reads <count> messages with Schema.JSON(Reading.class) from the earliest and prints each as
 // one JSON line after "ROW " (the client logs on stdout too): key, properties, event time, the decoded fields.
 // produce-json sends <count> Readings keyed "sensor-<i % 3>" with a property and an event time, then prints
 // "ROW sent <count>"; produce-avro the same with Schema.AVRO(Reading.class); produce-batched sends <count>
-// byte payloads "<i>" keyed "k<i % 4>" at once (sendAsync, then flush) with the batcher named. Any failure: its text on stderr and exit 1.
+// byte payloads "<i>" keyed "k<i % 4>" at once (sendAsync, then flush) with the batcher named; consume-bytes
+// reads as consume-json does with Schema.BYTES (a topic without a schema: a dead-letter topic), the payload as text. Any failure: its text on stderr and exit 1.
 import java.util.Map;
 import java.util.concurrent.TimeUnit;
 
@@ -37,6 +39,8 @@ public final class Interop {
         try (PulsarClient client = client(args[1], args[2])) {
             if (mode.equals("consume-json")) {
                 consume(client, args[3], args[4], Integer.parseInt(args[5]));
+            } else if (mode.equals("consume-bytes")) {
+                consumeBytes(client, args[3], args[4], Integer.parseInt(args[5]));
             } else if (mode.equals("produce-json")) {
                 produce(client, Schema.JSON(Reading.class), args[3], Integer.parseInt(args[4]));
             } else if (mode.equals("produce-batched")) {
@@ -75,6 +79,25 @@ public final class Interop {
                         "key", message.hasKey() ? message.getKey() : "", "properties", message.getProperties(),
                         "event_time", message.getEventTime(), "sensor", String.valueOf(r.sensor), "value", r.value,
                         "seq", r.seq, "note", String.valueOf(r.note))));
+                consumer.acknowledge(message);
+            }
+        }
+    }
+
+    private static void consumeBytes(PulsarClient client, String topic, String subscription, int count)
+            throws Exception {
+        ObjectMapper json = new ObjectMapper();
+        try (Consumer<byte[]> consumer = client.newConsumer(Schema.BYTES).topic(topic)
+                .subscriptionName(subscription).subscriptionInitialPosition(SubscriptionInitialPosition.Earliest)
+                .subscribe()) {
+            for (int i = 0; i < count; i++) {
+                Message<byte[]> message = consumer.receive(30, TimeUnit.SECONDS);
+                if (message == null) {
+                    throw new IllegalStateException("no message " + (i + 1) + " of " + count + " within 30 s");
+                }
+                System.out.println("ROW " + json.writeValueAsString(Map.of(
+                        "key", message.hasKey() ? message.getKey() : "", "properties", message.getProperties(),
+                        "event_time", message.getEventTime(), "payload", new String(message.getValue(), "UTF-8"))));
                 consumer.acknowledge(message);
             }
         }
