@@ -36,6 +36,8 @@ from pydantic import BaseModel
 
 from eventbus import Batch, CallNext, Depends, EventBus, Message, Router, Settings
 
+from .idle import idle_row, print_idle
+
 Row = dict[str, Any]
 AUTH: dict[str, Any] = {}  # authentication for the raw clients, when the broker wants a token
 
@@ -541,6 +543,9 @@ async def amain(args: argparse.Namespace) -> None:
         async with EventBus(settings, routers=[]) as holder:  # keeps one broker up for the run
             url = holder.url
             broker = f"embedded ({holder.server_version})" if settings.uses_embedded else f"{holder.server_version} at {url}"
+            if args.subscriptions:
+                print_idle([await idle_row(url, settings, count) for count in args.subscriptions], broker)
+                return
             runs = [await one_run(args, url, settings) for _ in range(args.runs)]
     rows = medians(runs) if args.runs > 1 else runs[0]
     print_table(rows, broker)
@@ -585,4 +590,8 @@ def main() -> None:
     parser.add_argument("--only-workers", action="store_true", help="only the --workers rows (Apache Pulsar)")
     parser.add_argument("--no-workers", action="store_true", help="without the --workers rows")
     parser.add_argument("--no-service", action="store_true", help="without the service rows (dependency, middleware, batch, request)")
+    parser.add_argument(
+        "--subscriptions", type=int, nargs="+", default=[],
+        help="only the idle rows: a worker holding N subscriptions (start, RSS, threads, idle CPU, 20 each handled)",
+    )
     asyncio.run(amain(parser.parse_args()))

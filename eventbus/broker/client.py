@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import re
 import uuid
@@ -584,8 +585,34 @@ class ConsumerClosed(Exception):
     """The consumer was closed while receiving."""
 
 
+def _arrived(loop: asyncio.AbstractEventLoop, future: asyncio.Future[RawMessage], result: Any, message: RawMessage) -> None:
+    """The client's receive callback, on its thread: never raises (that would end the process)."""
+    try:
+        loop.call_soon_threadsafe(_settle, future, result, message)
+    except BaseException:  # the loop is closed: nobody waits any more
+        pass
+
+
+def _retrieved(future: asyncio.Future[RawMessage]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _settle(future: asyncio.Future[RawMessage], result: Any, message: RawMessage) -> None:
+    if future.done():
+        return  # cancelled: the message is left unacknowledged
+    if result == _pulsar.Result.Ok:
+        future.set_result(message)
+    elif result == _pulsar.Result.AlreadyClosed:
+        future.set_exception(ConsumerClosed())
+    else:
+        failure = broker_error("cannot receive", str(getattr(result, "name", result)), "", None)
+        future.set_exception(failure)
+
+
 class Consumer:
-    """A subscription's consumer. `receive` blocks: call it from a thread of its own."""
+    """A subscription's consumer: `receive` with a timeout blocks (a thread of its own); `receive_later` waits in the
+    client, on its callback."""
 
     def __init__(self, wrapper: pulsar.asyncio.Consumer) -> None:
         self._wrapper: pulsar.asyncio.Consumer | None = wrapper
@@ -613,6 +640,18 @@ class Consumer:
             batch.append(message)
             size += message.length()
         return batch, size
+
+    def receive_later(self) -> asyncio.Future[RawMessage]:
+        """The next message, when the client's queue has one: its callback settles the future (no thread waits).
+
+        A receive cannot be taken back: a message that comes after the future was cancelled stays unacknowledged,
+        for the broker to send again once the consumer closes. Closed: `ConsumerClosed`.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[RawMessage] = loop.create_future()
+        future.add_done_callback(_retrieved)  # a closed consumer's answer, nobody waiting: no "never retrieved"
+        self._raw.receive_async(functools.partial(_arrived, loop, future))
+        return future
 
     def acknowledge(self, messages: collections.deque[RawMessage]) -> None:
         """Acknowledge and empty `messages`, without waiting; an ack that does not reach the broker means a redelivery."""
