@@ -28,6 +28,9 @@ from .lifetime import Exits, Lifetime
 
 log = logging.getLogger("eventbus")
 
+#: Subscribes a worker has in flight at once while it starts.
+_SUBSCRIBING = 64
+
 
 def runners_for(
     subs: Sequence[tuple[str, Subscription]], connection: Connection, settings: Settings, *, bus: Publisher,
@@ -152,8 +155,7 @@ class Worker:
         """Start the runners and the background tasks; after a stop, drain the runners, close them, then cancel
         the background tasks (a handler still running may need what one of them holds)."""
         try:
-            for runner in self.runners:
-                await runner.start()
+            await self._start_runners()
             self._started = True
             task_status.started()
             async with anyio.create_task_group() as background:
@@ -166,6 +168,23 @@ class Worker:
                 runner.stop()
                 with anyio.CancelScope(shield=True):
                     await runner.close()
+
+    async def _start_runners(self) -> None:
+        """Subscribe every runner, `_SUBSCRIBING` at a time; raise the first failure (in the runners' order).
+
+        One at a time, 300 subscriptions took 10 s to start on Apache Pulsar and 1,000 took 24 s on the embedded
+        broker (`python -m bench --subscriptions`): each subscribe waits for a broker round trip or two.
+        """
+        limit = asyncio.Semaphore(_SUBSCRIBING)
+
+        async def start(runner: SubscriptionRunner) -> None:
+            async with limit:
+                await runner.start()
+
+        outcomes = await asyncio.gather(*(start(runner) for runner in self.runners), return_exceptions=True)
+        failure = next((outcome for outcome in outcomes if isinstance(outcome, BaseException)), None)
+        if failure is not None:
+            raise failure
 
     async def _drain_after_stop(self) -> None:
         async with anyio.create_task_group() as tg:

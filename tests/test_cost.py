@@ -1,0 +1,70 @@
+"""A worker's cost follows its traffic: subscriptions that wait for messages hold no thread each."""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+from pathlib import Path
+
+import anyio
+import pytest
+
+from eventbus import EventBus, Settings
+
+from .conftest import eventually
+from .test_worker_process import Worker
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as answer:
+            return bool(answer.status == 200)
+    except OSError:
+        return False
+
+
+def _threads(pid: int) -> int:
+    return len(list(Path(f"/proc/{pid}/task").iterdir()))
+
+
+async def _worker_threads(settings: Settings, env: dict[str, str], prefix: str, count: int, tmp: Path) -> tuple[int, int]:
+    """OS threads of a worker of `count` subscriptions once every one is consuming, and after one message each."""
+    record, port = tmp / f"record-{count}.txt", _free_port()
+    worker = Worker(
+        {**env, "EB_TOPIC": f"{prefix}-{count}", "EB_COUNT": str(count), "EB_RECORD": str(record),
+         "EVENTBUS_METRICS_PORT": str(port)},
+        tmp / f"w-{count}.log", "tests.apps.many:router",
+    )
+    try:
+        await eventually(lambda: worker.proc.poll() is not None or _ready(port), timeout=60, what="every subscription")
+        assert worker.proc.poll() is None, worker.text()
+        idle = _threads(worker.proc.pid)
+        async with EventBus(settings, routers=[]) as bus:
+            for i in range(count):
+                await bus.publish(f"{prefix}-{count}-{i}", i)
+        await eventually(lambda: record.exists() and len(record.read_text().splitlines()) == count, timeout=60,
+                         what="one message handled on each")
+        return idle, _threads(worker.proc.pid)
+    finally:
+        worker.proc.terminate()
+        await anyio.to_thread.run_sync(worker.proc.wait)
+        worker.out.close()
+
+
+async def test_the_threads_of_a_worker_stay_flat_as_its_subscriptions_grow(
+    settings: Settings, subprocess_env: dict[str, str], topic: str, tmp_path: Path
+) -> None:
+    """Before: two threads per subscription (its topic's and its retry topic's receive, each blocking 100 ms at a
+    time): 5 subscriptions held 15 threads, 60 held 125."""
+    few = await _worker_threads(settings, subprocess_env, topic, 5, tmp_path)
+    many = await _worker_threads(settings, subprocess_env, topic, 60, tmp_path)
+    assert max(many) <= max(few) + 2, (few, many)  # the client's and the probe server's own, whatever the count
+    assert max(few) <= 16, few
