@@ -330,9 +330,50 @@ async def service_rows(url: str, settings: Settings, n: int, raw_rate: float) ->
         rate = await _consume_with(url, settings, n, router, t, done)
         rows.append({"op": "consume", "path": f"bus worker, dict, {label}", "msg_s": rate, "vs_raw": rate / raw_rate})
     rows.append(await request_row(settings, 2000))
+    raw_trip = await raw_round_trip_row(url, settings, 500)
+    one = await request_row(settings, 500, tasks=1)
+    one["vs_raw"] = raw_trip["p50_ms"] / one["p50_ms"]  # latency: above 1 is faster than the raw round trip
+    rows += [raw_trip, one]
     for row in rows:
         row["size"] = 100
     return rows
+
+
+async def raw_round_trip_row(url: str, settings: Settings, n: int) -> Row:
+    """Two raw publish-to-receive hops, one at a time (a raw responder thread sends each request back on another
+    topic): the bar for `bus.request` at one in flight. The producers are the bus's (`producer_options`)."""
+    asks, answers = topic(), topic()
+    client = pulsar.Client(url, logger=pulsar.ConsoleLogger(_pulsar.LoggerLevel.Error), **AUTH)
+    options = producer_options(settings)
+    request_in = client.subscribe(asks, "bench", consumer_type=pulsar.ConsumerType.Exclusive)
+    reply_in = client.subscribe(answers, "bench", consumer_type=pulsar.ConsumerType.Exclusive)
+    request_out, reply_out = client.create_producer(asks, **options), client.create_producer(answers, **options)
+
+    def respond() -> None:
+        for _ in range(n):
+            m = request_in.receive(30_000)
+            reply_out.send_async(m.data(), None, properties={"correlation": m.data().decode()})
+            request_in.acknowledge(m)
+
+    def ask() -> list[float]:
+        lat = []
+        for i in range(n):
+            started = time.perf_counter()
+            request_out.send_async(str(i).encode(), None, partition_key=f"k{i % 64}")
+            m = reply_in.receive(30_000)
+            reply_in.acknowledge(m)
+            lat.append(time.perf_counter() - started)
+        return lat
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(anyio.to_thread.run_sync, respond)
+        lat = await anyio.to_thread.run_sync(ask)
+    client.close()
+    q = statistics.quantiles(sorted(lat), n=100)
+    return {
+        "op": "request", "path": "raw client: two publish->receive hops, 1 in flight", "msg_s": n / sum(lat),
+        "p50_ms": q[49] * 1000, "p99_ms": q[98] * 1000,
+    }
 
 
 async def request_row(settings: Settings, n: int, tasks: int = 50) -> Row:
@@ -362,7 +403,7 @@ async def request_row(settings: Settings, n: int, tasks: int = 50) -> Row:
         responder.stop()
     q = statistics.quantiles(sorted(latencies), n=100)
     return {
-        "op": "request", "path": f"bus.request round trips, {tasks} tasks", "msg_s": rate,
+        "op": "request", "path": f"bus.request round trips, {tasks} task{'s' if tasks > 1 else ''}", "msg_s": rate,
         "p50_ms": q[49] * 1000, "p99_ms": q[98] * 1000,
     }
 
@@ -523,7 +564,8 @@ def print_table(rows: list[Row], broker: str) -> None:
             print(f"{r['op']:8} {r['size']:>6}  {r['path']:62} {'':>10} {'':>7}  {extra}")
         elif r["op"] == "request":
             extra = f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms"
-            print(f"{r['op']:8} {r['size']:>6}  {r['path']:62} {r['msg_s']:>10,.0f} {'':>7}  {extra}")
+            ratio = f"{r['vs_raw']:>7.2f}" if "vs_raw" in r else f"{'':>7}"
+            print(f"{r['op']:8} {r['size']:>6}  {r['path']:62} {r['msg_s']:>10,.0f} {ratio}  {extra}")
         else:
             extra = f"peak RSS {r['rss_mb']:.0f} MB " if "rss_mb" in r else ""
             if r.get("runs", 1) > 1:

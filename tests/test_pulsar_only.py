@@ -300,3 +300,29 @@ async def test_a_group_held_with_another_subscription_type_is_one_error_not_read
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and "cannot join group g" in r.getMessage()]
     assert len(errors) == 1 and "key_shared consumer (ConsumerBusy)" in errors[0], errors
     assert not [r for r in caplog.records if "standby: another member" in r.getMessage()]
+
+
+async def test_an_idle_subscriptions_acknowledgements_reach_the_broker_while_nothing_else_arrives(
+    pulsar: dict, psettings: Settings, topic: str
+) -> None:
+    """The intake sends acknowledgements when it looks at the client's queue; waiting on an empty one (the client's
+    callback), the handlers' finishes send them (else each waited for the next message: redelivered by a crash)."""
+    handled: list[int] = []
+    router = Router()
+
+    @router.subscribe(topic, "g", initial_position="earliest")
+    async def record(n: int) -> None:
+        await anyio.sleep(0.05)  # some I/O: the intake is back waiting on the empty queue when the handler ends
+        handled.append(n)
+
+    path = "/admin/v2/" + psettings.topic(topic).replace("://", "/") + "/stats"
+
+    def settled() -> bool:
+        stats = admin(pulsar, "GET", path)["subscriptions"]["g"]
+        return bool(stats["msgBacklog"] == 0 and stats["unackedMessages"] == 0)
+
+    async with EventBus(psettings, routers=[router]) as bus, running(bus):
+        for n in range(3):
+            await bus.publish(topic, n)
+            await eventually(lambda: len(handled) == n + 1)
+        await eventually(settled, timeout=10, what="the three acknowledgements stored while the worker still runs")

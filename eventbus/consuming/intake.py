@@ -71,7 +71,7 @@ class Intake:
         self.finished = 0
         #: Messages to acknowledge (sent each turn: one call into the client for all of them).
         self.acks: collections.deque[RawMessage] = collections.deque()
-        #: Set when there is room again (a finish) or a stop: what a full intake, or an empty queue, waits on.
+        #: Set when there is room again (a finish) or a stop: what a full intake waits on.
         self._room: asyncio.Future[None] | None = None
         #: The client's pending receive, when its queue was empty (`Consumer.receive_later`).
         self._next: asyncio.Future[RawMessage] | None = None
@@ -86,6 +86,8 @@ class Intake:
         """`count` messages of `size` payload bytes in all are finished (handled, dropped as copies or left)."""
         self.finished += count
         self.bytes -= size
+        if self._next is not None and self.acks:
+            self._consumer.acknowledge(self.acks)  # the intake waits on an empty queue: nobody else sends them
         room = self._room
         if room is not None and not room.done():
             room.set_result(None)
@@ -93,6 +95,8 @@ class Intake:
     def drain(self) -> None:
         """Take only the rest of begun batches from now on, then end."""
         self._draining = True
+        if self._next is not None:
+            self._next.cancel()  # a receive waiting on an empty queue: nothing begun comes through it
         self.finish(0)
 
     def send_acks(self) -> None:
@@ -107,8 +111,6 @@ class Intake:
         while True:
             self.send_acks()
             if self._draining:
-                if self._next is not None:
-                    self._next.cancel()  # a message it would still bring begins a batch: left for the broker
                 self._take_rest()
                 return
             free = limit - (self.received - self.finished)
@@ -117,14 +119,10 @@ class Intake:
                 await self._room
                 continue
             try:
-                if self._next is not None:
-                    # A receive is pending: the message it gets comes before any the queue holds after it.
+                # What the client holds, up to the budget's room: never waits.
+                batch, size = consumer.receive_sized(min(free, _HANDOFF), 0, self._budget - self.bytes)
+                if not batch:
                     batch, size = await self._wait()
-                else:
-                    # What the client holds, up to the budget's room: never waits.
-                    batch, size = consumer.receive_sized(min(free, _HANDOFF), 0, self._budget - self.bytes)
-                    if not batch:
-                        batch, size = await self._wait()
             except ConsumerClosed:
                 return
             if batch:
@@ -134,19 +132,22 @@ class Intake:
                 await asyncio.sleep(0)  # the workers take the batch before the next is pulled
 
     async def _wait(self) -> tuple[list[RawMessage], int]:
-        """The next message from the client's callback ([] when a stop came first).
+        """The next message from the client's callback ([] when a stop came first: `drain` cancels the wait).
 
         Idle, a thread per subscription blocking in a receive of 100 ms cost two threads and 0.3 % of a core
         each (`python -m bench --subscriptions`: 300 subscriptions, 605 threads, a whole core).
         """
         if self._next is None:
             self._next = self._consumer.receive_later()
-        next_, self._room = self._next, asyncio.get_running_loop().create_future()
-        await asyncio.wait((next_, self._room), return_when=asyncio.FIRST_COMPLETED)
-        if not next_.done():
-            return [], 0  # a stop (or room, which an empty queue does not need): the receive stays pending
-        self._next = None
-        message = next_.result()
+        try:
+            message = await self._next
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._draining and not (task is not None and task.cancelling()):
+                return [], 0  # what it would still bring begins a batch: left for the broker
+            raise
+        finally:
+            self._next = None
         return [message], message.length()
 
     def _count_bytes(self, batch: list[RawMessage], size: int) -> None:

@@ -50,6 +50,11 @@ class Slots:
         self._handed = 0
         self._idle: asyncio.Future[None] | None = None
 
+    @property
+    def taken(self) -> int:
+        """Slots in use: messages handed to the producer and not yet confirmed (or failed)."""
+        return self._count - self.free
+
     def take_nowait(self) -> bool:
         """Take a slot if one is free and nobody is before us."""
         if self.free > 0 and not self._waiters and not self._handed:
@@ -217,8 +222,13 @@ class TopicProducer:
                 self._timer.cancel()
             self._timer = loop.call_soon(self._dispatch)
         elif self._timer is None:
+            # Nothing sent awaits its receipt: no burst to gather, so the group goes at the loop's next turn
+            # (with what else this turn enqueued). The delay cost a request at one in flight two waits of 1-2 ms
+            # (the loop's timer rounds up): 7.5 ms on the embedded broker, 3.8 ms without.
+            alone = self._slots.taken == len(queue)
             self._timer = (
-                loop.call_later(self._group_delay, self._dispatch) if self._group_delay else loop.call_soon(self._dispatch)
+                loop.call_later(self._group_delay, self._dispatch)
+                if self._group_delay and not alone else loop.call_soon(self._dispatch)
             )
         return future
 

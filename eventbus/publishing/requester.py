@@ -24,8 +24,6 @@ log = logging.getLogger("eventbus")
 
 #: The name of every bus's subscription on its own reply topic.
 REPLY_SUBSCRIPTION = "eventbus-replies"
-#: How long the receiving thread waits before looking at the closing flag again (a close waits this long).
-_POLL_MS = 100
 Publish = Callable[..., Awaitable[Any]]
 
 
@@ -49,7 +47,6 @@ class Requester:
         self._reader: Reader | None = None
         self._receiving: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
-        self._closing = False
         #: Replies that came after their request timed out (or for no request of this bus): dropped.
         self.late = 0
 
@@ -100,16 +97,16 @@ class Requester:
             self._receiving = asyncio.ensure_future(self._receive(self._consumer))
 
     async def _receive(self, consumer: Consumer) -> None:
-        limiter = anyio.CapacityLimiter(1)
-        while not self._closing:
+        """Answer each reply as it comes: on the client's callback, then what else its queue holds (no thread)."""
+        while True:
             try:
-                batch = await anyio.to_thread.run_sync(consumer.receive, 256, _POLL_MS, limiter=limiter)
+                first = await consumer.receive_later()
+                batch = [first, *consumer.receive(255, 0)]
             except ConsumerClosed:
                 return
             for raw in batch:
                 self._answer(raw)
-            if batch:
-                consumer.acknowledge(collections.deque(batch))
+            consumer.acknowledge(collections.deque(batch))
 
     async def _read(self, reader: Reader) -> None:
         while True:
@@ -140,18 +137,15 @@ class Requester:
 
     async def close(self) -> None:
         """Fail the requests still waiting, stop receiving, remove the subscription."""
-        self._closing = True
         for future, _, _ in self._waiting.values():
             if not future.done():
                 future.set_exception(RequestTimeout("the bus closed before the reply came"))
+        if self._receiving is not None:
+            self._receiving.cancel()  # it waits for a reply that may never come
+            await asyncio.wait([self._receiving])  # ended: a cancellation of close() itself still goes through
         if self._reader is not None:
             reader, self._reader = self._reader, None
-            if self._receiving is not None:
-                self._receiving.cancel()  # its read waits for a message that may never come
-                await asyncio.wait([self._receiving])  # ended: a cancellation of close() itself still goes through
             await reader.close()
-        elif self._receiving is not None:
-            await self._receiving
         if self._consumer is not None:
             consumer, self._consumer = self._consumer, None
             try:
