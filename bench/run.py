@@ -36,6 +36,7 @@ from pydantic import BaseModel
 
 from eventbus import Batch, CallNext, Depends, EventBus, Message, Router, Settings
 
+from . import defaults
 from .idle import idle_row, print_idle
 
 Row = dict[str, Any]
@@ -574,6 +575,7 @@ def print_table(rows: list[Row], broker: str) -> None:
 
 
 async def amain(args: argparse.Namespace) -> None:
+    state: dict[str, Any] = {}
     if args.pulsar or args.cluster:
         run_dir = "/tmp/eventbus-pulsar-cluster" if args.cluster else "/tmp/eventbus-pulsar"
         state = json.loads(Path(run_dir, "state.json").read_text())
@@ -585,6 +587,14 @@ async def amain(args: argparse.Namespace) -> None:
         async with EventBus(settings, routers=[]) as holder:  # keeps one broker up for the run
             url = holder.url
             broker = f"embedded ({holder.server_version})" if settings.uses_embedded else f"{holder.server_version} at {url}"
+            if args.defaults:
+                admin = (state["admin_url"], state["admin_token"]) if args.pulsar or args.cluster else None
+                rows = [
+                    await asyncio.to_thread(defaults.one, url, AUTH, admin, size, compression, delay, args.messages, 2.0)
+                    for size in args.sizes for compression, delay in defaults.GRID
+                ]
+                defaults.print_defaults(rows, broker)
+                return
             if args.subscriptions:
                 print_idle([await idle_row(url, settings, count) for count in args.subscriptions], broker)
                 return
@@ -632,6 +642,10 @@ def main() -> None:
     parser.add_argument("--only-workers", action="store_true", help="only the --workers rows (Apache Pulsar)")
     parser.add_argument("--no-workers", action="store_true", help="without the --workers rows")
     parser.add_argument("--no-service", action="store_true", help="without the service rows (dependency, middleware, batch, request)")
+    parser.add_argument(
+        "--defaults", action="store_true",
+        help="only the producer defaults grid: compression x batching delay, raw client (--sizes, --messages)",
+    )
     parser.add_argument(
         "--subscriptions", type=int, nargs="+", default=[],
         help="only the idle rows: a worker holding N subscriptions (start, RSS, threads, idle CPU, 20 each handled)",
