@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import urllib.request
 from pathlib import Path
 
 import anyio
@@ -12,23 +10,10 @@ import pytest
 from eventbus import EventBus, Settings
 
 from .conftest import eventually
+from .test_supervisor import answers, free_port_pair
 from .test_worker_process import Worker
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as answer:
-            return bool(answer.status == 200)
-    except OSError:
-        return False
 
 
 def _threads(pid: int) -> int:
@@ -37,14 +22,14 @@ def _threads(pid: int) -> int:
 
 async def _worker_threads(settings: Settings, env: dict[str, str], prefix: str, count: int, tmp: Path) -> tuple[int, int]:
     """OS threads of a worker of `count` subscriptions once every one is consuming, and after one message each."""
-    record, port = tmp / f"record-{count}.txt", _free_port()
+    record, port = tmp / f"record-{count}.txt", free_port_pair()
     worker = Worker(
         {**env, "EB_TOPIC": f"{prefix}-{count}", "EB_COUNT": str(count), "EB_RECORD": str(record),
          "EVENTBUS_METRICS_PORT": str(port)},
         tmp / f"w-{count}.log", "tests.apps.many:router",
     )
     try:
-        await eventually(lambda: worker.proc.poll() is not None or _ready(port), timeout=60, what="every subscription")
+        await eventually(lambda: worker.proc.poll() is not None or answers(port, "/readyz"), timeout=60, what="every subscription")
         assert worker.proc.poll() is None, worker.text()
         idle = _threads(worker.proc.pid)
         async with EventBus(settings, routers=[]) as bus:

@@ -50,9 +50,9 @@ def free_port_pair() -> int:
     raise RuntimeError("no two consecutive free ports")
 
 
-def answers(port: int) -> bool:
+def answers(port: int, path: str = "/livez") -> bool:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/livez", timeout=1) as response:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as response:
             return bool(response.status == 200)
     except OSError:
         return False

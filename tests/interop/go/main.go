@@ -52,9 +52,13 @@ func run(args []string) error {
 	count, _ := strconv.Atoi(args[len(args)-1])
 	switch mode {
 	case "consume-json":
-		return consume(client, args[3], args[4], count)
+		schema, err := pulsar.NewJSONSchemaWithValidation(readingDef, nil)
+		if err != nil {
+			return err
+		}
+		return consume(client, args[3], args[4], schema, count, readingRow)
 	case "consume-bytes":
-		return consumeBytes(client, args[3], args[4], count)
+		return consume(client, args[3], args[4], nil, count, bytesRow)
 	case "produce-json":
 		schema, err := pulsar.NewJSONSchemaWithValidation(readingDef, nil)
 		if err != nil {
@@ -80,11 +84,9 @@ func quiet() plog.Logger {
 	return plog.NewLoggerWithLogrus(logger)
 }
 
-func consume(client pulsar.Client, topic, subscription string, count int) error {
-	schema, err := pulsar.NewJSONSchemaWithValidation(readingDef, nil)
-	if err != nil {
-		return err
-	}
+// consume prints a ROW for each of `count` messages from the earliest, read with `schema` (nil: bytes), and acks it.
+func consume(client pulsar.Client, topic, subscription string, schema pulsar.Schema, count int,
+	row func(pulsar.Message) (map[string]any, error)) error {
 	consumer, err := client.Subscribe(pulsar.ConsumerOptions{
 		Topic: topic, SubscriptionName: subscription, Schema: schema,
 		SubscriptionInitialPosition: pulsar.SubscriptionPositionEarliest,
@@ -100,19 +102,14 @@ func consume(client pulsar.Client, topic, subscription string, count int) error 
 		if err != nil {
 			return fmt.Errorf("no message %d of %d within 30 s: %w", i+1, count, err)
 		}
-		var r Reading
-		if err := message.GetSchemaValue(&r); err != nil {
+		fields, err := row(message)
+		if err != nil {
 			return err
 		}
-		note := "null"
-		if r.Note != nil {
-			note = *r.Note
-		}
-		row, _ := json.Marshal(map[string]any{
-			"key": message.Key(), "properties": message.Properties(), "event_time": message.EventTime().UnixMilli(),
-			"sensor": r.Sensor, "value": r.Value, "seq": r.Seq, "note": note,
-		})
-		fmt.Println("ROW " + string(row))
+		fields["key"], fields["properties"] = message.Key(), message.Properties()
+		fields["event_time"] = message.EventTime().UnixMilli()
+		line, _ := json.Marshal(fields)
+		fmt.Println("ROW " + string(line))
 		if err := consumer.Ack(message); err != nil {
 			return err
 		}
@@ -120,31 +117,20 @@ func consume(client pulsar.Client, topic, subscription string, count int) error 
 	return nil
 }
 
-func consumeBytes(client pulsar.Client, topic, subscription string, count int) error {
-	consumer, err := client.Subscribe(pulsar.ConsumerOptions{
-		Topic: topic, SubscriptionName: subscription, SubscriptionInitialPosition: pulsar.SubscriptionPositionEarliest,
-	})
-	if err != nil {
-		return err
+func readingRow(message pulsar.Message) (map[string]any, error) {
+	var r Reading
+	if err := message.GetSchemaValue(&r); err != nil {
+		return nil, err
 	}
-	defer consumer.Close()
-	for i := 0; i < count; i++ {
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		message, err := consumer.Receive(ctx)
-		cancel()
-		if err != nil {
-			return fmt.Errorf("no message %d of %d within 30 s: %w", i+1, count, err)
-		}
-		row, _ := json.Marshal(map[string]any{
-			"key": message.Key(), "properties": message.Properties(), "event_time": message.EventTime().UnixMilli(),
-			"payload": string(message.Payload()),
-		})
-		fmt.Println("ROW " + string(row))
-		if err := consumer.Ack(message); err != nil {
-			return err
-		}
+	note := "null"
+	if r.Note != nil {
+		note = *r.Note
 	}
-	return nil
+	return map[string]any{"sensor": r.Sensor, "value": r.Value, "seq": r.Seq, "note": note}, nil
+}
+
+func bytesRow(message pulsar.Message) (map[string]any, error) {
+	return map[string]any{"payload": string(message.Payload())}, nil
 }
 
 func produce(client pulsar.Client, schema pulsar.Schema, topic string, count int) error {
