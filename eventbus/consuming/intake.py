@@ -137,8 +137,7 @@ class Intake:
         Idle, a thread per subscription blocking in a receive of 100 ms cost two threads and 0.3 % of a core
         each (`python -m bench --subscriptions`: 300 subscriptions, 605 threads, a whole core).
         """
-        if self._next is None:
-            self._next = self._consumer.receive_later()
+        self._next = self._consumer.receive_later()
         try:
             message = await self._next
         except asyncio.CancelledError:
