@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import anyio
@@ -51,5 +52,9 @@ async def test_the_threads_of_a_worker_stay_flat_as_its_subscriptions_grow(
     time): 5 subscriptions held 15 threads, 60 held 125."""
     few = await _worker_threads(settings, subprocess_env, topic, 5, tmp_path)
     many = await _worker_threads(settings, subprocess_env, topic, 60, tmp_path)
-    assert max(many) <= max(few) + 2, (few, many)  # the client's and the probe server's own, whatever the count
-    assert max(few) <= 16, few
+    # On Apache Pulsar a subscription asks the schema registry once, through asyncio's default executor: a pool that
+    # grows with how many asks overlap, up to min(32, cores + 4), and is then shared by any number of subscriptions.
+    # How far it grows is timing (how many asks overlapped), not a thread per subscription.
+    pool = min(32, (os.cpu_count() or 1) + 4) if settings.url else 0
+    assert max(many) <= max(few) + pool + 2, (few, many)  # the client's and the probe server's own, whatever the count
+    assert max(few) <= 16 + pool, few
