@@ -130,8 +130,9 @@ async def test_a_replay_killed_half_way_and_run_again_resends_the_rest(
         again = cli(env, "dlq", "replay", topic, "billing")
         assert again.returncode == 0, again.stderr
         # Acknowledgements travel grouped (the client sends them every 100 ms): a kill loses the last
-        # ones, so some of what the killed replay sent is sent again; nothing is left out.
-        assert total - len(printed) <= again.stdout.count("replayed ") <= total
+        # ones, so some of what the killed replay sent is sent again; nothing is left out. The kill may also
+        # land between a resend stored and its line printed: the run again finds that one stored and skips it.
+        assert total - len(printed) - 1 <= again.stdout.count("replayed ") <= total
         await app.wait_handled(total - 1, group="billing", topic=f"{topic}-billing-RETRY", timeout=60)  # order 5 fails
         url = app.bus.url
 
