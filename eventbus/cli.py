@@ -60,7 +60,8 @@ def _settings_help() -> str:
     return "\n".join(lines)
 
 
-def _parser(prog: str) -> argparse.ArgumentParser:
+def parser(prog: str = "eventbus") -> argparse.ArgumentParser:
+    """The command line, as `eventbus` parses it (the docs' reference of the commands is made from it)."""
     parser = argparse.ArgumentParser(
         prog=prog, description="Event bus on Apache Pulsar.", epilog=_settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -434,7 +435,7 @@ async def _publish(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    args = _parser(prog or Path(sys.argv[0]).name).parse_args(argv)
+    args = parser(prog or Path(sys.argv[0]).name).parse_args(argv)
     try:
         settings = Settings()
         setup_logging(settings.log_level, settings.log_format, getattr(args, "worker_number", None))
@@ -448,7 +449,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
                 if args.reload and importlib.util.find_spec("watchfiles") is None:
                     raise _Fail("--reload needs watchfiles: pip install 'eventbus[reload]'", EXIT_USAGE)
                 supervisor = Supervisor(
-                    args.targets, args.workers, metrics_port=args.metrics_port, reload=args.reload,
+                    args.targets, args.workers, metrics_port=settings.metrics_port, reload=args.reload,
                     drain_timeout=settings.shutdown_drain_timeout + settings.shutdown_exit_timeout,
                 )
                 return asyncio.run(supervisor.run())

@@ -116,12 +116,13 @@ async def test_two_workers_share_the_keys_restart_when_killed_and_drain_on_sigte
 async def test_workers_stop_by_themselves_when_the_supervisor_is_killed(
     settings: Settings, topic: str, subprocess_env: dict[str, str], tmp_path: Path
 ) -> None:
-    env = {**subprocess_env, "EB_TOPIC": topic, "EB_RECORD": str(tmp_path / "record.txt")}
     port = free_port_pair()
-    sup = Supervised(env, tmp_path / "sup.log", "tests.apps.recorder", "--workers", "2", "--metrics-port", str(port))
+    # The port as a setting (.env or environment), not --metrics-port (the other tests): worker i serves on PORT+i
+    # all the same. Each worker used to take the setting as it was: worker 1 exited 2, address in use.
+    env = {**subprocess_env, "EB_TOPIC": topic, "EB_RECORD": str(tmp_path / "record.txt"), "EVENTBUS_METRICS_PORT": str(port)}
+    sup = Supervised(env, tmp_path / "sup.log", "tests.apps.recorder", "--workers", "2")
     try:
         await eventually(lambda: len(sup.pids()) == 2 and "subscribed persistent" in sup.text(), what="the workers")
-        # Worker i serves its probes on PORT+i.
         await eventually(lambda: answers(port) and answers(port + 1), what="both workers' probes")
         workers = sup.pids()
         sup.proc.send_signal(signal.SIGKILL)
