@@ -36,7 +36,7 @@ from pydantic import BaseModel
 
 from eventbus import Batch, CallNext, Depends, EventBus, Message, Router, Settings
 
-from . import defaults
+from . import defaults, plot
 from .idle import idle_row, print_idle
 
 Row = dict[str, Any]
@@ -604,6 +604,10 @@ async def amain(args: argparse.Namespace) -> None:
     if args.json:
         meta = {"broker": broker, "python": platform.python_version(), "pulsar_client": pulsar.__version__ if hasattr(pulsar, "__version__") else "", "date": time.strftime("%Y-%m-%d"), "runs": runs}
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    if args.plot:
+        results = [{"meta": {"broker": broker, "date": time.strftime("%Y-%m-%d")}, "rows": rows}]
+        for path in plot.plot(results, Path(args.plot)):
+            print(path)
 
 
 async def one_run(args: argparse.Namespace, url: str, settings: Settings) -> list[Row]:
@@ -650,4 +654,14 @@ def main() -> None:
         "--subscriptions", type=int, nargs="+", default=[],
         help="only the idle rows: a worker holding N subscriptions (start, RSS, threads, idle CPU, 20 each handled)",
     )
-    asyncio.run(amain(parser.parse_args()))
+    parser.add_argument(
+        "--plot", default="", metavar="DIR",
+        help="draw DIR/throughput.svg and DIR/latency.svg from this run's rows, or from --from's files without a run",
+    )
+    parser.add_argument("--from", dest="sources", nargs="+", default=[], metavar="JSON", help="results --json wrote")
+    args = parser.parse_args()
+    if args.plot and args.sources:
+        for path in plot.plot(plot.load(args.sources), Path(args.plot)):
+            print(path)
+        return
+    asyncio.run(amain(args))
