@@ -44,6 +44,7 @@ def plot(results: list[dict[str, Any]], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     plt.rcParams["svg.hashsalt"] = "eventbus"  # the same results make the same file
+    plt.rcParams["svg.fonttype"] = "none"  # text as text: the browser's font, and the labels searchable
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, rows, value, unit in (

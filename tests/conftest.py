@@ -191,27 +191,11 @@ def read_messages(client: Any, topic: str) -> list[Any]:
         consumer.unsubscribe()
 
 
-def readme_project(heading: str) -> dict[str, str]:
-    """The README section under `heading`'s project, file name -> text as pasted: pyproject.toml, shop.py, test_shop.py."""
-    import re
+def page_project(page: str) -> dict[str, str]:
+    """The files a docs page builds (`docs/tutorial/testing.md`: pyproject.toml, shop.py, test_shop.py), as shown."""
+    from .docs_pages import parse
 
-    section = (ROOT / "README.md").read_text().split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
-    blocks = {
-        match.group(2).split("\n", 1)[0].removeprefix("# "): match.group(2)
-        for match in re.finditer(r"```(toml|python)\n(.*?)```", section, re.S)
-    }
-    assert set(blocks) == {"pyproject.toml", "shop.py", "test_shop.py"}, list(blocks)
-    return blocks
-
-
-def run_readme_project(pytester: pytest.Pytester, heading: str, passed: int) -> None:
-    """Build a fresh project from the README section under `heading` (its pyproject.toml, shop.py and test_shop.py
-    blocks, as pasted) and run its tests: each must pass."""
-    blocks = readme_project(heading)
-    pytester.makepyprojecttoml(blocks["pyproject.toml"])
-    pytester.makepyfile(shop=blocks["shop.py"], test_shop=blocks["test_shop.py"])
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    result.assert_outcomes(passed=passed)
+    return parse((ROOT / page).read_text(), ROOT).files
 
 
 def raw_client(url: str, token: str | None) -> Any:

@@ -118,6 +118,21 @@ def test_the_site_in_a_real_browser_shows_its_pages_without_errors_and_search_fi
     assert errors == []
 
 
+def test_the_benchmark_charts_are_drawn_from_the_checked_in_results(tmp_path: Path) -> None:
+    from bench import plot
+
+    results = plot.load([str(ROOT / "docs/bench/embedded.json"), str(ROOT / "docs/bench/pulsar.json")])
+    for drawn in plot.plot(results, tmp_path):
+        shown = ROOT / "docs/images" / drawn.name
+        assert texts(drawn) == texts(shown), f"{shown} is not what the results draw: python -m bench --plot docs/images ..."
+        assert any(t.startswith("bus") for t in texts(shown)) and any(t.startswith("raw client") for t in texts(shown))
+
+
+def texts(svg: Path) -> list[str]:
+    """The words of a chart (its labels, title and tick values), in order."""
+    return re.findall(r"<text[^>]*>([^<]*)</text>", svg.read_text())
+
+
 def test_the_readme_is_short_and_carries_both_quick_start_commands() -> None:
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci/run").read_text()

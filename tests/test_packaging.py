@@ -23,7 +23,7 @@ import pytest
 
 import eventbus
 
-from .conftest import ROOT, readme_project
+from .conftest import ROOT, page_project
 
 pytestmark = pytest.mark.slow
 
@@ -165,8 +165,8 @@ def test_the_installed_wheel_runs_alone_a_worker_publish_docs_and_version(venv: 
         assert _line_with("charged o-1", lines, timeout=60) == "charged o-1"
 
 
-def test_the_readme_testing_example_runs_with_the_plugin_from_the_wheel(venv: Path, tmp_path: Path) -> None:
-    for name, text in readme_project("Testing an app").items():
+def test_the_tutorials_testing_example_runs_with_the_plugin_from_the_wheel(venv: Path, tmp_path: Path) -> None:
+    for name, text in page_project("docs/tutorial/testing.md").items():
         (tmp_path / name).write_text(text)
     result = subprocess.run(
         [str(venv / "bin" / "python"), "-m", "pytest", "-p", "no:cacheprovider", "-q"],

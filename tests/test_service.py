@@ -32,7 +32,7 @@ from eventbus import (
 )
 from eventbus.testing import Harness, call_handler
 
-from .conftest import eventually, raw_client, read_messages, run_readme_project, running
+from .conftest import eventually, raw_client, read_messages, running
 from .test_observability import _get
 from .test_worker_process import cli
 
@@ -650,9 +650,6 @@ async def test_a_late_reply_is_dropped_and_counted_and_a_gone_requester_stalls_n
         await responder.wait_handled(2, topic=topic, timeout=20)
     assert answered == [1, 2, 3, 4]
 
-
-def test_the_readme_service_runs_as_pasted_into_a_fresh_project(pytester: pytest.Pytester) -> None:
-    run_readme_project(pytester, "Building a service", passed=4)
 
 
 async def test_a_worker_killed_between_the_output_and_the_ack_duplicates_the_output_never_loses_it(

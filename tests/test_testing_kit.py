@@ -14,7 +14,7 @@ from eventbus import EventBus, Message, Reject, Router, Settings
 from eventbus.consuming.attempts import HandlerTimeout
 from eventbus.testing import Harness, RecordingPublisher, call_handler
 
-from .conftest import id_of, read_stored, run_readme_project
+from .conftest import id_of, read_stored
 
 
 class Order(BaseModel):
@@ -342,6 +342,3 @@ async def test_a_worker_started_later_takes_the_backlog_and_a_wait_fails_at_once
             await app.wait_handled(5, timeout=30)
         assert time.monotonic() - started < 10
 
-
-def test_the_readme_testing_example_runs_as_pasted_into_a_fresh_project(pytester: pytest.Pytester) -> None:
-    run_readme_project(pytester, "Testing an app", passed=2)
