@@ -71,7 +71,7 @@ POISON = {
     "wrong-schema": b'{"pub": "one", "colour": "blue"}',
     "empty": b"",
     "non-utf8": b"\xff\xfe\xfa not text",
-    "large": None,  # random bytes, made when sent: 4 MB (1 MB on the embedded broker, see README)
+    "large": None,  # random bytes, made when sent: 4 MB (1 MB on the embedded broker, see docs/explanation/embedded-broker.md)
 }
 
 
@@ -496,7 +496,7 @@ async def harness(args: argparse.Namespace) -> int:
     lost = sorted((must_handle - h.keys() - events) | (must_die - events))
     poison_missing = sorted(poison - poisons)
     violations, causes, handlings = examine(h, run)
-    # The embedded broker's order under SIGKILL is best effort (README "Left open"): counted, not failed.
+    # The embedded broker's order under SIGKILL is best effort (docs, Guarantees: "Left open"): counted, not failed.
     killed_order = [v for v in violations if broker.kind == "embedded" and held_by_the_killed(h, run, v[0], v[2])]
     violations = [v for v in violations if v not in killed_order]
     failed = read_lines("failed-*.log", workdir)
@@ -603,7 +603,7 @@ def held_by_the_killed(handled: dict[tuple[int, str, int], list[list[str]]], run
     """Whether a late message of an order violation was in the hands of a SIGKILLed worker: the key's last message
     handled before it (always-failing ones never are) was first handled by a worker SIGKILLed before the late
     one's first handling. On the embedded
-    broker such a message can come back seconds after the key's newer ones (README "Left open": pulsar-lite
+    broker such a message can come back seconds after the key's newer ones (docs, Guarantees "Left open": pulsar-lite
     hands a dead consumer's messages back late), a broker fault the bus cannot see."""
     pub, name = key  # type: ignore[misc]
     earlier = [seq for seq in range(late - 1, max(late - 50, -1), -1) if (pub, name, seq) in handled]

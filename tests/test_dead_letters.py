@@ -355,7 +355,7 @@ async def test_a_replayed_request_goes_without_its_reply_address_and_says_so(
 async def test_a_dead_letter_and_its_replayed_copy_keep_the_original_event_time(
     settings: Settings, subprocess_env: dict[str, str], topic: str
 ) -> None:
-    """The README promised it; every dead letter and replayed copy had event time 0 (a Java service reading them saw so)."""
+    """The docs promised it; every dead letter and replayed copy had event time 0 (a Java service reading them saw so)."""
     from datetime import datetime, timezone
 
     when = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=timezone.utc)

@@ -1,4 +1,4 @@
-"""The example app in handlers/, tested the way the README tells a team to test theirs (eventbus.testing)."""
+"""The example app in handlers/, tested the way the tutorial tells a team to test theirs (eventbus.testing)."""
 
 from __future__ import annotations
 

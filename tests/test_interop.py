@@ -76,7 +76,7 @@ def java(pulsar: dict, tmp_path_factory: pytest.TempPathFactory) -> Peer:
 def go(pulsar: dict, tmp_path_factory: pytest.TempPathFactory) -> Peer:
     """tests/interop/go built with the machine's Go (EB_INTEROP_GO=1: CI's 30 minutes leave no room for its build)."""
     if os.environ.get("EB_INTEROP_GO") != "1":
-        pytest.skip("the Go peer runs with EB_INTEROP_GO=1 (README: Sharing topics with Java and Go services)")
+        pytest.skip("the Go peer runs with EB_INTEROP_GO=1 (docs/how-to/java-and-go.md)")
     binary = tmp_path_factory.mktemp("interop-go") / "interop"
     subprocess.run(
         ["go", "build", "-o", str(binary), "."], cwd=ROOT / "tests" / "interop" / "go",

@@ -46,7 +46,7 @@ async def test_deep_backlog_and_slow_handler_keep_the_worker_bounded(
         for start in range(0, BACKLOG, 10_000):
             await bus.publish_batch(topic, [payload] * 10_000)
         if _broker_over_dispatches(bus, subscription_type):
-            # Strict: once Pulsar fixes it this passes, fails as XPASS, and the README's caveat goes.
+            # Strict: once Pulsar fixes it this passes, fails as XPASS, and the docs' caveat (Guarantees) goes.
             request.applymarker(pytest.mark.xfail(reason="apache/pulsar#24107: permits counted per entry", strict=True))
     record = tmp_path / "record.txt"
     env = {

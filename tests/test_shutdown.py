@@ -30,7 +30,7 @@ async def test_in_flight_handler_finishes_is_acked_and_queued_messages_are_redel
     async with EventBus(settings, routers=[router]) as bus:
         async with anyio.create_task_group() as tg:
             await tg.start(lambda task_status: bus.run(handle_signals=False, task_status=task_status))
-            for n in (1, 2, 3):  # one at a time, so each is a batch of its own (see README: batches)
+            for n in (1, 2, 3):  # one at a time, so each is a batch of its own (see docs, Shutdown: batches)
                 await bus.publish(topic, n, key="same")
             await started.wait()
             bus.stop()  # 1 is in flight; 2 and 3 wait behind it on the same key

@@ -117,7 +117,7 @@ def test_every_module_is_in_the_stack_and_kept_from_pulsar_client() -> None:
 
 
 def test_the_tree_reads_as_the_architecture() -> None:
-    # A newcomer listing the package sees its public face and a folder per concern (README "Inside").
+    # A newcomer listing the package sees its public face and a folder per concern (docs/explanation/architecture.md).
     top = sorted(path.stem for path in (ROOT / "eventbus").glob("*.py"))
     assert len(top) <= 16, top
     folders = sorted(path.parent.name for path in (ROOT / "eventbus").glob("*/__init__.py"))

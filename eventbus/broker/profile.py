@@ -83,7 +83,7 @@ class BrokerProfile:
         if requested == "key_shared" and self.lite:
             # pulsar-lite reached by URL: no lease, so one active consumer. Its failover makes
             # a newcomer active at once, while the old member may still hold a key's messages
-            # (README: the embedded broker); its exclusive refuses a second consumer only by
+            # (docs/explanation/embedded-broker.md); its exclusive refuses a second consumer only by
             # dropping the connection, which the client retries for the operation timeout.
             return "failover"
         if requested == "failover" and not self.lite:
