@@ -300,9 +300,15 @@ def stored(message_id: MessageId) -> bool:
     return bool(message_id.ledger_id() >= 0 and message_id.entry_id() >= 0)
 
 
-def sibling_id(message_id: MessageId, batch_index: int) -> MessageId:
-    """The id of another message of the same batch."""
-    return cast(MessageId, _pulsar.MessageId(message_id.partition(), message_id.ledger_id(), message_id.entry_id(), batch_index))
+def sibling_ids(message_id: MessageId, count: int) -> list[MessageId]:
+    """The ids of the first `count` messages of the batch whose receipt is `message_id`.
+
+    The receipt's parts are read once per batch, not once per message: three calls into the client each
+    (py-spy: the per-message form was 7.6 % of the publish path's own time).
+    """
+    partition, ledger, entry = message_id.partition(), message_id.ledger_id(), message_id.entry_id()
+    make = _pulsar.MessageId
+    return [cast(MessageId, make(partition, ledger, entry, index)) for index in range(count)]
 
 
 # -- the client -------------------------------------------------------------------

@@ -10,7 +10,7 @@ import time
 from collections.abc import Mapping
 
 from ..broker.bridge import LoopBridge
-from ..broker.client import OK, Client, MessageId, Producer, RawMessage, Result, build_message, sibling_id
+from ..broker.client import OK, Client, MessageId, Producer, RawMessage, Result, build_message, sibling_ids
 from ..errors import BrokerUnavailable, ConfigError, EventBusError, PublishError
 from ..observing.metrics import Metrics
 from ..schemas import PayloadSchema
@@ -298,9 +298,9 @@ class TopicProducer:
                     if not future.done():
                         future.set_exception(error)
                 return
-            for index, future in enumerate(futures):
+            for future, sibling in zip(futures, sibling_ids(message_id, len(futures))):
                 if not future.done():
-                    future.set_result(sibling_id(message_id, index))
+                    future.set_result(sibling)
         else:
             for future in futures:
                 if not future.done():
