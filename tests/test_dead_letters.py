@@ -128,6 +128,10 @@ async def test_a_replay_killed_half_way_and_run_again_resends_the_rest(
         assert all(line.startswith("replayed ") for line in printed), printed
         assert len(printed) < total, "killed half way"
         again = cli(env, "dlq", "replay", topic, "billing")
+        if not on_pulsar and "may still hold the consumer of a replay that was killed" in again.stderr:
+            # pulsar-lite's, seen about once in 40 runs on a loaded machine: it kept the killed replay's consumer
+            # (and the dead letters it held) past the test's timeout. The docs' Guarantees, Left open, say so.
+            pytest.xfail("pulsar-lite kept the SIGKILLed replay's consumer: " + again.stderr.strip().splitlines()[-1])
         assert again.returncode == 0, again.stderr
         # Acknowledgements travel grouped (the client sends them every 100 ms): a kill loses the last
         # ones, so some of what the killed replay sent is sent again; nothing is left out. The kill may also
@@ -259,6 +263,35 @@ async def test_a_second_replay_of_a_group_at_once_is_refused(
     # Last: the embedded broker's start-up line, or the C++ client's own ERROR line, may come before it.
     assert result.stderr.strip().splitlines()[-1] == f"error: another replay of {dead_letters} is running: wait for it to finish"
     assert len(await replay.show(settings, topic, "billing")) == 1
+
+
+async def test_a_replay_whose_consumer_the_embedded_broker_still_holds_says_how_to_clear_it(
+    settings: Settings, subprocess_env: dict[str, str], topic: str
+) -> None:
+    """pulsar-lite tells a subscription's consumers apart by id alone: a consumer with the replay's id already on
+    `eventbus-replay` (a killed replay's, which pulsar-lite sometimes keeps) makes it drop the replay's connection
+    until the operation timeout. Before, the replay said only "Timeout"."""
+    if settings.url:
+        pytest.skip("pulsar-lite's: Apache Pulsar tells consumers apart by connection too")
+    import pulsar
+
+    async with Harness(settings, [failing(topic)]) as app:
+        await app.publish(topic, {"n": 0})
+        await app.wait_dead_lettered()
+        url = app.bus.url
+        dead_letters, _ = replay.topics(settings, topic, "billing")
+        client = raw_client(url, None)
+        try:
+            # The replay's consumers are numbered as a killed replay's were: 0 reads the topic, 1 is the replay's.
+            client.subscribe(f"{dead_letters}-other", "x")
+            client.subscribe(dead_letters, "eventbus-replay", consumer_type=pulsar.ConsumerType.Shared)
+            result = cli({**subprocess_env, "EVENTBUS_OPERATION_TIMEOUT_SECONDS": "3"}, "dlq", "replay", topic, "billing")
+        finally:
+            client.close()
+    assert result.returncode == 1, result.stdout + result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot subscribe 'eventbus-replay' to {dead_letters}: Timeout: "), last
+    assert "may still hold the consumer of a replay that was killed" in last and "EVENTBUS_DATA_DIR" in last, last
 
 
 async def test_a_retry_topic_that_cannot_be_created_is_logged_and_left(

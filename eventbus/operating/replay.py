@@ -227,6 +227,14 @@ async def _replayed(connection: Connection, dead_letters: str, retries: str) -> 
     return marks
 
 
+#: pulsar-lite 0.2, now and then, keeps the consumer of a replay that was SIGKILLed (a test saw it for over 170 s) and
+#: drops the connection of the next replay's consumer, which has the same consumer id there.
+_STALE_REPLAY = (
+    "the embedded broker may still hold the consumer of a replay that was killed; stop every process using "
+    "EVENTBUS_DATA_DIR (the broker stops with the last one, and forgets it), then run the replay again"
+)
+
+
 @contextlib.asynccontextmanager
 async def _replay_subscription(connection: Connection, dead_letters: str) -> AsyncIterator[Consumer]:
     """The replay subscription, held: one replay (or `show`) of a dead-letter topic at a time.
@@ -249,6 +257,8 @@ async def _replay_subscription(connection: Connection, dead_letters: str) -> Asy
         except EventBusError as exc:
             if exc.result == "ConsumerBusy":
                 raise EventBusError(busy) from None
+            if lease is not None and exc.result == "Timeout":
+                raise EventBusError(f"{exc}: {_STALE_REPLAY}") from exc
             raise
         try:
             yield consumer
