@@ -605,9 +605,13 @@ async def amain(args: argparse.Namespace) -> None:
         meta = {"broker": broker, "python": platform.python_version(), "pulsar_client": pulsar.__version__ if hasattr(pulsar, "__version__") else "", "date": time.strftime("%Y-%m-%d"), "runs": runs}
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     if args.plot:
-        results = [{"meta": {"broker": broker, "date": time.strftime("%Y-%m-%d")}, "rows": rows}]
-        for path in plot.plot(results, Path(args.plot)):
-            print(path)
+        _draw([{"meta": {"broker": broker, "date": time.strftime("%Y-%m-%d")}, "rows": rows}], args.plot)
+
+
+def _draw(results: list[dict[str, Any]], where: str) -> None:
+    """The charts of `results` in the folder `where`, each file's path printed."""
+    for path in plot.plot(results, Path(where)):
+        print(path)
 
 
 async def one_run(args: argparse.Namespace, url: str, settings: Settings) -> list[Row]:
@@ -661,7 +665,6 @@ def main() -> None:
     parser.add_argument("--from", dest="sources", nargs="+", default=[], metavar="JSON", help="results --json wrote")
     args = parser.parse_args()
     if args.plot and args.sources:
-        for path in plot.plot(plot.load(args.sources), Path(args.plot)):
-            print(path)
+        _draw(plot.load(args.sources), args.plot)
         return
     asyncio.run(amain(args))

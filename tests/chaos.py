@@ -602,9 +602,9 @@ def latency_summary(workdir: Path) -> str:
 def held_by_the_killed(handled: dict[tuple[int, str, int], list[list[str]]], run: Run, key: object, late: int) -> bool:
     """Whether a late message of an order violation was in the hands of a SIGKILLed worker: the key's last message
     handled before it (always-failing ones never are) was first handled by a worker SIGKILLed before the late
-    one's first handling. On the embedded
-    broker such a message can come back seconds after the key's newer ones (docs, Guarantees "Left open": pulsar-lite
-    hands a dead consumer's messages back late), a broker fault the bus cannot see."""
+    one's first handling. On the embedded broker such a message can come back seconds after the key's newer ones
+    (docs, Guarantees "Left open": pulsar-lite hands a dead consumer's messages back late), a broker fault the bus
+    cannot see."""
     pub, name = key  # type: ignore[misc]
     earlier = [seq for seq in range(late - 1, max(late - 50, -1), -1) if (pub, name, seq) in handled]
     before, after = handled.get((pub, name, earlier[0])) if earlier else None, handled.get((pub, name, late))
