@@ -14,6 +14,9 @@ REPLAYED_FROM = "eventbus-replayed-from"
 REPLY_TO = "eventbus-reply-to"
 #: Written on a dead letter whose original properties could not be read (one was not UTF-8).
 PROPERTIES_LOST = "eventbus-properties-lost"
+#: On a dead letter of a record read with a schema (an AVRO topic), the writer's schema version on its original
+#: topic: the letter and its replayed copy are stored without a schema, and are read with that version's definition.
+SCHEMA_VERSION = "eventbus-schema-version"
 _ERROR_TEXT_MAX = 2000
 
 #: The properties the bus adds to a dead letter (`dead_letter_properties` writes them).
@@ -43,9 +46,10 @@ def retry_topic(full_topic: str, group: str) -> str:
 
 def dead_letter_properties(
     original: Mapping[str, str] | None, *, reason: str, exc: BaseException, attempts: int, topic: str,
-    message_id: str, group: str,
+    message_id: str, group: str, schema_version: int = -1,
 ) -> dict[str, str]:
-    """A dead letter's properties: the original ones (None: unreadable) and the documented `eventbus-` ones."""
+    """A dead letter's properties: the original ones (None: unreadable) and the documented `eventbus-` ones;
+    `schema_version` (>= 0) names the writer's schema of a record read with one (`SCHEMA_VERSION`)."""
     properties = dict(original) if original is not None else {
         PROPERTIES_LOST: "a property was not UTF-8; the original ones are not copied"
     }
@@ -62,6 +66,8 @@ def dead_letter_properties(
             "ORIGIN_MESSAGE_ID": message_id,
         }
     )
+    if schema_version >= 0:
+        properties[SCHEMA_VERSION] = str(schema_version)
     return properties
 
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from eventbus import Router, Settings
 from eventbus.operating.asyncapi import document
-from eventbus.topics import DEAD_LETTER_PROPERTIES
+from eventbus.topics import DEAD_LETTER_PROPERTIES, SCHEMA_VERSION
 from eventbus.cli import main
 
 SCHEMA = json.loads((Path(__file__).parent / "asyncapi" / "asyncapi-3.0.0.json").read_text())
@@ -151,7 +151,9 @@ def test_channels_operations_and_schemas_say_what_the_app_does() -> None:
     assert schemas["Line"] == Line.model_json_schema()
     dead = resolve(doc, resolve(doc, ops["orders.billing.dead-letter"]["messages"][0]["$ref"])["$ref"])
     assert dead["payload"] == {"$ref": "#/components/schemas/Order"}
-    assert set(resolve(doc, dead["headers"]["$ref"])["properties"]) == set(DEAD_LETTER_PROPERTIES)
+    headers = resolve(doc, dead["headers"]["$ref"])
+    assert set(headers["properties"]) == {*DEAD_LETTER_PROPERTIES, SCHEMA_VERSION}
+    assert headers["required"] == list(DEAD_LETTER_PROPERTIES)  # the schema version only on an AVRO record's
 
 
 def test_eventbus_docs_writes_the_example_apps_document_as_json_or_yaml(

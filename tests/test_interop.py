@@ -22,6 +22,7 @@ from prometheus_client import generate_latest
 from pydantic import BaseModel, ConfigDict
 
 from eventbus import ConfigError, EventBus, Message, PublishError, Router, Settings
+from eventbus.operating import replay
 
 from .conftest import ROOT, admin_urls, eventually, read_stored, running
 from .pulsar_admin import admin
@@ -329,3 +330,42 @@ async def test_a_java_or_go_consumer_reads_the_dead_letters_with_their_key_event
         assert g["properties"]["eventbus-dlq-reason"] == "handler-failed" and g["properties"]["REAL_TOPIC"] == psettings.topic(topic)
         assert (g["properties"]["eventbus-error-type"], g["properties"]["eventbus-error"]) == (
             "ValueError", f"cannot bill {json.loads(g['payload'])['seq']}")
+
+
+async def test_a_dead_letter_of_an_avro_record_is_replayed_and_read_as_avro_again(
+    psettings: Settings, topic: str, peer: Peer
+) -> None:
+    """A dead letter keeps the record's bytes and names its writer's schema version (`eventbus-schema-version`), so
+    the replayed copy, stored schemaless on the retry topic, is read with the original topic's definition.
+
+    Before: the copy was read as JSON and dead-lettered again, `undecodable: ... Invalid JSON`."""
+    failing = True
+    handled: list[Reading] = []
+    router = Router()
+
+    @router.subscribe(topic, "billing", max_retries=0, initial_position="earliest")
+    async def bill(reading: Reading) -> None:
+        if failing:
+            raise ValueError(f"cannot bill {reading.seq} yet")
+        handled.append(reading)
+
+    dead: list[Message] = []
+    check = Router()
+
+    @check.subscribe(psettings.topic(topic) + "-billing-DLQ", "check", initial_position="earliest")
+    async def read_dead(data: bytes, msg: Message) -> None:
+        dead.append(msg)
+
+    done = peer("produce-avro", psettings.topic(topic), "3")
+    assert done.returncode == 0 and "ROW sent 3" in done.stdout, done.stderr[-2000:]
+    async with EventBus(psettings, routers=[router, check]) as bus, running(bus):
+        await eventually(lambda: len(dead) >= 3)
+    assert {m.properties.get("eventbus-schema-version") for m in dead} == {"0"}
+    failing = False
+    report = await replay.replay(psettings, topic, "billing")
+    assert len(report.replayed) == 3 and not report.failed, report
+    async with EventBus(psettings, routers=[router, check]) as bus, running(bus):
+        await eventually(lambda: len(handled) >= 3 or len(dead) > 3)
+    assert len(dead) == 3, [m.properties.get("eventbus-error") for m in dead[3:]]
+    expected = [Reading(sensor=f"sensor-{i % 3}", value=i * 1.5, seq=i, note=None if i % 2 == 0 else "odd") for i in range(3)]
+    assert sorted(handled, key=lambda r: r.seq) == expected

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import io
 import json
 import logging
 from datetime import datetime
@@ -19,7 +20,9 @@ from pydantic import BaseModel
 from eventbus import EventBus, Router, Settings
 from eventbus.codec import encode
 from eventbus.registry import declared_schemas
-from eventbus.schemas import SchemaUnsupported, json_schema_of
+from eventbus.consuming.payloads import TopicPayloads
+from eventbus.schemas import PayloadSchema, SchemaUnsupported, json_schema_of
+from eventbus.topics import SCHEMA_VERSION
 
 from .conftest import eventually, running
 
@@ -147,3 +150,48 @@ async def test_a_declared_models_topic_carries_its_schema_and_its_handler_gets_w
         await bus.publish(topic, Invoice(order="o-1", total=2.5), key="o-1")
         await eventually(lambda: got)
     assert got == [Invoice(order="o-1", total=2.5)]
+
+
+class _Copy:
+    """A message stored without a schema (a replayed dead letter's copy): only what `TopicPayloads` reads."""
+
+    def __init__(self, data: bytes, properties: dict[str, str]) -> None:
+        self._data, self._properties = data, properties
+
+    def int_schema_version(self) -> int:
+        return -1
+
+    def data(self) -> bytes:
+        return self._data
+
+    def properties(self) -> dict[str, str]:
+        return self._properties
+
+
+class Point(BaseModel):
+    x: int
+    label: str
+
+
+@pytest.mark.parametrize(
+    ("stated", "read_as"),
+    [("3", "avro"), (None, "json"), ("", "json"), ("-1", "json"), ("3x", "json"), ("9" * 40, "json")],
+)
+async def test_a_copy_naming_its_writers_schema_version_is_read_with_it_and_any_other_as_sent(
+    stated: str | None, read_as: str
+) -> None:
+    """Only a whole, plausible version counts; anything else on the property leaves the payload read as sent."""
+    definition = {"type": "record", "name": "Point", "fields": [{"name": "x", "type": "long"}, {"name": "label", "type": "string"}]}
+    asked: list[int] = []
+
+    async def fetch(version: int) -> PayloadSchema:
+        asked.append(version)
+        return PayloadSchema("AVRO", "Point", json.dumps(definition))
+
+    out = io.BytesIO()
+    fastavro.schemaless_writer(out, fastavro.parse_schema(definition), {"x": 7, "label": "seven"})
+    data = out.getvalue() if read_as == "avro" else orjson.dumps({"x": 8, "label": "eight"})
+    payloads = TopicPayloads(fetch, Point, lambda raw: Point.model_validate_json(raw))
+    decoded = await payloads.decode(_Copy(data, {} if stated is None else {SCHEMA_VERSION: stated}))  # type: ignore[arg-type]
+    assert decoded == (Point(x=7, label="seven") if read_as == "avro" else Point(x=8, label="eight"))
+    assert asked == ([3] if read_as == "avro" else [])

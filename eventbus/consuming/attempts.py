@@ -225,6 +225,7 @@ class Handling:
             properties = dead_letter_properties(
                 properties_of(message), reason=reason, exc=exc, attempts=attempts, topic=message.topic_name(),
                 message_id=id_text(message.message_id()), group=sub.group,
+                schema_version=-1 if self.payloads is None else message.int_schema_version(),
             )
             sent = await self._dead_letterer.send(message, properties, reason)
             if sent is None:

@@ -9,12 +9,13 @@ from typing import Any
 
 import orjson
 
-from ..broker.client import RawMessage
+from ..broker.client import RawMessage, properties_of
 from ..broker.connect import Connection
 from ..codec import DecodeError, Decoder, value_validator
 from ..errors import EventBusError
 from ..schemas import PayloadSchema, avro_reader
 from ..service.handler import Handler
+from ..topics import SCHEMA_VERSION
 
 log = logging.getLogger("eventbus")
 
@@ -52,7 +53,9 @@ class TopicPayloads:
     async def decode(self, message: RawMessage) -> Any:
         """The payload for the handler; `DecodeError` naming the schema when it cannot be one."""
         version = message.int_schema_version()
-        if version < 0 or self._raw:  # sent without a schema (`dlq replay`, a bus's dict), or the handler wants bytes
+        if version < 0:  # sent without a schema: a replayed dead letter names its writer's version, a bus's dict none
+            version = _stated_version(message)
+        if version < 0 or self._raw:  # sent as JSON or bytes, or the handler wants bytes
             return self._as_sent(message.data())
         if version not in self._readers:
             self._readers[version] = await self._reader(version)
@@ -82,6 +85,12 @@ class TopicPayloads:
         if schema is None or schema.kind != "AVRO":
             return None
         return _record_name(schema), avro_reader(schema.definition)
+
+
+def _stated_version(message: RawMessage) -> int:
+    """The writer's schema version a dead letter's copy names (`SCHEMA_VERSION`); -1: none."""
+    stated = (properties_of(message) or {}).get(SCHEMA_VERSION, "")
+    return int(stated) if stated.isdigit() and len(stated) < 19 else -1
 
 
 def _record_name(schema: PayloadSchema) -> str:

@@ -129,7 +129,9 @@ class SubscriptionRunner:
             ):
                 return
             assert membership.consumer is not None
-            self._handling.payloads = await payloads_for(self._connection, self.topic, self.sub.handler)
+            # A retry topic holds dead letters sent back, written with the main topic's schema versions.
+            read_as = self.replays_for or self.topic
+            self._handling.payloads = await payloads_for(self._connection, read_as, self.sub.handler)
             self._intake = Intake(membership.consumer, Bounds.of(self._settings), self._deliver, self._lanes.begun)
             if self._stopping.is_set():  # stopped while subscribing: take nothing
                 self._intake.drain()

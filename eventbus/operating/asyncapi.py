@@ -15,7 +15,7 @@ from ..registry import Router, Subscription
 from ..service.returns import CORRELATION_ID, REPLY_FAILED
 from ..settings import Settings
 from ..topics import REPLY_TO
-from ..topics import DEAD_LETTER_PROPERTIES
+from ..topics import DEAD_LETTER_PROPERTIES, SCHEMA_VERSION
 
 _PULSAR_BINDING = "0.1.0"
 
@@ -78,7 +78,10 @@ class _Builder:
             self.schemas["eventbus.DeadLetterProperties"] = {
                 "type": "object",
                 "description": "Pulsar message properties the bus adds to a dead letter (the original ones are kept).",
-                "properties": {k: {"type": "string", "description": v} for k, v in DEAD_LETTER_PROPERTIES.items()},
+                "properties": {
+                    **{k: {"type": "string", "description": v} for k, v in DEAD_LETTER_PROPERTIES.items()},
+                    SCHEMA_VERSION: {"type": "string", "description": "the writer's schema version of an AVRO record"},
+                },
                 "required": list(DEAD_LETTER_PROPERTIES),
             }
         unique, n = name, 1
