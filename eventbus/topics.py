@@ -26,7 +26,7 @@ DEAD_LETTER_PROPERTIES = {
     "eventbus-error": "its message (at most 2,000 characters)",
     "eventbus-attempts": "how many times the handler ran",
     "eventbus-original-topic": "the topic the message came from",
-    "eventbus-original-message-id": "its id there, ledger:entry:partition:batch",
+    "eventbus-original-message-id": "its id there, ledger:entry:partition:batch (a chunked message's: first;last chunk)",
     "eventbus-subscription": "the group that gave up on it",
     # Java's DeadLetterPolicy names the same two, so its tools read the bus's dead letters too.
     "REAL_TOPIC": "the topic the message came from (the name Java's DeadLetterPolicy writes)",

@@ -369,3 +369,37 @@ async def test_a_dead_letter_of_an_avro_record_is_replayed_and_read_as_avro_agai
     assert len(dead) == 3, [m.properties.get("eventbus-error") for m in dead[3:]]
     expected = [Reading(sensor=f"sensor-{i % 3}", value=i * 1.5, seq=i, note=None if i % 2 == 0 else "odd") for i in range(3)]
     assert sorted(handled, key=lambda r: r.seq) == expected
+
+
+async def test_a_chunked_message_from_java_is_named_by_its_first_and_last_chunk_as_java_names_it(
+    pulsar: dict, psettings: Settings, topic: str, java: Peer
+) -> None:
+    """Java's producer splits a large message into chunks and names it `first;last`; the bus reported the last
+    chunk's id alone, which no tool of Java's can seek to or look up as the message. Every chunk is acknowledged."""
+    seen: dict[int, str] = {}
+    router = Router()
+
+    @router.subscribe(topic, "billing", max_retries=0, initial_position="earliest")
+    async def bill(order: dict, msg: Message) -> None:
+        seen[order["seq"]] = str(msg.message_id)
+        if order["seq"] == 1:
+            raise ValueError("cannot bill 1")
+
+    dead: list[Message] = []
+    check = Router()
+
+    @check.subscribe(psettings.topic(topic) + "-billing-DLQ", "check", initial_position="earliest")
+    async def read_dead(data: bytes, msg: Message) -> None:
+        dead.append(msg)
+
+    done = java("produce-chunked", psettings.topic(topic), "3", "2500")
+    assert done.returncode == 0, done.stderr[-2000:]
+    java_ids = {row["seq"]: row["id"] for row in rows(done)}
+    assert all(";" in java_id for java_id in java_ids.values()), java_ids  # chunked: `ledger:entry:partition;...`
+    async with EventBus(psettings, routers=[router, check]) as bus, running(bus):
+        await eventually(lambda: len(seen) == 3 and len(dead) == 1)
+    as_java = {seq: ";".join(part.rsplit(":", 1)[0] for part in ours.split(";")) for seq, ours in seen.items()}
+    assert as_java == java_ids
+    assert dead[0].properties["eventbus-original-message-id"] == dead[0].properties["ORIGIN_MESSAGE_ID"] == seen[1]
+    stats = admin(pulsar, "GET", f"/admin/v2/persistent/{psettings.topic(topic).split('://')[1]}/stats")
+    assert stats["subscriptions"]["billing"]["msgBacklog"] == 0 and stats["subscriptions"]["billing"]["unackedMessages"] == 0

@@ -8,9 +8,11 @@ from typing import Any
 
 import pulsar
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from eventbus import Message, Settings
-from eventbus.broker.client import key_of, properties_of
+from eventbus.broker.client import id_text, key_of, properties_of
 from eventbus.message import UnreadableMessage
 
 from .conftest import raw_client
@@ -69,3 +71,39 @@ def test_a_property_that_is_not_utf8_fails_before_the_handler_runs() -> None:
 
     with pytest.raises(UnreadableMessage, match="a property is not UTF-8"):
         Message.of(Raw(), 1)  # type: ignore[arg-type]
+
+
+def _varint(value: int) -> bytes:
+    value &= (1 << 64) - 1  # negative int32/int64 as protobuf writes them: ten bytes of two's complement
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def _id_data(ledger: int, entry: int, partition: int, batch: int, first: bytes | None = None) -> bytes:
+    """`MessageIdData` on the wire, as the client serializes it (fields 1-4, and 7 for a chunked message)."""
+    data = b"\x08" + _varint(ledger) + b"\x10" + _varint(entry) + b"\x18" + _varint(partition) + b"\x20" + _varint(batch)
+    return data + (b"\x3a" + _varint(len(first)) + first if first is not None else b"")
+
+
+_parts = st.tuples(
+    st.integers(0, 2**63 - 1), st.integers(0, 2**63 - 1), st.integers(-1, 2**31 - 1), st.integers(-1, 2**31 - 1)
+)
+
+
+@given(last=_parts, first=st.none() | _parts)
+def test_an_id_is_named_by_its_parts_and_a_chunked_ones_by_its_first_chunk_too(
+    last: tuple[int, int, int, int], first: tuple[int, int, int, int] | None
+) -> None:
+    """The client itself reads the wire form made here (its parts must be `last`'s), so the test's encoder is checked
+    against it; then `id_text` must find the first chunk exactly when there is one. (A chunked message is never
+    batched, and its chunks are on one partition: the client writes the last's partition for both.)"""
+    if first is not None:
+        first, last = (first[0], first[1], last[2], -1), (*last[:3], -1)
+    message_id = pulsar.MessageId.deserialize(_id_data(*last, first=None if first is None else _id_data(*first)))
+    assert (message_id.ledger_id(), message_id.entry_id(), message_id.partition(), message_id.batch_index()) == last
+    named = ":".join(map(str, last))
+    assert id_text(message_id) == (named if first is None else ":".join(map(str, first)) + ";" + named)

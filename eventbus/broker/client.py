@@ -21,6 +21,7 @@ import pulsar.asyncio
 from ..codec import CONTENT_TYPE
 from ..schemas import PayloadSchema
 from ..errors import EventBusError, broker_error
+from .wire import first_chunk
 
 log = logging.getLogger("eventbus")
 
@@ -194,8 +195,11 @@ def key_of(message: RawMessage) -> str | bytes:
 
 
 def id_text(message_id: MessageId) -> str:
-    """``ledger:entry:partition:batch``, as Pulsar's own tools print an id."""
-    return f"{message_id.ledger_id()}:{message_id.entry_id()}:{message_id.partition()}:{message_id.batch_index()}"
+    """``ledger:entry:partition:batch``, as Pulsar's own tools print an id; a chunked message's names its first
+    chunk and its last, ``first;last``, as the Java client does (the parts the client gives are the last's)."""
+    last = f"{message_id.ledger_id()}:{message_id.entry_id()}:{message_id.partition()}:{message_id.batch_index()}"
+    first = first_chunk(message_id.serialize())
+    return last if first is None else "{}:{}:{}:{};".format(*first) + last
 
 
 # str() of an id is what Pulsar's own tools, our logs and the CLI print; pybind11's was a tuple, "(3,-1,0,0)".

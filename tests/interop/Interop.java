@@ -5,13 +5,16 @@
 //   java -cp <classpath> Interop produce-avro <url> <token> <topic> <count>
 //   java -cp <classpath> Interop produce-batched <url> <token> <topic> <count> default|key-based
 //   java -cp <classpath> Interop consume-bytes <url> <token> <topic> <subscription> <count>
+//   java -cp <classpath> Interop produce-chunked <url> <token> <topic> <count> <bytes>
 //
 // consume-json reads <count> messages with Schema.JSON(Reading.class) from the earliest and prints each as
 // one JSON line after "ROW " (the client logs on stdout too): key, properties, event time, the decoded fields.
 // produce-json sends <count> Readings keyed "sensor-<i % 3>" with a property and an event time, then prints
 // "ROW sent <count>"; produce-avro the same with Schema.AVRO(Reading.class); produce-batched sends <count>
 // byte payloads "<i>" keyed "k<i % 4>" at once (sendAsync, then flush) with the batcher named; consume-bytes
-// reads as consume-json does with Schema.BYTES (a topic without a schema: a dead-letter topic), the payload as text. Any failure: its text on stderr and exit 1.
+// reads as consume-json does with Schema.BYTES (a topic without a schema: a dead-letter topic), the payload as text; produce-chunked sends <count> JSON objects {"seq": i, "pad": ...} of about <bytes>
+// bytes each, chunked at 1,000 bytes (batching off, as chunking needs), and prints each one's id as the producer
+// returned it: "ROW {"seq": i, "id": <MessageId.toString()>}". Any failure: its text on stderr and exit 1.
 import java.util.Map;
 import java.util.concurrent.TimeUnit;
 
@@ -45,6 +48,8 @@ public final class Interop {
                 produce(client, Schema.JSON(Reading.class), args[3], Integer.parseInt(args[4]));
             } else if (mode.equals("produce-batched")) {
                 produceBatched(client, args[3], Integer.parseInt(args[4]), args[5].equals("key-based"));
+            } else if (mode.equals("produce-chunked")) {
+                produceChunked(client, args[3], Integer.parseInt(args[4]), Integer.parseInt(args[5]));
             } else if (mode.equals("produce-avro")) {
                 produce(client, Schema.AVRO(Reading.class), args[3], Integer.parseInt(args[4]));
             } else {
@@ -116,6 +121,18 @@ public final class Interop {
             producer.flush();
         }
         System.out.println("ROW sent " + count);
+    }
+
+    private static void produceChunked(PulsarClient client, String topic, int count, int bytes) throws Exception {
+        ObjectMapper json = new ObjectMapper();
+        try (Producer<byte[]> producer = client.newProducer().topic(topic).enableBatching(false)
+                .enableChunking(true).chunkMaxMessageSize(1000).create()) {
+            for (int i = 0; i < count; i++) {
+                byte[] payload = json.writeValueAsBytes(Map.of("seq", i, "pad", "x".repeat(bytes)));
+                var id = producer.newMessage().key("k" + i).value(payload).send();
+                System.out.println("ROW " + json.writeValueAsString(Map.of("seq", i, "id", id.toString())));
+            }
+        }
     }
 
     private static void produce(PulsarClient client, Schema<Reading> schema, String topic, int count)
