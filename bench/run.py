@@ -36,7 +36,7 @@ from pydantic import BaseModel
 
 from eventbus import Batch, CallNext, Depends, EventBus, Message, Router, Settings
 
-from . import defaults, plot
+from . import defaults, plot, schemas
 from .idle import idle_row, print_idle
 
 Row = dict[str, Any]
@@ -625,6 +625,10 @@ async def one_run(args: argparse.Namespace, url: str, settings: Settings) -> lis
         if size == 100 and not args.no_service:
             raw = next(r["msg_s"] for r in rows if r["path"].startswith("raw blocking") and r["size"] == 100)
             rows += await service_rows(url, settings, args.messages, raw)
+        if size == 100 and not settings.uses_embedded and not args.no_schemas:  # pulsar-lite has no registry
+            raw_rates = {op: next(r["msg_s"] for r in rows if r["op"] == op and r["path"].startswith("raw ") and r["size"] == 100)
+                         for op in ("publish", "consume")}
+            rows += await schemas.schema_rows(url, settings, AUTH, args.messages, raw_rates)
     if args.latency_seconds:
         rows.append(await raw_latency_row(url, settings, 1000, args.latency_seconds))
         rows += await latency_rows(url, settings, 1000, args.latency_seconds)
@@ -650,6 +654,7 @@ def main() -> None:
     parser.add_argument("--only-workers", action="store_true", help="only the --workers rows (Apache Pulsar)")
     parser.add_argument("--no-workers", action="store_true", help="without the --workers rows")
     parser.add_argument("--no-service", action="store_true", help="without the service rows (dependency, middleware, batch, request)")
+    parser.add_argument("--no-schemas", action="store_true", help="without the schema rows (Apache Pulsar: declared model, AVRO)")
     parser.add_argument(
         "--defaults", action="store_true",
         help="only the producer defaults grid: compression x batching delay, raw client (--sizes, --messages)",
