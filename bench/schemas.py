@@ -51,7 +51,7 @@ async def schema_rows(url: str, settings: Settings, auth: dict[str, Any], n: int
     rows = await _publish_rows(settings, n)
     for row in rows:
         row["vs_raw"] = row["msg_s"] / raw["publish"]
-    consumed = {"op": "consume", "path": "bus worker, pydantic model, AVRO records, concurrency 1"}
+    consumed: Row = {"op": "consume", "path": "bus worker, pydantic model, AVRO records, concurrency 1"}
     consumed["msg_s"] = await _consume_avro(url, settings, auth, n)
     consumed["vs_raw"] = consumed["msg_s"] / raw["consume"]
     rows.append(consumed)
