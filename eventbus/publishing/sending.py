@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, cast
@@ -72,24 +73,29 @@ class Instrumented(Publishing):
         tracing: Tracing | None, observer: Observer | None,
     ) -> None:
         super().__init__(producers)
-        self._settings = settings
+        # A topic's full name, resolved once: checking the name each time cost a declared topic's publishes
+        # a quarter of their rate (bench, 23k -> 17k msg/s).
+        self._full = functools.lru_cache(maxsize=4096)(settings.topic)
         self._publications = publications
         self._tracing = tracing
         self._observer = observer
 
     async def publish(self, topic: str, payload: Any, options: PublishOptions, _caller: Caller) -> MessageId:
-        full = self._settings.topic(topic)
+        full = self._full(topic)
         publication = self._publications.get(full)
         if publication is not None:
             publication.check(payload)
+        if self._tracing is None and self._observer is None:  # declared types alone: checked, then sent plainly
+            return await super().publish(topic, payload, options, _caller)
         data, content_type = encode(payload)
         with self._span(full, options.get("properties")) as (span, traced):
             sent: PublishOptions = {**options, "properties": traced}
             message, size = build_message(data, content_type, **sent)
-            producer = await self._producers.get(topic)
-            message_id = await producer.send(
-                message, options.get("key"), size, batchable=options.get("deliver_after") is None
-            )
+            producers = self._producers
+            producer = producers.ready.get(topic) or await producers.get(topic)
+            if not producer.reserve_nowait():
+                await producer.reserve()
+            message_id = await producer.enqueue(message, options.get("key"), size, options.get("deliver_after") is None)
             if span is not None:
                 span.set_attribute("messaging.message.id", id_text(message_id))
         if self._observer is not None:
@@ -98,7 +104,7 @@ class Instrumented(Publishing):
 
     async def publish_batch(self, topic: str, payloads: Iterable[Any], options: BatchOptions, _caller: Caller) -> list[MessageId]:
         encoded = _encoded(payloads)
-        full = self._settings.topic(topic)
+        full = self._full(topic)
         publication = self._publications.get(full)
         if publication is not None:
             for index, (payload, _, _) in enumerate(encoded):
