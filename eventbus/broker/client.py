@@ -21,7 +21,7 @@ import pulsar.asyncio
 from ..codec import CONTENT_TYPE
 from ..schemas import PayloadSchema
 from ..errors import EventBusError, broker_error
-from .wire import first_chunk
+from .wire import fields, first_chunk
 
 log = logging.getLogger("eventbus")
 
@@ -219,7 +219,8 @@ def batch_size(message_id: MessageId) -> int:
     batch into its receiver queue one message at a time, so an empty queue can still be short
     of the rest of the batch (a read-back that stopped there lost the end of the last batch).
     """
-    return max(1, _varint_fields(message_id.serialize()).get(6, 0))
+    size = fields(message_id.serialize()).get(6, 0)  # MessageIdData.batch_size
+    return max(1, size) if isinstance(size, int) else 1
 
 
 def id_key(message: RawMessage) -> IdKey:
@@ -237,35 +238,6 @@ def entry_of(key: IdKey) -> bytes:
     """
     found = _ENTRY.match(key)
     return found.group() if found is not None else key
-
-
-def _varint_fields(data: bytes) -> dict[int, int]:
-    """The varint fields of a protobuf message (`MessageIdData`: 1 ledger, 2 entry, 3 partition, 4 batch index,
-    6 batch size), by number."""
-    found: dict[int, int] = {}
-    i = 0
-    while i < len(data):
-        key, i = _varint(data, i)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            found[field], i = _varint(data, i)
-        elif wire == 2:
-            length, i = _varint(data, i)
-            i += length
-        else:
-            i += 8 if wire == 1 else 4
-    return found
-
-
-def _varint(data: bytes, i: int) -> tuple[int, int]:
-    value, shift = 0, 0
-    while True:
-        byte = data[i]
-        value |= (byte & 0x7F) << shift
-        i += 1
-        if byte < 0x80:
-            return value, i
-        shift += 7
 
 
 class LastEntry:
