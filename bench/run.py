@@ -628,7 +628,7 @@ async def one_run(args: argparse.Namespace, url: str, settings: Settings) -> lis
         if size == 100 and not settings.uses_embedded and not args.no_schemas:  # pulsar-lite has no registry
             raw_rates = {op: next(r["msg_s"] for r in rows if r["op"] == op and r["path"].startswith("raw ") and r["size"] == 100)
                          for op in ("publish", "consume")}
-            rows += await schemas.schema_rows(url, settings, AUTH, args.messages, raw_rates)
+            rows += await schemas.schema_rows(url, settings, AUTH, args.messages, raw_rates, producer_options(settings))
     if args.latency_seconds:
         rows.append(await raw_latency_row(url, settings, 1000, args.latency_seconds))
         rows += await latency_rows(url, settings, 1000, args.latency_seconds)

@@ -46,13 +46,16 @@ def _topic() -> str:
     return f"persistent://public/default/bench-schema-{uuid.uuid4().hex[:10]}"
 
 
-async def schema_rows(url: str, settings: Settings, auth: dict[str, Any], n: int, raw: dict[str, float]) -> list[Row]:
-    """`raw`: this run's raw publish and consume rates at 100 B, which the rows are compared with."""
+async def schema_rows(
+    url: str, settings: Settings, auth: dict[str, Any], n: int, raw: dict[str, float], producing: dict[str, Any]
+) -> list[Row]:
+    """`raw`: this run's raw publish and consume rates at 100 B, which the rows are compared with; `producing`: the
+    options the other rows' backlogs are written with (the AVRO backlog too: batching decides a consumer's rate)."""
     rows = await _publish_rows(settings, n)
     for row in rows:
         row["vs_raw"] = row["msg_s"] / raw["publish"]
     consumed: Row = {"op": "consume", "path": "bus worker, pydantic model, AVRO records, concurrency 1"}
-    consumed["msg_s"] = await _consume_avro(url, settings, auth, n)
+    consumed["msg_s"] = await _consume_avro(url, settings, auth, n, producing)
     consumed["vs_raw"] = consumed["msg_s"] / raw["consume"]
     rows.append(consumed)
     for row in rows:
@@ -83,10 +86,10 @@ async def _publish_rows(settings: Settings, n: int) -> list[Row]:
     return rows
 
 
-async def _consume_avro(url: str, settings: Settings, auth: dict[str, Any], n: int) -> float:
+async def _consume_avro(url: str, settings: Settings, auth: dict[str, Any], n: int, producing: dict[str, Any]) -> float:
     """A worker's rate through a backlog of `n` AVRO records (Java's `Schema.AVRO`), decoded into the model."""
     t = _topic()
-    await anyio.to_thread.run_sync(_fill_avro, url, auth, t, n)
+    await anyio.to_thread.run_sync(_fill_avro, url, auth, t, n, producing)
     count = 0
     done = anyio.Event()
     router = Router()
@@ -107,9 +110,9 @@ async def _consume_avro(url: str, settings: Settings, auth: dict[str, Any], n: i
     return rate
 
 
-def _fill_avro(url: str, auth: dict[str, Any], t: str, n: int) -> None:
+def _fill_avro(url: str, auth: dict[str, Any], t: str, n: int, producing: dict[str, Any]) -> None:
     client = pulsar.Client(url, logger=pulsar.ConsoleLogger(_pulsar.LoggerLevel.Error), **auth)
-    producer = client.create_producer(t, schema=AvroSchema(ReadingRecord), batching_type=pulsar.BatchingType.KeyBased)
+    producer = client.create_producer(t, schema=AvroSchema(ReadingRecord), **producing)
     for i in range(n):
         r = _reading(i)
         producer.send_async(ReadingRecord(sensor=r.sensor, seq=r.seq, value=r.value, pad=r.pad), None, partition_key=r.sensor)
