@@ -38,6 +38,7 @@ from eventbus import Batch, CallNext, Depends, EventBus, Message, Router, Settin
 
 from . import defaults, plot, schemas
 from .idle import idle_row, print_idle
+from .timing import worker_rate
 
 Row = dict[str, Any]
 AUTH: dict[str, Any] = {}  # authentication for the raw clients, when the broker wants a token
@@ -283,15 +284,7 @@ async def _consume_with(
     url: str, settings: Settings, n: int, router: Router, t: str, done: anyio.Event, size: int = 100, **options: Any
 ) -> float:
     """Messages per second a worker with `router` handles a backlog of `n` at, from its start (`done` set at the last)."""
-    async with EventBus(settings, routers=[router], **options) as bus:
-        await fill(url, settings, t, n, size)
-        async with anyio.create_task_group() as tg:
-            start = time.perf_counter()
-            await tg.start(lambda task_status: bus.run(handle_signals=False, task_status=task_status))
-            await done.wait()
-            rate = n / (time.perf_counter() - start)
-            bus.stop()
-    return rate
+    return await worker_rate(settings, router, n, done, lambda: fill(url, settings, t, n, size), **options)
 
 
 async def app_db() -> AsyncIterator[dict[str, int]]:

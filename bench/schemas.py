@@ -15,6 +15,8 @@ from pydantic import BaseModel
 
 from eventbus import EventBus, Router, Settings
 
+from .timing import worker_rate
+
 Row = dict[str, Any]
 _TASKS = 1000
 
@@ -89,7 +91,6 @@ async def _publish_rows(settings: Settings, n: int) -> list[Row]:
 async def _consume_avro(url: str, settings: Settings, auth: dict[str, Any], n: int, producing: dict[str, Any]) -> float:
     """A worker's rate through a backlog of `n` AVRO records (Java's `Schema.AVRO`), decoded into the model."""
     t = _topic()
-    await anyio.to_thread.run_sync(_fill_avro, url, auth, t, n, producing)
     count = 0
     done = anyio.Event()
     router = Router()
@@ -101,13 +102,7 @@ async def _consume_avro(url: str, settings: Settings, auth: dict[str, Any], n: i
         if count == n:
             done.set()
 
-    async with EventBus(settings, routers=[router]) as bus, anyio.create_task_group() as tg:
-        start = time.perf_counter()
-        await tg.start(lambda task_status: bus.run(handle_signals=False, task_status=task_status))
-        await done.wait()
-        rate = n / (time.perf_counter() - start)
-        bus.stop()
-    return rate
+    return await worker_rate(settings, router, n, done, lambda: anyio.to_thread.run_sync(_fill_avro, url, auth, t, n, producing))
 
 
 def _fill_avro(url: str, auth: dict[str, Any], t: str, n: int, producing: dict[str, Any]) -> None:

@@ -3,7 +3,7 @@
 The C++ client treats a rejected CONNECT as a connection error and retries
 until the operation timeout, then reports only "Timeout". One CONNECT of our
 own, before the client starts, turns that into a clear error in milliseconds.
-Only the few fields of PulsarApi.proto that a handshake needs are encoded here.
+Only the few fields of PulsarApi.proto that a handshake needs are encoded here (and read by `wire.fields`).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import ssl
 import struct
+
+from .wire import fields
 
 _CONNECT, _CONNECTED, _ERROR = 2, 3, 14
 _PROTOCOL_VERSION = 19
@@ -41,35 +43,6 @@ def _field(number: int, value: int | bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(value)) + value
 
 
-def _fields(data: bytes) -> dict[int, int | bytes]:
-    out: dict[int, int | bytes] = {}
-    pos = 0
-    while pos < len(data):
-        key, pos = _read_varint(data, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _read_varint(data, pos)
-            out[number] = value
-        elif wire == 2:
-            length, pos = _read_varint(data, pos)
-            out[number] = data[pos : pos + length]
-            pos += length
-        else:  # no other wire types occur in these two commands
-            break
-    return out
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    shift = value = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-
-
 def connect_frame(token: str | None) -> bytes:
     connect = _field(1, b"eventbus-handshake") + _field(4, _PROTOCOL_VERSION)
     if token:
@@ -86,18 +59,18 @@ async def handshake(host: str, port: int, token: str | None, tls: ssl.SSLContext
             writer.write(connect_frame(token))
             await writer.drain()
             total, size = struct.unpack(">II", await reader.readexactly(8))
-            command = _fields(await reader.readexactly(size))
+            command = fields(await reader.readexactly(size))
             await reader.readexactly(total - 4 - size)
         finally:
             writer.close()
     kind = command.get(1)
     connected, error = command.get(3), command.get(14)
     if kind == _CONNECTED and isinstance(connected, bytes):
-        version = _fields(connected).get(1, b"")
+        version = fields(connected).get(1, b"")
         return version.decode(errors="replace") if isinstance(version, bytes) else ""
     if kind == _ERROR and isinstance(error, bytes):
-        fields = _fields(error)
-        code, message = fields.get(2, 0), fields.get(3, b"")
+        found = fields(error)
+        code, message = found.get(2, 0), found.get(3, b"")
         name = _SERVER_ERRORS.get(code, f"ServerError {code!r}") if isinstance(code, int) else "ServerError"
         raise HandshakeRejected(name, message.decode(errors="replace") if isinstance(message, bytes) else "")
     raise HandshakeRejected("UnexpectedResponse", f"command type {kind!r}")

@@ -1,4 +1,4 @@
-"""A message id's wire form (Pulsar's `MessageIdData`), read for what the client does not expose: a batch's size, a chunked message's first chunk."""
+"""Protobuf read by hand (Pulsar's `MessageIdData`, a handshake's replies): what the client does not expose."""
 
 from __future__ import annotations
 
