@@ -6,6 +6,7 @@ first build takes about 2 minutes) runs the same scenarios with EB_INTEROP_GO=1.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -44,6 +45,19 @@ class Peer:
             [*self.command, mode, self.pulsar["service_url"], self.pulsar["client_token"], *args],
             capture_output=True, text=True, timeout=120,
         )
+
+    async def started(self, mode: str, *args: str) -> tuple[subprocess.Popen[str], list[str]]:
+        """A mode running in the background once it printed its ready row, and the lines it printed until then."""
+        command = [*self.command, mode, self.pulsar["service_url"], self.pulsar["client_token"], *args]
+        process = await anyio.to_thread.run_sync(lambda: subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))
+        assert process.stdout is not None
+        before: list[str] = []
+        while not (line := await anyio.to_thread.run_sync(process.stdout.readline)).startswith('ROW {"ready":true}'):
+            assert line, f"{mode} ended before it was ready: {process.stderr.read() if process.stderr else ''}"
+            before.append(line)
+        return process, before
 
 
 class Reading(BaseModel):
@@ -369,6 +383,59 @@ async def test_a_dead_letter_of_an_avro_record_is_replayed_and_read_as_avro_agai
     assert len(dead) == 3, [m.properties.get("eventbus-error") for m in dead[3:]]
     expected = [Reading(sensor=f"sensor-{i % 3}", value=i * 1.5, seq=i, note=None if i % 2 == 0 else "odd") for i in range(3)]
     assert sorted(handled, key=lambda r: r.seq) == expected
+
+
+async def test_a_java_key_shared_consumer_and_a_worker_share_a_group_each_key_whole_and_in_order_on_one(
+    psettings: Settings, topic: str, java: Peer
+) -> None:
+    """A Java service's Key_Shared consumer and an eventbus worker in one group (the bus's key-based batches)."""
+    took: list[tuple[str, int]] = []
+    router = Router()
+
+    @router.subscribe(topic, "shared-g")  # key_shared
+    async def take(n: int, msg: Message) -> None:
+        took.append((str(msg.key), n))
+
+    process, _ = await java.started("consume-keyshared", psettings.topic(topic), "shared-g", "5")
+    async with EventBus(psettings, routers=[router]) as bus, running(bus):
+        await asyncio.gather(*(bus.publish(topic, n, key=f"k{n % 32}") for n in range(320)))  # in order per key
+        out, err = await anyio.to_thread.run_sync(lambda: process.communicate(timeout=120))
+        assert process.returncode == 0, err[-2000:]
+        java_took = [(row["key"], int(row["payload"])) for row in rows(subprocess.CompletedProcess([], 0, out, err))]
+        await eventually(lambda: len(took) + len(java_took) >= 320)
+    assert sorted(n for _, n in took + java_took) == list(range(320)), "each message once, to one of them"
+    assert took and java_took, "both members took keys"
+    for side in (took, java_took):
+        for key in {k for k, _ in side}:
+            assert [n for k, n in side if k == key] == sorted(n for k, n in side if k == key), f"{key} in order"
+    assert not {k for k, _ in took} & {k for k, _ in java_took}, "a key to one member only"
+
+
+async def test_a_group_a_java_service_holds_as_shared_is_one_error_then_joined_once_it_leaves(
+    psettings: Settings, topic: str, java: Peer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: the bus said it stood by 'for another member' and waited, while the client logged ConsumerBusy."""
+    handled: list[int] = []
+    router = Router()
+
+    @router.subscribe(topic, "g")  # key_shared
+    async def take(n: int) -> None:
+        handled.append(n)
+
+    process, _ = await java.started("hold-shared", psettings.topic(topic), "g")
+    with caplog.at_level(logging.INFO, logger="eventbus"):
+        async with EventBus(psettings, routers=[router]) as bus, running(bus):
+            def refused() -> list[logging.LogRecord]:
+                return [r for r in caplog.records if "cannot join group g" in r.getMessage()]
+
+            await eventually(refused, what="the ERROR naming the other subscription type")
+            assert process.stdin is not None
+            process.stdin.close()
+            await anyio.to_thread.run_sync(lambda: process.wait(60))
+            await bus.publish(topic, 7)
+            await eventually(lambda: handled == [7], timeout=60, what="the worker to join once Java left")
+    [error] = refused()
+    assert error.levelname == "ERROR" and "give every member the same subscription_type" in error.getMessage()
 
 
 async def test_a_chunked_message_from_java_is_named_by_its_first_and_last_chunk_as_java_names_it(

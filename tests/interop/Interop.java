@@ -6,6 +6,8 @@
 //   java -cp <classpath> Interop produce-batched <url> <token> <topic> <count> default|key-based
 //   java -cp <classpath> Interop consume-bytes <url> <token> <topic> <subscription> <count>
 //   java -cp <classpath> Interop produce-chunked <url> <token> <topic> <count> <bytes>
+//   java -cp <classpath> Interop consume-keyshared <url> <token> <topic> <subscription> <idle-seconds>
+//   java -cp <classpath> Interop hold-shared <url> <token> <topic> <subscription>
 //
 // consume-json reads <count> messages with Schema.JSON(Reading.class) from the earliest and prints each as
 // one JSON line after "ROW " (the client logs on stdout too): key, properties, event time, the decoded fields.
@@ -14,7 +16,10 @@
 // byte payloads "<i>" keyed "k<i % 4>" at once (sendAsync, then flush) with the batcher named; consume-bytes
 // reads as consume-json does with Schema.BYTES (a topic without a schema: a dead-letter topic), the payload as text; produce-chunked sends <count> JSON objects {"seq": i, "pad": ...} of about <bytes>
 // bytes each, chunked at 1,000 bytes (batching off, as chunking needs), and prints each one's id as the producer
-// returned it: "ROW {"seq": i, "id": <MessageId.toString()>}". Any failure: its text on stderr and exit 1.
+// returned it: "ROW {"seq": i, "id": <MessageId.toString()>}"; consume-keyshared joins the subscription as
+// Key_Shared, prints "ROW {"ready": true}", then prints each message as "ROW {"key": ..., "payload": ...}" (and
+// acknowledges it) until none came for <idle-seconds>; hold-shared holds the subscription as Shared, prints
+// "ROW {"ready": true}" and keeps it until its stdin closes. Any failure: its text on stderr and exit 1.
 import java.util.Map;
 import java.util.concurrent.TimeUnit;
 
@@ -27,6 +32,7 @@ import org.apache.pulsar.client.api.Producer;
 import org.apache.pulsar.client.api.PulsarClient;
 import org.apache.pulsar.client.api.Schema;
 import org.apache.pulsar.client.api.SubscriptionInitialPosition;
+import org.apache.pulsar.client.api.SubscriptionType;
 
 public final class Interop {
     /** The payload both sides share; a Java team writes it as a plain class with public fields. */
@@ -50,6 +56,10 @@ public final class Interop {
                 produceBatched(client, args[3], Integer.parseInt(args[4]), args[5].equals("key-based"));
             } else if (mode.equals("produce-chunked")) {
                 produceChunked(client, args[3], Integer.parseInt(args[4]), Integer.parseInt(args[5]));
+            } else if (mode.equals("consume-keyshared")) {
+                consumeKeyShared(client, args[3], args[4], Integer.parseInt(args[5]));
+            } else if (mode.equals("hold-shared")) {
+                holdShared(client, args[3], args[4]);
             } else if (mode.equals("produce-avro")) {
                 produce(client, Schema.AVRO(Reading.class), args[3], Integer.parseInt(args[4]));
             } else {
@@ -121,6 +131,36 @@ public final class Interop {
             producer.flush();
         }
         System.out.println("ROW sent " + count);
+    }
+
+    private static void consumeKeyShared(PulsarClient client, String topic, String subscription, int idleSeconds)
+            throws Exception {
+        ObjectMapper json = new ObjectMapper();
+        try (Consumer<byte[]> consumer = client.newConsumer(Schema.BYTES).topic(topic).subscriptionName(subscription)
+                .subscriptionType(SubscriptionType.Key_Shared).subscribe()) {
+            System.out.println("ROW " + json.writeValueAsString(Map.of("ready", true)));
+            System.out.flush();
+            while (true) {
+                Message<byte[]> message = consumer.receive(idleSeconds, TimeUnit.SECONDS);
+                if (message == null) {
+                    break;
+                }
+                System.out.println("ROW " + json.writeValueAsString(Map.of(
+                        "key", message.getKey(), "payload", new String(message.getValue(), "UTF-8"))));
+                consumer.acknowledge(message);
+            }
+        }
+    }
+
+    private static void holdShared(PulsarClient client, String topic, String subscription) throws Exception {
+        try (Consumer<byte[]> consumer = client.newConsumer(Schema.BYTES).topic(topic).subscriptionName(subscription)
+                .subscriptionType(SubscriptionType.Shared).receiverQueueSize(0).subscribe()) {
+            System.out.println("ROW {\"ready\":true}");
+            System.out.flush();
+            while (System.in.read() != -1) {
+                // held until the test closes stdin
+            }
+        }
     }
 
     private static void produceChunked(PulsarClient client, String topic, int count, int bytes) throws Exception {
