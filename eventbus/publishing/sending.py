@@ -93,9 +93,9 @@ class Instrumented(Publishing):
             message, size = build_message(data, content_type, **sent)
             producers = self._producers
             producer = producers.ready.get(topic) or await producers.get(topic)
-            if not producer.reserve_nowait():
-                await producer.reserve()
-            message_id = await producer.enqueue(message, options.get("key"), size, options.get("deliver_after") is None)
+            message_id = await producer.send(
+                message, options.get("key"), size, batchable=options.get("deliver_after") is None
+            )
             if span is not None:
                 span.set_attribute("messaging.message.id", id_text(message_id))
         if self._observer is not None:
