@@ -52,6 +52,7 @@ class SubscribeOptions(TypedDict, total=False):
     reject_on: tuple[type[BaseException], ...]
     returns_to: str | None
     batch: Batch | None
+    effectively_once: bool
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,8 @@ class Subscription:
     returns_to: str | None = None
     #: Handle many messages per call (see `Batch`); None: one at a time.
     batch: Batch | None = None
+    #: Store each output of a message once however often its handler runs (broker deduplication; see `subscribe`).
+    effectively_once: bool = False
     #: Its router's middleware, around each attempt (after the bus's).
     middleware: tuple[object, ...] = ()
 
@@ -150,6 +153,7 @@ def _problems(sub: Subscription) -> list[tuple[bool, str]]:
             f"retry_backoff_max={sub.retry_backoff_max!r} must be seconds >= retry_backoff",
         ),
         (isinstance(sub.dead_letter, bool), f"dead_letter={sub.dead_letter!r} must be True or False"),
+        *_once_problems(sub),
         (
             sub.initial_position in ("latest", "earliest"),
             f"initial_position={sub.initial_position!r} must be 'latest' or 'earliest'",
@@ -162,6 +166,19 @@ def _problems(sub: Subscription) -> list[tuple[bool, str]]:
             isinstance(reject_on, tuple) and all(isinstance(t, type) and issubclass(t, BaseException) for t in reject_on),
             f"reject_on={reject_on!r} must be a tuple of exception types, e.g. (ValueError,)",
         ),
+    ]
+
+
+def _once_problems(sub: Subscription) -> list[tuple[bool, str]]:
+    once = sub.effectively_once
+    return [
+        (isinstance(once, bool), f"effectively_once={once!r} must be True or False"),
+        (
+            once is not True or sub.subscription_type in ("failover", "exclusive"),
+            f"effectively_once=True needs subscription_type='failover' (or 'exclusive'): one consumer per partition "
+            f"gives each input's outputs one producer; {sub.subscription_type!r} shares a partition between members",
+        ),
+        (once is not True or sub.batch is None, "effectively_once=True is for handlers of one message, not batch="),
     ]
 
 
@@ -221,6 +238,9 @@ class Router:
         (latest) say how it consumes. With `returns_to`, what the handler returns (not None)
         is published there, keyed as its message, and the message is acknowledged only once
         the broker stored it; a request's reply (`EventBus.request`) goes back either way.
+        `effectively_once=True` (failover or exclusive subscriptions, on a namespace with
+        deduplication): what the handler publishes, returns or replies is stored once however
+        often it runs for one message; the n-th output of a rerun is taken as the n-th of the first run.
         """
         known = list(SubscribeOptions.__annotations__)
         for name in options:

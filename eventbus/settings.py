@@ -97,6 +97,14 @@ def broker_addresses(url: str) -> list[tuple[str, int]]:
     return out
 
 
+def admin_urls(settings: Settings) -> list[str]:
+    """The admin API's base URLs: EVENTBUS_ADMIN_URL's (comma-separated), else each broker's host on port 8080."""
+    if settings.admin_url:
+        return [url.strip().rstrip("/") for url in settings.admin_url.split(",") if url.strip()]
+    scheme = "https" if settings.url.startswith("pulsar+ssl://") else "http"
+    return [f"{scheme}://{host}:8080" for host, _ in broker_addresses(settings.url)]
+
+
 class _CheckedDotEnv(PydanticBaseSettingsSource):
     """The `.env` source, refusing an `EVENTBUS_*` key that is not a setting, as the environment does.
 
@@ -195,6 +203,11 @@ class Settings(BaseSettings):
     producer_name: str | None = Field(
         default=None,
         description="A stable producer name: with broker deduplication on, a resent sequence id is stored once.",
+    )
+    deduplication: bool | None = Field(
+        default=None,
+        description="Whether the namespace deduplicates (effectively_once subscriptions need it); empty: the worker "
+        "asks the admin API at start (EVENTBUS_ADMIN_URL, EVENTBUS_ADMIN_TOKEN).",
     )
 
     send_deadline_seconds: float = Field(

@@ -25,6 +25,7 @@ from ..service.returns import Answers
 from ..topics import dead_letter_properties
 from .dead_letterer import DeadLetterer, Sender
 from .deadlines import Deadlines, HandlerTimeout, sleep_unless
+from .outputs import OnceSender, Outputs, Turns
 from .payloads import TopicPayloads
 from .reporting import report_for
 
@@ -67,10 +68,12 @@ class Handling:
         dead_letter_topic: str | None = None,
         app: AppScope | None = None,
         middleware: tuple[object, ...] = (),
+        once: tuple[Turns, OnceSender] | None = None,
     ) -> None:
         """`dead_letter_topic`: where this topic's dead letters go, if not its own (a retry topic's: its main topic's).
         `app`: the worker's app-scoped dependency values (and overrides), for a handler with dependencies.
         `middleware`: the bus's, wrapped around the subscription's own (its router's) and the handler.
+        `once`: the runner's turns and the sender of effectively-once outputs (None: outputs go at least once).
 
         `finished` is set once the runner hands out no more messages. Not at stop: a message in a retry's
         backoff is in flight, and the drain (bounded by its timeout) finishes it.
@@ -98,6 +101,9 @@ class Handling:
         self._answering = sub.returns_to is not None or sub.handler.may_return
         # Log lines about a message carry these (JSON logs show them as fields).
         self._log_fields = {"topic": topic, "group": sub.group}
+        self._once = once
+        if once is not None:
+            self.handle = self._handle_once  # type: ignore[method-assign]
 
     @property
     def dead_letter_failures(self) -> int:
@@ -175,6 +181,21 @@ class Handling:
                     return False  # unacknowledged: redelivered
                 # A fresh copy: the handler may have changed it.
                 payload = handler.decode(data) if payloads is None else await payloads.decode(message)
+
+    async def _handle_once(self, message: RawMessage) -> bool:
+        """`handle`, with the message's outputs sent under ids derived from it, after every earlier message's."""
+        assert self._once is not None
+        turns, sender = self._once
+        outputs = Outputs(turns, sender, self.sub.group, message)
+        current = self._context()
+        current.outputs = outputs
+        handled = False
+        try:
+            handled = await Handling.handle(self, message)
+            return handled
+        finally:
+            current.outputs = None
+            outputs.finish(handled)
 
     def _context(self) -> Attempt:
         """The lane task's attempt context, made once per task for all its messages: the handler's log lines

@@ -113,19 +113,20 @@ class Lanes(Generic[M, I]):
         del self._queues[lane]
         return False
 
-    def stop(self) -> int:
+    def stop(self, keep_queued: bool = False) -> int:
         """Take no new batches: returns how many queued messages are left for the broker to send again.
 
         The client acknowledges a batch to the broker only once every message of it is acknowledged, and
         forgets a partial one when the consumer closes: the broker then sends the whole batch again, the
         messages handled before the stop included. So the rest of every batch begun (a message of it
         running or acknowledged) is handled too, and everything else queued is left unacknowledged. A
-        lane keeps its order: behind a message left, the lane's later ones are left too.
+        lane keeps its order: behind a message left, the lane's later ones are left too. `keep_queued`: every
+        queued message counts as begun (effectively-once outputs go in the order received: none may be skipped).
         """
         if self._begun is not None:
             return 0
         queued = {ident for queue in self._queues.values() for _, ident in queue}
-        started = self._active - queued  # a running message is no longer in its lane's queue
+        started = self._active if keep_queued else self._active - queued  # a running one is out of its queue
         # Every acknowledged one: a batch's rest may still be in the client's queue, or on another partition's.
         begun = set(map(self._batch_of, started)) | set(map(self._batch_of, self._recent))
         self._begun = frozenset(begun)

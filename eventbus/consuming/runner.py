@@ -27,6 +27,7 @@ from .dispatch import Dispatch
 from .intake import Bounds, Intake
 from .lanes import Lanes, MixedKeys
 from .membership import Membership, State
+from .outputs import OnceSender, Turns, place
 
 log = logging.getLogger("eventbus")
 
@@ -41,19 +42,22 @@ class SubscriptionRunner:
         self, sub: Subscription, topic: str, connection: Connection, settings: Settings, *, bus: Publisher,
         dead_letters: Sender, metrics: Metrics | None = None, tracing: Tracing | None = None,
         observer: Observer | None = None, replays_for: str | None = None, app: AppScope | None = None,
-        middleware: tuple[object, ...] = (),
+        middleware: tuple[object, ...] = (), once: OnceSender | None = None,
     ) -> None:
         """`replays_for`: this runner consumes the retry topic of that main topic (dead letters sent back
         by `eventbus dlq replay`): failures go to the main topic's dead-letter topic, and a retry topic
-        that cannot be subscribed (auto-creation off) is logged and left, not fatal."""
+        that cannot be subscribed (auto-creation off) is logged and left, not fatal. `once`: where an
+        effectively-once subscription's outputs go (None: the broker does not deduplicate; at least once)."""
         self.sub, self.topic, self.replays_for = sub, topic, replays_for
         self._settings, self._connection = settings, connection
         self._stopping = asyncio.Event()
         self._finished_handling = asyncio.Event()
+        #: An effectively-once subscription's inputs not yet done, in the order received (their outputs go in it).
+        self._turns = Turns() if once is not None and sub.effectively_once else None
         self._handling = (BatchHandling if sub.batch is not None else Handling)(
             sub, topic, bus, dead_letters, self._finished_handling, metrics, tracing, observer,
             dead_letter_topic=sub.dead_letter_topic(replays_for) if replays_for else None, app=app,
-            middleware=middleware,
+            middleware=middleware, once=(self._turns, once) if self._turns is not None and once is not None else None,
         )
         self._counts = metrics.subscription(topic, sub.group) if metrics is not None else None
         if self._counts is not None:
@@ -162,7 +166,8 @@ class SubscriptionRunner:
         if self._stopping.is_set():
             return
         self._stopping.set()
-        left = self._lanes.stop()
+        # Effectively once, nothing received is left: a message left would come back below the ids sent after it.
+        left = self._lanes.stop(keep_queued=self._turns is not None)
         self._not_handled("left_at_stop", left)
         if self._intake is not None:
             self._intake.finish(left)
@@ -250,12 +255,15 @@ class SubscriptionRunner:
         if self._counts is not None:
             self._counts.received += len(batch)
         admit, ordered, unique, mixed = self._lanes.admit, self.sub.ordered, self._unique, self._mixed
+        turns = self._turns
         for message in batch:
             # A key that is not UTF-8 (any producer may send one) is its lane as bytes.
             ident, key = id_key(message), key_of(message) if ordered else next(unique)
             if mixed is not None and mixed.seen(ident, key):
                 self._mixed_batch(mixed.count)
             verdict = admit(message, ident, key)
+            if turns is not None and verdict == "queued":
+                turns.admit(*place(message))
             if verdict != "queued":
                 self._intake.finish(1, message.length())
                 if verdict == "left_at_stop":

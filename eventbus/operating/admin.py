@@ -14,11 +14,10 @@ import orjson
 from ..broker.embedded import stored_topics
 from ..errors import ConfigError, EventBusError
 from ..schemas import PayloadSchema
-from ..settings import Settings, broker_addresses, redacted
+from ..settings import Settings, admin_urls, redacted
 from ..topics import REPLAY_SUBSCRIPTION, dead_letter_topic
 
 #: Where the test kit's and compose's Pulsar serve the admin API beside the broker's 6650.
-_ADMIN_PORT = 8080
 _REDIRECTS_MAX = 5
 
 
@@ -74,14 +73,6 @@ class SubscriptionStatus:
     dead_letters_not_replayed: int | None
     #: The brokers that own the topic (or its partitions) now: the one whose log and metrics to read.
     owners: list[str]
-
-
-def admin_urls(settings: Settings) -> list[str]:
-    """The admin API's base URLs: EVENTBUS_ADMIN_URL's (comma-separated), else each broker's host on port 8080."""
-    if settings.admin_url:
-        return [url.strip().rstrip("/") for url in settings.admin_url.split(",") if url.strip()]
-    scheme = "https" if settings.url.startswith("pulsar+ssl://") else "http"
-    return [f"{scheme}://{host}:{_ADMIN_PORT}" for host, _ in broker_addresses(settings.url)]
 
 
 def _where(url: httpx.URL) -> str:

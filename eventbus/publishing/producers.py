@@ -331,9 +331,12 @@ class TopicProducer:
 
 async def create_producer(
     client: Client, topic: str, settings: Settings, bridge: LoopBridge, metrics: Metrics | None = None,
-    schema: PayloadSchema | None = None,
+    schema: PayloadSchema | None = None, name: str | None = None,
 ) -> TopicProducer:
     """The topic's producer; a broker that cannot serve it yet (a failover) is asked again until the publish deadline.
+
+    `name`: a producer of that name that does not batch, each message confirmed alone (effectively-once outputs:
+    the broker deduplicates a batch by its first and last ids, and stores a batch that straddles its highest whole).
 
     While a dead broker's topics wait for a new owner (its metadata session, 30 s by Pulsar's default)
     the client's lookup and connect fail after its operation timeout; the publish waiting for this
@@ -343,7 +346,7 @@ async def create_producer(
     pause = 0.2
     while True:
         try:
-            return await _create_producer(client, topic, settings, bridge, metrics, schema)
+            return await _create_producer(client, topic, settings, bridge, metrics, schema, name)
         except BrokerUnavailable as exc:
             if exc.result not in _FAILOVER or deadline is not None and time.monotonic() + pause > deadline:
                 raise
@@ -354,13 +357,13 @@ async def create_producer(
 
 async def _create_producer(
     client: Client, topic: str, settings: Settings, bridge: LoopBridge, metrics: Metrics | None,
-    schema: PayloadSchema | None,
+    schema: PayloadSchema | None, name: str | None = None,
 ) -> TopicProducer:
     # A partitioned topic, even of one partition, names its partitions ("...-partition-0").
-    grouped = await client.partitions(topic) == [topic]
+    grouped = name is None and await client.partitions(topic) == [topic]
     producer = await client.create_producer(
         topic,
-        batching=True,
+        batching=name is None,
         batching_max_messages=settings.producer_batching_max_messages,
         batching_max_bytes=settings.producer_batching_max_bytes,
         # When grouped the bus flushes every group itself; the client's timer must never cut one.
@@ -368,7 +371,7 @@ async def _create_producer(
         compression=settings.producer_compression,
         send_timeout_ms=settings.producer_send_timeout_ms,
         max_pending_messages=settings.producer_max_pending_messages,
-        producer_name=settings.producer_name,
+        producer_name=name or settings.producer_name,
         schema=schema,
     )
     if not grouped:
@@ -434,6 +437,11 @@ class Producers:
         if schema is None and self._registry and not topic.rsplit("/", 1)[-1].startswith(REPLY_TOPIC_PREFIX):
             await refuse_unwritable(self._client, topic)
         return await create_producer(self._client, topic, self._settings, self._bridge, self._metrics, schema)
+
+    async def create_named(self, topic: str, name: str) -> TopicProducer:
+        """An unbatched producer of that name on `topic` (a full name), registering the topic's schema."""
+        schema = self.schemas.get(topic)
+        return await create_producer(self._client, topic, self._settings, self._bridge, self._metrics, schema, name)
 
     @property
     def topics(self) -> list[str]:

@@ -10,7 +10,7 @@ from typing import Any, cast
 
 from ..broker.client import MessageId, build_message, id_text
 from ..codec import encode
-from ..context import Caller, watch_unawaited
+from ..context import CURRENT, Caller, watch_unawaited
 from ..errors import PublishBatchError
 from ..observing.events import Observer, Published
 from ..observing.tracing import Tracing
@@ -30,6 +30,10 @@ class Publishing:
     async def publish(self, topic: str, payload: Any, options: PublishOptions, _caller: Caller) -> MessageId:
         """One publish. `_caller` is read when the coroutine is never awaited (context.watch_unawaited)."""
         data, content_type = encode(payload)
+        current = CURRENT.get()
+        if current is not None and current.outputs is not None:  # an effectively-once handler's output
+            sent: MessageId = await current.outputs.publish(topic, data, content_type, options)
+            return sent
         message, size = build_message(data, content_type, **options)
         producers = self._producers
         producer = producers.ready.get(topic) or await producers.get(topic)
@@ -42,6 +46,9 @@ class Publishing:
         return await self._many(topic, _encoded(payloads), options)
 
     async def _many(self, topic: str, encoded: list[tuple[Any, bytes, str | None]], options: BatchOptions) -> list[MessageId]:
+        current = CURRENT.get()
+        if current is not None and current.outputs is not None:
+            return await _once_each(current.outputs, topic, encoded, options)
         messages = [build_message(data, content_type, **options) for _, data, content_type in encoded]
         producer = await self._producers.get(topic)
         key, batchable = options.get("key"), options.get("deliver_after") is None
@@ -90,12 +97,17 @@ class Instrumented(Publishing):
         data, content_type = encode(payload)
         with self._span(full, options.get("properties")) as (span, traced):
             sent: PublishOptions = {**options, "properties": traced}
-            message, size = build_message(data, content_type, **sent)
-            producers = self._producers
-            producer = producers.ready.get(topic) or await producers.get(topic)
-            message_id = await producer.send(
-                message, options.get("key"), size, batchable=options.get("deliver_after") is None
-            )
+            current = CURRENT.get()
+            message_id: MessageId
+            if current is not None and current.outputs is not None:
+                message_id = await current.outputs.publish(topic, data, content_type, sent)
+            else:
+                message, size = build_message(data, content_type, **sent)
+                producers = self._producers
+                producer = producers.ready.get(topic) or await producers.get(topic)
+                message_id = await producer.send(
+                    message, options.get("key"), size, batchable=options.get("deliver_after") is None
+                )
             if span is not None:
                 span.set_attribute("messaging.message.id", id_text(message_id))
         if self._observer is not None:
@@ -185,6 +197,23 @@ def _outgoing(topic: str, payload: Any, options: BatchOptions | PublishOptions, 
         topic, payload, options.get("key"), dict(options.get("properties") or {}), options.get("deliver_after"),
         options.get("event_time"), sequence_id, batch,
     )
+
+
+async def _once_each(
+    outputs: Any, topic: str, encoded: list[tuple[Any, bytes, str | None]], options: BatchOptions
+) -> list[MessageId]:
+    """A batch of effectively-once outputs: each in turn, numbered in order; failures named by index as any batch's."""
+    ids: list[Any] = []
+    failures: dict[int, BaseException] = {}
+    for index, (_, data, content_type) in enumerate(encoded):
+        try:
+            ids.append(await outputs.publish(topic, data, content_type, options))
+        except Exception as exc:
+            failures[index] = exc
+            ids.append(None)
+    if failures:
+        raise PublishBatchError(topic, failures, ids)
+    return ids
 
 
 def _encoded(payloads: Iterable[Any]) -> list[tuple[Any, bytes, str | None]]:

@@ -14,6 +14,7 @@ import anyio.abc
 
 from ..broker.connect import Connection
 from ..consuming.attempts import Sender
+from ..consuming.outputs import OnceSender
 from ..consuming.runner import SubscriptionRunner
 from ..errors import EventBusError
 from ..observing.events import Observer
@@ -35,16 +36,16 @@ _SUBSCRIBING = 64
 def runners_for(
     subs: Sequence[tuple[str, Subscription]], connection: Connection, settings: Settings, *, bus: Publisher,
     dead_letters: Sender, metrics: Metrics | None, tracing: Tracing | None, observer: Observer | None,
-    app: AppScope | None = None, middleware: tuple[object, ...] = (),
+    app: AppScope | None = None, middleware: tuple[object, ...] = (), once: OnceSender | None = None,
 ) -> list[SubscriptionRunner]:
     """A runner per (full topic, subscription), and one per retry topic of each group that dead-letters
     (where `eventbus dlq replay` sends its dead letters back). `app`: the worker's app-scoped dependencies;
-    `middleware`: the bus's."""
+    `middleware`: the bus's; `once`: the sender of effectively-once outputs (None: the broker does not deduplicate)."""
 
     def runner(sub: Subscription, topic: str, replays_for: str | None = None) -> SubscriptionRunner:
         return SubscriptionRunner(
             sub, topic, connection, settings, bus=bus, dead_letters=dead_letters, metrics=metrics, tracing=tracing,
-            observer=observer, replays_for=replays_for, app=app, middleware=middleware,
+            observer=observer, replays_for=replays_for, app=app, middleware=middleware, once=once,
         )
 
     return [runner(sub, topic) for topic, sub in subs] + [

@@ -1,0 +1,116 @@
+"""The producers of effectively-once outputs: one per (topic, derived name), unbatched, closed once idle."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import httpx
+
+from ..broker.client import MessageId, build_message
+from ..errors import PublishError
+from ..service.handler import PublishOptions
+from ..settings import Settings, admin_urls
+from .producers import Producers, TopicProducer
+
+log = logging.getLogger("eventbus")
+
+#: A derived producer unused this long is closed (a ledger's name is used until its topic rolls to the next).
+IDLE_SECONDS = 60.0
+
+
+class OnceProducers:
+    """Sends a handler's outputs under the producer name and sequence id its input gives them (`consuming.outputs`)."""
+
+    def __init__(self, producers: Producers, idle_seconds: float = IDLE_SECONDS) -> None:
+        self._producers = producers
+        self._idle = idle_seconds
+        self._tasks: dict[tuple[str, str], asyncio.Task[TopicProducer]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    async def _get(self, topic: str, name: str) -> TopicProducer:
+        plain = await self._producers.get(topic)  # the full name, and a topic the bus cannot write refused
+        key = (plain.topic, name)
+        task = self._tasks.get(key)
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            if self._producers.closed:
+                raise PublishError(topic, "BusClosed", maybe_stored=False)
+            task = asyncio.ensure_future(self._producers.create_named(plain.topic, name))
+            self._tasks[key] = task
+            asyncio.get_running_loop().call_later(self._idle, self._close_if_idle, key, task, -1)
+        return await asyncio.shield(task)
+
+    async def enqueue_once(
+        self, topic: str, name: str, sequence_id: int, data: bytes, content_type: str | None, options: PublishOptions
+    ) -> asyncio.Future[MessageId]:
+        """Hand the output to its producer now (in call order); the future resolves with its receipt."""
+        producer = await self._get(topic, name)
+        numbered: PublishOptions = {**options, "sequence_id": sequence_id}
+        message, size = build_message(data, content_type, **numbered)
+        if not producer.reserve_nowait():
+            await producer.reserve()
+        return producer.enqueue(message, options.get("key"), size, False)
+
+    async def send_plain(self, topic: str, data: bytes, content_type: str | None, options: PublishOptions) -> MessageId:
+        """An output whose input's place gives it no id: sent at least once, as any publish."""
+        message, size = build_message(data, content_type, **options)
+        producer = await self._producers.get(topic)
+        return await producer.send(message, options.get("key"), size, batchable=False)
+
+    def _close_if_idle(self, key: tuple[str, str], task: asyncio.Task[TopicProducer], seen: int) -> None:
+        if self._producers.closed or self._tasks.get(key) is not task or not task.done() or task.cancelled():
+            return
+        if task.exception() is not None:
+            return
+        producer = task.result()
+        if producer.sent != seen:
+            asyncio.get_running_loop().call_later(self._idle, self._close_if_idle, key, task, producer.sent)
+            return
+        del self._tasks[key]
+        closing = asyncio.ensure_future(producer.close())
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        """Settle every accepted output, then close each producer (before the client closes)."""
+        tasks, self._tasks = list(self._tasks.values()), {}
+        if self._closing:
+            await asyncio.wait(self._closing)
+
+        async def close_one(task: asyncio.Task[TopicProducer]) -> None:
+            try:
+                producer = await task
+                await producer.close()
+            except Exception as exc:
+                log.warning("closing an effectively-once producer: %s", exc)
+
+        await asyncio.gather(*(close_one(task) for task in tasks))
+
+
+async def deduplicating(settings: Settings, lite: bool) -> tuple[bool, str]:
+    """Whether the bus's namespace deduplicates, and how that is known (said once at start)."""
+    if lite:
+        return False, "the embedded broker (pulsar-lite) does not deduplicate"
+    if settings.deduplication is not None:
+        return settings.deduplication, f"EVENTBUS_DEDUPLICATION={str(settings.deduplication).lower()}"
+    namespace = f"{settings.tenant}/{settings.namespace}"
+    base = admin_urls(settings)[0]
+    token = settings.admin_token or settings.token
+    headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token is not None else {}
+    verify: Any = str(settings.tls_trust_certs_file) if settings.tls_trust_certs_file else True
+    fix = f"set EVENTBUS_DEDUPLICATION=true if {namespace} deduplicates"
+    try:
+        # No redirects: the token goes to the configured admin API only.
+        async with httpx.AsyncClient(headers=headers, timeout=10.0, verify=verify, follow_redirects=False) as http:
+            response = await http.get(f"{base}/admin/v2/namespaces/{namespace}/deduplication")
+    except httpx.HTTPError as exc:
+        return False, f"cannot ask the admin API at {base} ({type(exc).__name__}); {fix}"
+    if response.status_code != 200:
+        return False, f"the admin API at {base} answered {response.status_code}; {fix}"
+    said = response.text.strip()
+    if said == "true":
+        return True, f"{namespace} deduplicates (its policy)"
+    if said == "false":
+        return False, f"{namespace} has deduplication off (pulsar-admin namespaces set-deduplication {namespace} --enable)"
+    return False, f"{namespace} sets no deduplication policy (the broker's default, off unless brokerDeduplicationEnabled); {fix}"
