@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, NoReturn, Unpack
@@ -19,7 +18,7 @@ from .errors import ConfigError
 from .observing.events import Observer
 from .observing.metrics import Metrics
 from .observing.tracing import Tracing
-from .publishing.once import OnceProducers, deduplicating
+from .publishing.once import once_sender
 from .publishing.producers import Producers
 from .publishing.requester import Requester
 from .publishing.sending import Publishing, sending_for
@@ -30,8 +29,6 @@ from .service.dependencies import Provider
 from .service.handler import BatchOptions, Publisher, PublishOptions
 from .service.middleware import checked
 from .settings import Settings
-
-log = logging.getLogger("eventbus")
 
 _NOT_STARTED = "the bus is not started: use `async with EventBus() as bus:`"
 _BATCH_OPTIONS = frozenset(BatchOptions.__annotations__)
@@ -160,21 +157,6 @@ class EventBus(Publisher):
             connection, self._connection = self._connection, None
             await connection.close()
 
-    async def _once(self, subs: list[tuple[str, Subscription]], producers: Producers, lite: bool) -> OnceProducers | None:
-        """The sender of effectively-once outputs, when a subscription asks for them and the namespace deduplicates."""
-        names = sorted({sub.name for _, sub in subs if sub.effectively_once})
-        if not names:
-            return None
-        on, why = await deduplicating(self.settings, lite)
-        if not on:
-            log.warning(
-                "effectively_once is off for %s: %s; their outputs are stored at least once (a rerun stores them again)",
-                ", ".join(names), why,
-            )
-            return None
-        log.info("effectively-once outputs for %s: %s", ", ".join(names), why)
-        return OnceProducers(producers)
-
     # -- publishing -----------------------------------------------------------------
 
     def publish(self, topic: str, payload: Any, **options: Unpack[PublishOptions]) -> Coroutine[Any, Any, MessageId]:
@@ -294,18 +276,16 @@ class EventBus(Publisher):
         if handle_signals is None:
             handle_signals = threading.current_thread() is threading.main_thread()
         lifetime = Lifetime.of(self._lifespans, self.routers, subs, self.dependency_overrides)
-        once = await self._once(subs, producers, connection.profile.lite)
+        once = await once_sender(self.settings, [sub for _, sub in subs], producers, connection.profile.lite)
         runners = runners_for(
             subs, connection, self.settings, bus=self, dead_letters=producers, metrics=self.metrics,
             tracing=self._tracing, observer=self._observer, app=lifetime.app, middleware=self._middleware, once=once,
         )
-        self._worker = Worker(runners, background, self, self._stop, self.settings, self.metrics, lifetime, requests)
+        self._worker = Worker(runners, background, self, self._stop, self.settings, self.metrics, lifetime, requests, once)
         self._run_done = asyncio.Event()
         try:
             await self._worker.run(handle_signals=handle_signals, task_status=task_status)
         finally:
-            if once is not None:
-                await once.close()
             self._stop = asyncio.Event()
             self._run_done.set()
             self._run_done = None

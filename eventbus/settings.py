@@ -326,6 +326,11 @@ class Settings(BaseSettings):
                 ) from None
         return None
 
+    def admin_headers(self) -> dict[str, str]:
+        """The admin API's authorization: `admin_token`, else the client's token."""
+        token = self.admin_token.get_secret_value() if self.admin_token else self.jwt()
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
     def topic(self, name: str) -> str:
         """Resolve a short topic name in the configured tenant and namespace."""
         problem = topic_problem(name)

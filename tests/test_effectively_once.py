@@ -5,18 +5,23 @@ from __future__ import annotations
 import collections
 import logging
 import random
-import uuid
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from pydantic import SecretStr
 
-from eventbus import EventBus, Message, Reject, Router, Settings
+from eventbus import EventBus, Reject, Router, Settings
 from eventbus.broker.client import stored
 
-from .conftest import eventually, read_stored, running
+from .conftest import eventually, raw_client, read_stored, running
+from .test_worker_process import cli
 
-pytestmark = pytest.mark.pulsar
 
 
 @pytest.fixture
@@ -112,13 +117,14 @@ async def test_keys_handled_at_once_send_their_outputs_in_the_order_received(
 
 
 async def test_a_broker_that_does_not_deduplicate_is_said_at_start_and_outputs_go_at_least_once(
-    pulsar: dict, topic: str, caplog: pytest.LogCaptureFixture
+    settings: Settings, broker_kind: str, topic: str, caplog: pytest.LogCaptureFixture, request: pytest.FixtureRequest
 ) -> None:
-    """`public/default` sets no deduplication: one WARNING naming the namespace and the fix; nothing dropped."""
-    settings = Settings(
-        _env_file=None, url=pulsar["service_url"], token=pulsar["client_token"], admin_url=pulsar["admin_url"],
-        admin_token=pulsar["admin_token"], shutdown_drain_timeout=10,
-    )
+    """The embedded broker, and Apache Pulsar's `public/default` (no deduplication policy): one WARNING naming why and
+    the fix; the outputs go at least once, nothing dropped."""
+    pulsar = request.getfixturevalue(broker_kind) if settings.url else None
+    if pulsar is not None:
+        admin = {"admin_url": pulsar["admin_url"], "admin_token": SecretStr(pulsar["admin_token"])}
+        settings = settings.model_copy(update=admin)
     out = f"{topic}-out"
     attempts: collections.Counter[int] = collections.Counter()
     router = Router()
@@ -135,9 +141,12 @@ async def test_a_broker_that_does_not_deduplicate_is_said_at_start_and_outputs_g
         async with EventBus(settings, routers=[router]) as bus, running(bus):
             await bus.publish(topic, 1)
             await eventually(lambda: attempts[1] == 2)
+            url = bus.url
     said = [r.getMessage() for r in caplog.records if "effectively_once is off" in r.getMessage()]
-    assert len(said) == 1 and "public/default" in said[0] and "EVENTBUS_DEDUPLICATION=true" in said[0], said
-    found = read_stored(pulsar["service_url"], pulsar["admin_token"], f"persistent://public/default/{out}")
+    why = "public/default sets no deduplication policy" if pulsar else "the embedded broker (pulsar-lite) does not"
+    assert len(said) == 1 and why in said[0] and "handle" in said[0], said
+    assert pulsar is None or "EVENTBUS_DEDUPLICATION=true" in said[0]
+    found = read_stored(url, settings.jwt(), settings.topic(out))
     assert len(found[b"1"]) == 2, "at least once: the rerun's output stored again, nothing dropped"
 
 
@@ -153,3 +162,66 @@ def test_effectively_once_where_it_cannot_hold_is_refused_at_registration(option
     router = Router()
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
         router.subscribe("orders", "g", **{"effectively_once": True, **options})(lambda n: None)
+
+
+def test_a_worker_killed_after_storing_its_outputs_stores_none_again_when_the_message_is_rerun(
+    pulsar: dict, base_env: dict[str, str], topic: str, tmp_path: Path
+) -> None:
+    """SIGKILL between the outputs' receipts and the acknowledgement; the next worker reruns the message."""
+    env = {
+        **base_env, "EVENTBUS_URL": pulsar["service_url"], "EVENTBUS_TOKEN": pulsar["client_token"],
+        "EVENTBUS_NAMESPACE": "dedup", "EVENTBUS_ADMIN_URL": pulsar["admin_url"],
+        "EVENTBUS_ADMIN_TOKEN": pulsar["admin_token"], "ONCE_TOPIC": topic, "ONCE_MARK": str(tmp_path / "killed"),
+    }
+    client = raw_client(pulsar["service_url"], pulsar["admin_token"])
+    try:
+        producer = client.create_producer(f"persistent://public/dedup/{topic}")
+        for n in range(6):
+            producer.send(str(n).encode())
+    finally:
+        client.close()
+    first = subprocess.run([sys.executable, "-m", "eventbus", "run", "tests.apps.once_crash"], env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
+    second = subprocess.Popen([sys.executable, "-m", "eventbus", "run", "tests.apps.once_crash"], env=env,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(counts := outputs(pulsar, f"{topic}-out")) < 12 and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        _, err = second.communicate(timeout=30)
+    assert second.returncode == 0, err[-2000:]
+    assert len(counts) == 12 and set(counts.values()) == {1}, counts
+
+
+async def test_a_replayed_dead_letter_stores_its_outputs_beside_the_originals(
+    pulsar: dict, dedup: Settings, base_env: dict[str, str], topic: str
+) -> None:
+    """The retry topic's messages have places of their own: a replay's outputs are new, not the originals' ids."""
+    out = f"{topic}-out"
+    refused: set[int] = set()
+    handled: list[int] = []
+    router = Router()
+
+    @router.subscribe(topic, "g", subscription_type="failover", effectively_once=True, returns_to=out,
+                      initial_position="earliest")
+    async def handle(n: int) -> int:
+        if n == 5 and n not in refused:
+            refused.add(n)
+            raise Reject("not yet")
+        handled.append(n)
+        return n
+
+    env = {**base_env, "EVENTBUS_URL": pulsar["service_url"], "EVENTBUS_TOKEN": pulsar["client_token"],
+           "EVENTBUS_NAMESPACE": "dedup", "EVENTBUS_ADMIN_URL": pulsar["admin_url"],
+           "EVENTBUS_ADMIN_TOKEN": pulsar["admin_token"]}
+    async with EventBus(dedup, routers=[router]) as bus, running(bus):
+        for n in range(10):
+            await bus.publish(topic, n, key=str(n))
+        await eventually(lambda: len(handled) == 9)
+        replay = await anyio.to_thread.run_sync(lambda: cli(env, "dlq", "replay", topic, "g"))
+        assert replay.returncode == 0, replay.stderr
+        await eventually(lambda: 5 in handled)
+    assert outputs(pulsar, out) == collections.Counter({str(n).encode(): 1 for n in range(10)})

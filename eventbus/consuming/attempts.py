@@ -68,12 +68,12 @@ class Handling:
         dead_letter_topic: str | None = None,
         app: AppScope | None = None,
         middleware: tuple[object, ...] = (),
-        once: tuple[Turns, OnceSender] | None = None,
+        once: OnceSender | None = None,
     ) -> None:
         """`dead_letter_topic`: where this topic's dead letters go, if not its own (a retry topic's: its main topic's).
         `app`: the worker's app-scoped dependency values (and overrides), for a handler with dependencies.
         `middleware`: the bus's, wrapped around the subscription's own (its router's) and the handler.
-        `once`: the runner's turns and the sender of effectively-once outputs (None: outputs go at least once).
+        `once`: the sender of an effectively-once subscription's outputs (None: they go at least once).
 
         `finished` is set once the runner hands out no more messages. Not at stop: a message in a retry's
         backoff is in flight, and the drain (bounded by its timeout) finishes it.
@@ -101,8 +101,10 @@ class Handling:
         self._answering = sub.returns_to is not None or sub.handler.may_return
         # Log lines about a message carry these (JSON logs show them as fields).
         self._log_fields = {"topic": topic, "group": sub.group}
-        self._once = once
-        if once is not None:
+        self._once = once if sub.effectively_once else None
+        #: The inputs not yet done, in the order received (the runner admits them): outputs go in that order.
+        self.turns = Turns() if self._once is not None else None
+        if self._once is not None:
             self.handle = self._handle_once  # type: ignore[method-assign]
 
     @property
@@ -184,9 +186,8 @@ class Handling:
 
     async def _handle_once(self, message: RawMessage) -> bool:
         """`handle`, with the message's outputs sent under ids derived from it, after every earlier message's."""
-        assert self._once is not None
-        turns, sender = self._once
-        outputs = Outputs(turns, sender, self.sub.group, message)
+        assert self._once is not None and self.turns is not None
+        outputs = Outputs(self.turns, self._once, self.sub.group, message)
         current = self._context()
         current.outputs = outputs
         handled = False

@@ -27,7 +27,7 @@ from .dispatch import Dispatch
 from .intake import Bounds, Intake
 from .lanes import Lanes, MixedKeys
 from .membership import Membership, State
-from .outputs import OnceSender, Turns, place
+from .outputs import OnceSender, place
 
 log = logging.getLogger("eventbus")
 
@@ -52,13 +52,12 @@ class SubscriptionRunner:
         self._settings, self._connection = settings, connection
         self._stopping = asyncio.Event()
         self._finished_handling = asyncio.Event()
-        #: An effectively-once subscription's inputs not yet done, in the order received (their outputs go in it).
-        self._turns = Turns() if once is not None and sub.effectively_once else None
         self._handling = (BatchHandling if sub.batch is not None else Handling)(
             sub, topic, bus, dead_letters, self._finished_handling, metrics, tracing, observer,
             dead_letter_topic=sub.dead_letter_topic(replays_for) if replays_for else None, app=app,
-            middleware=middleware, once=(self._turns, once) if self._turns is not None and once is not None else None,
+            middleware=middleware, once=once,
         )
+        self._turns = self._handling.turns
         self._counts = metrics.subscription(topic, sub.group) if metrics is not None else None
         if self._counts is not None:
             self._counts.in_flight = lambda: self.in_flight
@@ -236,12 +235,7 @@ class SubscriptionRunner:
         if self._counts is not None:
             self._counts.mixed_key_batches += 1
         if seen == 1:
-            log.warning(
-                "%s group=%s: a batch holds messages of several keys (a producer batching regardless of keys: "
-                "Java's and Go's default batchers); key_shared hands it whole to the member of its first key, so "
-                "order per key does not hold for it: batch by key (Java BatcherBuilder.KEY_BASED, Go "
-                "KeyBasedBatchBuilder) or not at all (counted in eventbus_mixed_key_batches)", self.topic, self.sub.group,
-            )
+            _warn_mixed(self.topic, self.sub.group)
 
     def _deliver(self, batch: list[RawMessage]) -> None:
         """A batch from the intake: into the lanes, and a worker woken per lane made ready."""
@@ -254,8 +248,7 @@ class SubscriptionRunner:
         assert self._intake is not None
         if self._counts is not None:
             self._counts.received += len(batch)
-        admit, ordered, unique, mixed = self._lanes.admit, self.sub.ordered, self._unique, self._mixed
-        turns = self._turns
+        admit, ordered, unique, mixed, turns = self._lanes.admit, self.sub.ordered, self._unique, self._mixed, self._turns
         for message in batch:
             # A key that is not UTF-8 (any producer may send one) is its lane as bytes.
             ident, key = id_key(message), key_of(message) if ordered else next(unique)
@@ -289,6 +282,15 @@ class SubscriptionRunner:
     def _after_each(self) -> None:
         if self._stopping.is_set() and self._lanes.empty:
             self._finish_if_drained()
+
+
+def _warn_mixed(topic: str, group: str) -> None:
+    log.warning(
+        "%s group=%s: a batch holds messages of several keys (a producer batching regardless of keys: "
+        "Java's and Go's default batchers); key_shared hands it whole to the member of its first key, so "
+        "order per key does not hold for it: batch by key (Java BatcherBuilder.KEY_BASED, Go "
+        "KeyBasedBatchBuilder) or not at all (counted in eventbus_mixed_key_batches)", topic, group,
+    )
 
 
 class RunningSubscription(Protocol):

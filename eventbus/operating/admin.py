@@ -100,10 +100,8 @@ class Admin:
         #: A cluster's brokers each serve the API: the first that answers does.
         self.bases = list(dict.fromkeys(admin_urls(settings)))
         self.base = self.bases[0]
-        token = settings.admin_token.get_secret_value() if settings.admin_token else settings.jwt()
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
         verify: Any = str(settings.tls_trust_certs_file) if settings.tls_trust_certs_file else True
-        self._http = httpx.Client(headers=headers, timeout=timeout, verify=verify)
+        self._http = httpx.Client(headers=settings.admin_headers(), timeout=timeout, verify=verify)
         self._allowed = {_where(httpx.URL(base)) for base in self.bases}
 
     def close(self) -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
 
 from ..broker.client import MessageId, build_message
 from ..errors import PublishError
+from ..registry import Subscription
 from ..service.handler import PublishOptions
 from ..settings import Settings, admin_urls
 from .producers import Producers, TopicProducer
@@ -96,8 +98,7 @@ async def deduplicating(settings: Settings, lite: bool) -> tuple[bool, str]:
         return settings.deduplication, f"EVENTBUS_DEDUPLICATION={str(settings.deduplication).lower()}"
     namespace = f"{settings.tenant}/{settings.namespace}"
     base = admin_urls(settings)[0]
-    token = settings.admin_token or settings.token
-    headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token is not None else {}
+    headers = settings.admin_headers()
     verify: Any = str(settings.tls_trust_certs_file) if settings.tls_trust_certs_file else True
     fix = f"set EVENTBUS_DEDUPLICATION=true if {namespace} deduplicates"
     try:
@@ -114,3 +115,22 @@ async def deduplicating(settings: Settings, lite: bool) -> tuple[bool, str]:
     if said == "false":
         return False, f"{namespace} has deduplication off (pulsar-admin namespaces set-deduplication {namespace} --enable)"
     return False, f"{namespace} sets no deduplication policy (the broker's default, off unless brokerDeduplicationEnabled); {fix}"
+
+
+async def once_sender(
+    settings: Settings, subs: Sequence[Subscription], producers: Producers, lite: bool
+) -> OnceProducers | None:
+    """The sender of effectively-once outputs, when a subscription asks for them and the namespace deduplicates;
+    otherwise one WARNING naming them and why (their outputs go at least once)."""
+    names = sorted({sub.name for sub in subs if sub.effectively_once})
+    if not names:
+        return None
+    on, why = await deduplicating(settings, lite)
+    if not on:
+        log.warning(
+            "effectively_once is off for %s: %s; their outputs are stored at least once (a rerun stores them again)",
+            ", ".join(names), why,
+        )
+        return None
+    log.info("effectively-once outputs for %s: %s", ", ".join(names), why)
+    return OnceProducers(producers)

@@ -53,6 +53,12 @@ def runners_for(
     ]
 
 
+class Closing(Protocol):
+    """Something the worker closes after its runners (`publishing.once.OnceProducers`)."""
+
+    async def close(self) -> None: ...
+
+
 class Awaiting(Protocol):
     """The requests a process waits on (`publishing.requester.Requester`): their topics, and when that changes."""
 
@@ -75,10 +81,13 @@ class Worker:
         metrics: Metrics | None = None,
         lifetime: Lifetime | None = None,
         requests: Awaiting | None = None,
+        once: Closing | None = None,
     ) -> None:
         """`/metrics`, `/livez` and `/readyz` are served when `settings.metrics_port` is set and there are metrics.
         `requests`: this process's requests waiting for replies: at a stop, the runners of the topics they wait on
-        keep taking messages until nothing waits on them."""
+        keep taking messages until nothing waits on them. `once`: the producers of the runners' effectively-once
+        outputs, closed once the runners are."""
+        self._once = once
         self.runners = tuple(runners)
         self._awaited = requests.awaited if requests is not None else frozenset
         self._requests_changed = requests.changed if requests is not None else asyncio.Event()
@@ -169,6 +178,9 @@ class Worker:
                 runner.stop()
                 with anyio.CancelScope(shield=True):
                     await runner.close()
+            if self._once is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._once.close()
 
     async def _start_runners(self) -> None:
         """Subscribe every runner, `_SUBSCRIBING` at a time; raise the first failure (in the runners' order).
