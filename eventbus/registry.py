@@ -174,9 +174,9 @@ def _once_problems(sub: Subscription) -> list[tuple[bool, str]]:
     return [
         (isinstance(once, bool), f"effectively_once={once!r} must be True or False"),
         (
-            once is not True or sub.subscription_type in ("failover", "exclusive"),
-            f"effectively_once=True needs subscription_type='failover' (or 'exclusive'): one consumer per partition "
-            f"gives each input's outputs one producer; {sub.subscription_type!r} shares a partition between members",
+            once is not True or sub.subscription_type != "shared",
+            "effectively_once=True needs an ordered subscription (key_shared, failover or exclusive): 'shared' hands "
+            "one key's messages to several members at once, so their outputs cannot share one producer's order",
         ),
         (once is not True or sub.batch is None, "effectively_once=True is for handlers of one message, not batch="),
     ]
@@ -238,9 +238,9 @@ class Router:
         (latest) say how it consumes. With `returns_to`, what the handler returns (not None)
         is published there, keyed as its message, and the message is acknowledged only once
         the broker stored it; a request's reply (`EventBus.request`) goes back either way.
-        `effectively_once=True` (failover or exclusive subscriptions, on a namespace with
-        deduplication): what the handler publishes, returns or replies is stored once however
-        often it runs for one message; the n-th output of a rerun is taken as the n-th of the first run.
+        `effectively_once=True` (ordered subscriptions, on a namespace with deduplication): what
+        the handler publishes, returns or replies is stored once however often it runs for one
+        message; the n-th output of a rerun is taken as the n-th of the first run.
         """
         known = list(SubscribeOptions.__annotations__)
         for name in options:

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import orjson
 import pytest
 from pydantic import SecretStr
 
-from eventbus import EventBus, Reject, Router, Settings
+from eventbus import Batch, EventBus, Reject, Router, Settings
 from eventbus.broker.client import stored
 
 from .conftest import eventually, raw_client, read_stored, running
@@ -153,9 +154,9 @@ async def test_a_broker_that_does_not_deduplicate_is_said_at_start_and_outputs_g
 @pytest.mark.parametrize(
     ("options", "words"),
     [
-        ({}, "effectively_once=True needs subscription_type='failover'"),
-        ({"subscription_type": "shared"}, "'shared' shares a partition"),
-        ({"subscription_type": "failover", "effectively_once": "yes"}, "effectively_once='yes' must be True or False"),
+        ({"subscription_type": "shared"}, "effectively_once=True needs an ordered subscription (key_shared, failover"),
+        ({"effectively_once": "yes"}, "effectively_once='yes' must be True or False"),
+        ({"batch": Batch()}, "effectively_once=True is for handlers of one message"),
     ],
 )
 def test_effectively_once_where_it_cannot_hold_is_refused_at_registration(options: dict, words: str) -> None:
@@ -225,3 +226,46 @@ async def test_a_replayed_dead_letter_stores_its_outputs_beside_the_originals(
         assert replay.returncode == 0, replay.stderr
         await eventually(lambda: 5 in handled)
     assert outputs(pulsar, out) == collections.Counter({str(n).encode(): 1 for n in range(10)})
+
+
+async def test_key_shared_members_each_hold_key_slots_and_one_leaving_mid_flight_hands_its_slots_over(
+    pulsar: dict, dedup: Settings, topic: str
+) -> None:
+    """Two members of a key_shared group, 64 keys, concurrency 8; the first stops after a third: every output stored
+    once, each key's outputs in the order of its messages."""
+    out = f"{topic}-out"
+    handled: collections.Counter[str] = collections.Counter()
+
+    def member(name: str) -> Router:
+        router = Router()
+
+        @router.subscribe(topic, "g", effectively_once=True, concurrency=8, initial_position="earliest")
+        async def handle(event: dict, bus: EventBus) -> None:
+            await anyio.sleep(0.001 * (event["seq"] % 5))
+            for part in range(2):
+                await bus.publish(out, {**event, "part": part}, key=event["key"])
+            handled[name] += 1
+
+        return router
+
+    async with EventBus(dedup, routers=[member("a")]) as a, EventBus(dedup, routers=[member("b")]) as b:
+        async with anyio.create_task_group() as tg:
+            await tg.start(lambda task_status: a.run(handle_signals=False, task_status=task_status))
+            async with running(b):  # joins a group whose slots a holds: b stands by for each
+                await eventually(lambda: {r.state for r in b.running} == {"standby"}, what="b standing by")
+                for seq in range(640):
+                    await a.publish(topic, {"key": f"k{seq % 64}", "seq": seq}, key=f"k{seq % 64}")
+                await eventually(lambda: handled["a"] >= 200, timeout=60)
+                a.stop()
+                await eventually(lambda: sum(handled.values()) >= 640, timeout=60, what="the rest, after a left")
+                await eventually(lambda: sum(r.state == "consuming" for r in b.running) == 32, timeout=30,
+                                 what="b holding every slot (16 of the topic, 16 of its retry topic) once a left")
+    assert handled["b"] > 0 and sum(handled.values()) == 640, handled
+    found = read_stored(pulsar["service_url"], pulsar["admin_token"], f"persistent://public/dedup/{out}")
+    assert len(found) == 1280 and all(len(places) == 1 for places in found.values()), f"{1280 - len(found)} missing"
+    by_key: dict[str, list[tuple[tuple[int, ...], int, int]]] = collections.defaultdict(list)
+    for payload, places in found.items():
+        event = orjson.loads(payload)
+        by_key[event["key"]].append((places[0], event["seq"], event["part"]))
+    for key, stored_ in by_key.items():
+        assert [(seq, part) for _, seq, part in sorted(stored_)] == sorted((s, p) for _, s, p in stored_), key

@@ -408,7 +408,13 @@ class Client:
         receiver_queue_size: int,
         consumer_name: str,
         batch_index_ack: bool,
+        sticky: tuple[int, int] | None = None,
     ) -> Consumer:
+        """`sticky`: a key_shared consumer of only the keys whose hash (0-65535) is in that range, both ends
+        included; the broker refuses it (ConsumerAssignError) while another consumer of the group holds any of it."""
+        options: dict[str, Any] = {}
+        if sticky is not None:
+            options["key_shared_policy"] = pulsar.ConsumerKeySharedPolicy(pulsar.KeySharedMode.Sticky, False, [sticky])
         with map_client_errors(f"cannot subscribe {group!r} to {topic}", topic):
             wrapper = await self._open().subscribe(
                 topic,
@@ -418,6 +424,7 @@ class Client:
                 receiver_queue_size=receiver_queue_size,
                 consumer_name=consumer_name,
                 batch_index_ack_enabled=batch_index_ack,
+                **options,
             )
         return Consumer(wrapper)
 

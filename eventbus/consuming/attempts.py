@@ -69,11 +69,13 @@ class Handling:
         app: AppScope | None = None,
         middleware: tuple[object, ...] = (),
         once: OnceSender | None = None,
+        slot: int | None = None,
     ) -> None:
         """`dead_letter_topic`: where this topic's dead letters go, if not its own (a retry topic's: its main topic's).
         `app`: the worker's app-scoped dependency values (and overrides), for a handler with dependencies.
         `middleware`: the bus's, wrapped around the subscription's own (its router's) and the handler.
-        `once`: the sender of an effectively-once subscription's outputs (None: they go at least once).
+        `once`: the sender of an effectively-once subscription's outputs (None: they go at least once); `slot`: the
+        key slot this runner's consumer holds (its outputs' producers are the slot's).
 
         `finished` is set once the runner hands out no more messages. Not at stop: a message in a retry's
         backoff is in flight, and the drain (bounded by its timeout) finishes it.
@@ -102,6 +104,7 @@ class Handling:
         # Log lines about a message carry these (JSON logs show them as fields).
         self._log_fields = {"topic": topic, "group": sub.group}
         self._once = once if sub.effectively_once else None
+        self._once_group = sub.group if slot is None else f"{sub.group}#{slot}"
         #: The inputs not yet done, in the order received (the runner admits them): outputs go in that order.
         self.turns = Turns() if self._once is not None else None
         if self._once is not None:
@@ -187,7 +190,7 @@ class Handling:
     async def _handle_once(self, message: RawMessage) -> bool:
         """`handle`, with the message's outputs sent under ids derived from it, after every earlier message's."""
         assert self._once is not None and self.turns is not None
-        outputs = Outputs(self.turns, self._once, self.sub.group, message)
+        outputs = Outputs(self.turns, self._once, self._once_group, message)
         current = self._context()
         current.outputs = outputs
         handled = False

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import socket
+from dataclasses import dataclass
 from typing import Literal
 
 from ..broker.client import Consumer
@@ -25,6 +26,23 @@ _LEASE_POLL = 0.25
 _STANDBY_POLL = (0.5, 5.0)
 #: Retrying a subscribe that failed: first delay, and at most.
 _RETRY = (1.0, 30.0)
+#: What a subscribe refused because another member holds it says: an exclusive or failover group, or a key_shared
+#: group held with another type (ConsumerBusy); a slot another member holds (ConsumerAssignError).
+_HELD = frozenset({"ConsumerBusy", "ConsumerAssignError"})
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One of `count` equal parts of a key_shared group's key hashes (0-65535), consumed by one member at a time."""
+
+    index: int
+    count: int
+
+    @property
+    def hashes(self) -> tuple[int, int]:
+        """Its first and last hash, both included."""
+        width = 65536 // self.count
+        return self.index * width, 65535 if self.index == self.count - 1 else (self.index + 1) * width - 1
 
 
 class Membership:
@@ -35,9 +53,11 @@ class Membership:
 
     def __init__(
         self, sub: Subscription, topic: str, connection: Connection, settings: Settings, stopping: asyncio.Event,
-        counts: SubscriptionCounts | None, replays_for: str | None,
+        counts: SubscriptionCounts | None, replays_for: str | None, slot: Slot | None = None,
     ) -> None:
+        """`slot`: consume only the keys of that slot (a sticky key_shared range), held by one member at a time."""
         self.sub, self.topic, self.group, self.replays_for = sub, topic, sub.group, replays_for
+        self.slot = slot
         self._connection = connection
         self._settings = settings
         self._stopping = stopping
@@ -72,7 +92,7 @@ class Membership:
                 raise
             # The broker is there (the handshake said so) but busy, restarting, or
             # holding the subscription for another member: run() keeps trying.
-            if exc.result != "ConsumerBusy":  # a standby member: run() says so
+            if exc.result not in _HELD:  # a standby member: run() says so
                 log.warning(
                     "cannot subscribe %s group=%s yet (%s): retrying until it works or the worker stops",
                     self.topic, self.group, exc,
@@ -114,7 +134,7 @@ class Membership:
                     if self._leave(exc):
                         return False
                     raise
-                if exc.result == "ConsumerBusy":
+                if exc.result in _HELD:
                     # Another member holds the exclusive subscription: take over as soon as it leaves.
                     if not busy:
                         busy = True
@@ -138,6 +158,10 @@ class Membership:
         means the group is held with another type (a Java or Go service's consumer, or this app's other version).
         """
         asked = self.subscription_type
+        if self.slot is not None and not self._connection.profile.lite:
+            self.state = "standby"
+            log.debug("standby: another member holds slot %s of %s group=%s", self.slot, self.topic, self.group)
+            return
         if asked == "exclusive" or self._connection.profile.lite:
             self.state = "standby"
             log.info("standby: another member consumes %s group=%s (%s); taking over when it leaves", self.topic, self.group, asked)
@@ -162,11 +186,12 @@ class Membership:
         return True
 
     async def _subscribe(self) -> None:
-        sub, profile = self.sub, self._connection.profile
+        sub, profile, slot = self.sub, self._connection.profile, self.slot
         self.consumer = await self._connection.client.subscribe(
             self.topic, sub.group, subscription_type=self.subscription_type, initial_position=sub.initial_position,
             receiver_queue_size=self._settings.consumer_receiver_queue_size,
-            consumer_name=f"{socket.gethostname()}-{os.getpid()}-{sub.group}", batch_index_ack=profile.batch_index_ack,
+            consumer_name=f"{socket.gethostname()}-{os.getpid()}-{sub.group}{'' if slot is None else f'#{slot.index}'}",
+            batch_index_ack=profile.batch_index_ack, sticky=None if slot is None else slot.hashes,
         )
         if self._counts is not None:
             self._counts.subscribes += 1

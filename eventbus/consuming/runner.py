@@ -26,7 +26,7 @@ from .payloads import payloads_for
 from .dispatch import Dispatch
 from .intake import Bounds, Intake
 from .lanes import Lanes, MixedKeys
-from .membership import Membership, State
+from .membership import Membership, Slot, State
 from .outputs import OnceSender, place
 
 log = logging.getLogger("eventbus")
@@ -42,12 +42,13 @@ class SubscriptionRunner:
         self, sub: Subscription, topic: str, connection: Connection, settings: Settings, *, bus: Publisher,
         dead_letters: Sender, metrics: Metrics | None = None, tracing: Tracing | None = None,
         observer: Observer | None = None, replays_for: str | None = None, app: AppScope | None = None,
-        middleware: tuple[object, ...] = (), once: OnceSender | None = None,
+        middleware: tuple[object, ...] = (), once: OnceSender | None = None, slot: Slot | None = None,
     ) -> None:
         """`replays_for`: this runner consumes the retry topic of that main topic (dead letters sent back
         by `eventbus dlq replay`): failures go to the main topic's dead-letter topic, and a retry topic
         that cannot be subscribed (auto-creation off) is logged and left, not fatal. `once`: where an
-        effectively-once subscription's outputs go (None: the broker does not deduplicate; at least once)."""
+        effectively-once subscription's outputs go (None: the broker does not deduplicate; at least once); `slot`:
+        the part of a key_shared group's keys this runner takes, when the group's members each hold some."""
         self.sub, self.topic, self.replays_for = sub, topic, replays_for
         self._settings, self._connection = settings, connection
         self._stopping = asyncio.Event()
@@ -55,7 +56,7 @@ class SubscriptionRunner:
         self._handling = (BatchHandling if sub.batch is not None else Handling)(
             sub, topic, bus, dead_letters, self._finished_handling, metrics, tracing, observer,
             dead_letter_topic=sub.dead_letter_topic(replays_for) if replays_for else None, app=app,
-            middleware=middleware, once=once,
+            middleware=middleware, once=once, slot=None if slot is None else slot.index,
         )
         self._turns = self._handling.turns
         self._counts = metrics.subscription(topic, sub.group) if metrics is not None else None
@@ -68,7 +69,7 @@ class SubscriptionRunner:
         self._unique = itertools.count()
         self._intake: Intake | None = None
         self._intake_done = False
-        self._membership = Membership(sub, topic, connection, settings, self._stopping, self._counts, replays_for)
+        self._membership = Membership(sub, topic, connection, settings, self._stopping, self._counts, replays_for, slot)
         self._consuming = False
         #: Copies of messages already in flight or acknowledged, dropped unhandled.
         self.duplicates = 0

@@ -15,6 +15,7 @@ import anyio.abc
 from ..broker.connect import Connection
 from ..consuming.attempts import Sender
 from ..consuming.outputs import OnceSender
+from ..consuming.membership import Slot
 from ..consuming.runner import SubscriptionRunner
 from ..errors import EventBusError
 from ..observing.events import Observer
@@ -31,6 +32,9 @@ log = logging.getLogger("eventbus")
 
 #: Subscribes a worker has in flight at once while it starts.
 _SUBSCRIBING = 64
+#: An effectively-once key_shared group's key slots: each consumed by one member at a time (a sticky range), so each
+#: slot's outputs have one producer; a worker holds those no other holds, and takes over those a member leaves.
+ONCE_SLOTS = 16
 
 
 def runners_for(
@@ -42,14 +46,17 @@ def runners_for(
     (where `eventbus dlq replay` sends its dead letters back). `app`: the worker's app-scoped dependencies;
     `middleware`: the bus's; `once`: the sender of effectively-once outputs (None: the broker does not deduplicate)."""
 
-    def runner(sub: Subscription, topic: str, replays_for: str | None = None) -> SubscriptionRunner:
-        return SubscriptionRunner(
+    def runners(sub: Subscription, topic: str, replays_for: str | None = None) -> list[SubscriptionRunner]:
+        slots: list[Slot | None] = [None]
+        if once is not None and sub.effectively_once and sub.subscription_type == "key_shared":
+            slots = [Slot(index, ONCE_SLOTS) for index in range(ONCE_SLOTS)]
+        return [SubscriptionRunner(
             sub, topic, connection, settings, bus=bus, dead_letters=dead_letters, metrics=metrics, tracing=tracing,
-            observer=observer, replays_for=replays_for, app=app, middleware=middleware, once=once,
-        )
+            observer=observer, replays_for=replays_for, app=app, middleware=middleware, once=once, slot=slot,
+        ) for slot in slots]
 
-    return [runner(sub, topic) for topic, sub in subs] + [
-        runner(sub, sub.retry_topic(topic), topic) for topic, sub in subs if sub.dead_letter
+    return [r for topic, sub in subs for r in runners(sub, topic)] + [
+        r for topic, sub in subs if sub.dead_letter for r in runners(sub, sub.retry_topic(topic), topic)
     ]
 
 
