@@ -394,10 +394,18 @@ async def harness(args: argparse.Namespace) -> int:
         env["CHAOS_ODD"] = "1"
     if args.app:
         env["CHAOS_APP"] = "1"
+    namespace = args.namespace or ("dedup" if args.once else "default")
+    env["EVENTBUS_NAMESPACE"] = namespace
+    if args.once:
+        env["CHAOS_ONCE"] = "1"
+        if args.broker != "embedded":  # the workers ask the admin API whether the namespace deduplicates
+            state = broker.state
+            urls = [b["web_url"] for b in state["brokers"].values()] if "brokers" in state else [state["admin_url"]]
+            env.update(EVENTBUS_ADMIN_URL=",".join(urls), EVENTBUS_ADMIN_TOKEN=state["admin_token"])
     run = Run(args, workdir, broker, env, random.Random(args.seed))
     settings = (
-        Settings(_env_file=None, data_dir=workdir / "broker") if args.broker == "embedded"
-        else Settings(_env_file=None, url=broker.url, token=broker.token or None)
+        Settings(_env_file=None, data_dir=workdir / "broker", namespace=namespace) if args.broker == "embedded"
+        else Settings(_env_file=None, url=broker.url, token=broker.token or None, namespace=namespace)
     )
     dead: list[Message] = []
     router = Router()
@@ -415,6 +423,8 @@ async def harness(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     publishers: list[subprocess.Popen] = []
+    if args.once:  # as a consumer of the outputs would: Apache Pulsar trims a topic nobody subscribes to
+        await outputs_subscription(broker, settings.topic(topic + "-out"))
     try:
         for _ in range(args.workers):
             run.spawn_worker()
@@ -480,6 +490,7 @@ async def harness(args: argparse.Namespace) -> int:
             code = await anyio.to_thread.run_sync(lambda w=w: w.proc.wait(60))
             if w.signalled == signal.SIGTERM and code != 0:
                 run.unexpected.append(f"{w.name} exited {code} after the final SIGTERM")
+        stored_outputs = stored_by_key(broker, settings.topic(topic + "-out")) if args.once else {}
     finally:
         for p in publishers:
             if p.poll() is None:
@@ -519,6 +530,10 @@ async def harness(args: argparse.Namespace) -> int:
         ]
         request_rows, request_failures = requests_report(workdir, run, h.keys() & must_handle, dead_requests)
         batch_rows += request_rows
+    output_failures = 0
+    if args.once:
+        output_rows, output_failures = outputs_report(stored_outputs, h.keys() & must_handle, namespace == "dedup")
+        batch_rows += output_rows
     rows = [
         ("broker", broker.kind), ("seconds", f"{time.monotonic() - started:.0f}"), ("seed", args.seed),
         ("published (attempted)", len(confirmed) + len(failed)), ("confirmed", len(confirmed)),
@@ -550,7 +565,60 @@ async def harness(args: argparse.Namespace) -> int:
     if rolling_duplicates:
         print(f"  DUPLICATED IN A ROLLING DEPLOY {handlings - len(h)}")
     failing = lost or violations or poison_missing or run.unexpected or causes["sigterm"] or rolling_duplicates
-    return 1 if failing or wrongly_dead or request_failures else 0
+    return 1 if failing or wrongly_dead or request_failures or output_failures else 0
+
+
+async def outputs_subscription(broker: Broker, topic: str) -> None:
+    from .conftest import raw_client
+
+    client = raw_client(broker.url, broker.token or None)
+    try:
+        client.subscribe(topic, "chaos-outputs", initial_position=__import__("pulsar").InitialPosition.Earliest).close()
+    finally:
+        client.close()
+
+
+def stored_by_key(broker: Broker, topic: str) -> dict[tuple[int, str], list[tuple[tuple[int, ...], int, int]]]:
+    """`--once`: every output stored on `topic`, read back with the raw client: (pub, key) -> [(place, seq, part)]."""
+    from .conftest import raw_client, read_messages
+
+    client = raw_client(broker.url, broker.token or None)
+    found: dict[tuple[int, str], list[tuple[tuple[int, ...], int, int]]] = collections.defaultdict(list)
+    try:
+        for message in read_messages(client, topic):
+            mid, body = message.message_id(), json.loads(message.data())
+            place = (mid.ledger_id(), mid.entry_id(), mid.batch_index())
+            found[(body["pub"], body["key"])].append((place, body["seq"], body["part"]))
+    finally:
+        client.close()
+    return found
+
+
+def outputs_report(
+    stored: dict[tuple[int, str], list[tuple[tuple[int, ...], int, int]]], handled: set[tuple[int, str, int]],
+    deduplicated: bool,
+) -> tuple[list[tuple[str, object]], int]:
+    """`--once`: each handled message's two outputs, stored once (on a namespace that deduplicates), each key's in
+    the order of its messages; the rows and how many failures."""
+    copies = collections.Counter((pub, key, seq, part) for (pub, key), rows in stored.items() for _, seq, part in rows)
+    expected = {(pub, key, seq, part) for pub, key, seq in handled for part in (1, 2)}
+    missing = sorted(expected - copies.keys())
+    twice = sum(n - 1 for n in copies.values())
+    disorder = []
+    for (pub, key), rows in stored.items():
+        seen = [(seq, part) for _, seq, part in sorted(rows)]
+        firsts = [item for index, item in enumerate(seen) if item not in seen[:index]]
+        disorder += [((pub, key), a, b) for a, b in zip(firsts, firsts[1:]) if b < a]
+    for item in missing[:10]:
+        print(f"  OUTPUT MISSING {item}")
+    for item in disorder[:10]:
+        print(f"  OUTPUT ORDER {item}")
+    rows: list[tuple[str, object]] = [
+        ("outputs stored (distinct)", len(copies)), ("  missing", len(missing)),
+        (f"  stored twice{'' if deduplicated else ' (no deduplication: at least once)'}", twice),
+        ("  order violations", len(disorder)),
+    ]
+    return rows, len(missing) + len(disorder) + (twice if deduplicated else 0)
 
 
 def requests_report(
@@ -657,6 +725,9 @@ def main() -> None:
     parser.add_argument("--odd", action="store_true", help="odd exceptions, error texts and keys (see above)")
     parser.add_argument("--app", action="store_true", help="workers built as a service: lifespan, middleware, a batch group")
     parser.add_argument("--subscription", choices=["key_shared", "failover"], default="key_shared")
+    parser.add_argument("--once", action="store_true",
+                        help="the first group's handler stores two outputs effectively once (on public/dedup)")
+    parser.add_argument("--namespace", default=None, help="the run's namespace (default: dedup with --once, else default)")
     parser.add_argument("--schedule", choices=["chaos", "rolling", "cycle"], default="chaos",
                         help="rolling: only a rolling deploy (a new worker, then SIGTERM to the oldest), under load; "
                         "cycle: the --faults in turn rather than at random")

@@ -103,11 +103,17 @@ async def _cancelled() -> None:
     await inner
 
 
+#: `--once`: the first group's handler publishes one output and returns another (to `<topic>-out`), effectively once.
+ONCE = bool(os.environ.get("CHAOS_ONCE"))
+OUT_TOPIC = os.environ["CHAOS_TOPIC"] + "-out"
+
+
 @router.subscribe(
     os.environ["CHAOS_TOPIC"], "chaos", concurrency=8, **RETRIES,
     initial_position="earliest", subscription_type=os.environ.get("CHAOS_SUBSCRIPTION", "key_shared"),  # type: ignore[arg-type]
+    effectively_once=ONCE, returns_to=OUT_TOPIC if ONCE else None,
 )
-async def handle(event: ChaosEvent, msg: Message, bus: EventBus) -> None:
+async def handle(event: ChaosEvent, msg: Message, bus: EventBus) -> dict[str, object] | None:
     if event.kind == "always":
         if APP:  # at once: the app mode's long retry schedule would hold the key for half a minute
             raise Reject("this message always fails")
@@ -125,6 +131,11 @@ async def handle(event: ChaosEvent, msg: Message, bus: EventBus) -> None:
     else:  # durable before the handler returns, so before the acknowledgement
         # The id last: two handlings under two ids are a message stored twice (a publish resent), not delivered twice.
         _write("handled", f"{time.time_ns()} {event.pub} {event.key} {event.seq} {msg.attempt} {WORKER} {msg.message_id}\n")
+    if not ONCE:
+        return None
+    output = {"pub": event.pub, "key": event.key, "seq": event.seq}
+    await bus.publish(OUT_TOPIC, {**output, "part": 1}, key=event.key)
+    return {**output, "part": 2}
 
 
 if APP:

@@ -50,6 +50,8 @@ class Membership:
 
     #: Whether this process said it stands by on the embedded broker (once per worker, at WARNING).
     announced = False
+    #: The (topic, group)s this process said it stands by for a slot of (once each, at INFO).
+    slots_announced: set[tuple[str, str]] = set()
 
     def __init__(
         self, sub: Subscription, topic: str, connection: Connection, settings: Settings, stopping: asyncio.Event,
@@ -160,7 +162,13 @@ class Membership:
         asked = self.subscription_type
         if self.slot is not None and not self._connection.profile.lite:
             self.state = "standby"
-            log.debug("standby: another member holds slot %s of %s group=%s", self.slot, self.topic, self.group)
+            first = (self.topic, self.group) not in Membership.slots_announced
+            Membership.slots_announced.add((self.topic, self.group))
+            log.log(
+                logging.INFO if first else logging.DEBUG, "standby: other members hold %s of %s group=%s; taking "
+                "each over when its holder leaves%s", "slots" if first else f"slot {self.slot.index}", self.topic,
+                self.group, " (said once per subscription; each slot at DEBUG)" if first else "",
+            )
             return
         if asked == "exclusive" or self._connection.profile.lite:
             self.state = "standby"

@@ -81,6 +81,8 @@ class OnceProducers:
             await asyncio.wait(self._closing)
 
         async def close_one(task: asyncio.Task[TopicProducer]) -> None:
+            if task.done() and (task.cancelled() or task.exception() is not None):
+                return  # never made: the publish that wanted it failed with why
             try:
                 producer = await task
                 await producer.close()
