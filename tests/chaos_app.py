@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,6 +23,16 @@ from pydantic import BaseModel
 from eventbus import Batch, CallNext, EventBus, Message, Reject, RequestTimeout, Router, default_router
 
 WORKER = os.environ["CHAOS_WORKER"]
+
+
+def _dump_tasks(signum: int, frame: object) -> None:
+    """SIGUSR1: every asyncio task's stack into the work dir (how a worker that does not stop is looked into)."""
+    with open(_DIR / f"tasks-{WORKER}-{os.getpid()}.txt", "a") as out:
+        for task in asyncio.all_tasks(asyncio.get_running_loop()):
+            task.print_stack(file=out)
+
+
+signal.signal(signal.SIGUSR1, _dump_tasks)
 APP = bool(os.environ.get("CHAOS_APP"))
 _DIR = Path(os.environ["CHAOS_DIR"])
 #: The app mode's records: the lifespan opens them and closes them after the drain.

@@ -269,3 +269,50 @@ async def test_key_shared_members_each_hold_key_slots_and_one_leaving_mid_flight
         by_key[event["key"]].append((places[0], event["seq"], event["part"]))
     for key, stored_ in by_key.items():
         assert [(seq, part) for _, seq, part in sorted(stored_)] == sorted((s, p) for _, s, p in stored_), key
+
+
+async def test_a_keys_next_message_waiting_behind_a_later_keys_one_that_waits_to_send_is_taken_first(
+    pulsar: dict, dedup: Settings, topic: str
+) -> None:
+    """Concurrency 1: while a's first message runs, a's second and b's first arrive; a's second is ready only once
+    the first finishes, after b's. b's output waits for a's second: taken first, it would wait for good."""
+    out = f"{topic}-out"
+    handled: list[str] = []
+    router = Router()
+
+    @router.subscribe(topic, "g", subscription_type="failover", effectively_once=True, initial_position="earliest",
+                      returns_to=out)
+    async def handle(name: str) -> str:
+        if name == "a1":
+            await eventually(lambda: bus.running and bus.running[0].in_flight >= 3, what="a2 and b1 received")
+        handled.append(name)
+        return name
+
+    async with EventBus(dedup, routers=[router]) as bus:
+        for name, key in (("a1", "a"), ("a2", "a"), ("b1", "b")):
+            await bus.publish(topic, name, key=key)
+        async with running(bus):
+            await eventually(lambda: len(handled) == 3, timeout=15, what="every message handled")
+    assert handled == ["a1", "a2", "b1"]
+
+
+async def test_a_request_made_in_an_effectively_once_handler_is_answered(
+    pulsar: dict, dedup: Settings, topic: str
+) -> None:
+    """A request goes at least once (its rerun asks anew): it must still go, and the answer become an output."""
+    out = f"{topic}-out"
+    router = Router()
+
+    @router.subscribe(f"{topic}-ask", "answer", initial_position="earliest")
+    async def answer(n: int) -> int:
+        return n * 10
+
+    @router.subscribe(topic, "g", effectively_once=True, returns_to=out, initial_position="earliest")
+    async def handle(n: int, bus: EventBus) -> int:
+        return await bus.request(f"{topic}-ask", n, response_type=int, timeout=10)
+
+    async with EventBus(dedup, routers=[router]) as bus, running(bus):
+        for n in range(3):
+            await bus.publish(topic, n, key=str(n))
+        await eventually(lambda: len(outputs(pulsar, out)) == 3, timeout=30, what="three answers stored")
+    assert outputs(pulsar, out) == collections.Counter({b"0": 1, b"10": 1, b"20": 1})

@@ -25,7 +25,7 @@ from .batches import BatchHandling
 from .payloads import payloads_for
 from .dispatch import Dispatch
 from .intake import Bounds, Intake
-from .lanes import Lanes, MixedKeys
+from .lanes import Lanes, MixedKeys, OrderedLanes
 from .membership import Membership, Slot, State
 from .outputs import OnceSender, place
 
@@ -62,7 +62,9 @@ class SubscriptionRunner:
         self._counts = metrics.subscription(topic, sub.group) if metrics is not None else None
         if self._counts is not None:
             self._counts.in_flight = lambda: self.in_flight
-        self._lanes: Lanes[RawMessage, IdKey] = Lanes(entry_of, _REMEMBER_ACKED)
+        self._lanes: Lanes[RawMessage, IdKey] = (
+            Lanes(entry_of, _REMEMBER_ACKED) if self._turns is None else OrderedLanes(entry_of, _REMEMBER_ACKED, place)
+        )
         #: Batches of several keys, noticed on key_shared (where they break order per key).
         self._mixed = MixedKeys[IdKey](entry_of) if sub.subscription_type == "key_shared" else None
         self._dispatch: Dispatch | None = None

@@ -58,7 +58,8 @@ class OnceProducers:
         """An output whose input's place gives it no id: sent at least once, as any publish."""
         message, size = build_message(data, content_type, **options)
         producer = await self._producers.get(topic)
-        return await producer.send(message, options.get("key"), size, batchable=False)
+        # As any publish: the bus's own producers batch, and only the bus flushes their batches.
+        return await producer.send(message, options.get("key"), size, batchable=options.get("deliver_after") is None)
 
     def _close_if_idle(self, key: tuple[str, str], task: asyncio.Task[TopicProducer], seen: int) -> None:
         if self._producers.closed or self._tasks.get(key) is not task or not task.done() or task.cancelled():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -48,16 +49,29 @@ def runners_for(
 
     def runners(sub: Subscription, topic: str, replays_for: str | None = None) -> list[SubscriptionRunner]:
         slots: list[Slot | None] = [None]
+        each, held = sub, settings
         if once is not None and sub.effectively_once and sub.subscription_type == "key_shared":
             slots = [Slot(index, ONCE_SLOTS) for index in range(ONCE_SLOTS)]
+            each, held = per_slot(sub, settings)
         return [SubscriptionRunner(
-            sub, topic, connection, settings, bus=bus, dead_letters=dead_letters, metrics=metrics, tracing=tracing,
+            each, topic, connection, held, bus=bus, dead_letters=dead_letters, metrics=metrics, tracing=tracing,
             observer=observer, replays_for=replays_for, app=app, middleware=middleware, once=once, slot=slot,
         ) for slot in slots]
 
     return [r for topic, sub in subs for r in runners(sub, topic)] + [
         r for topic, sub in subs if sub.dead_letter for r in runners(sub, sub.retry_topic(topic), topic)
     ]
+
+
+def per_slot(sub: Subscription, settings: Settings) -> tuple[Subscription, Settings]:
+    """A key slot's share of a subscription's concurrency and of its bounds: a worker holding every slot runs and
+    holds about what one runner would (at least one handler per slot)."""
+    share = dataclasses.replace(sub, concurrency=-(-sub.concurrency // ONCE_SLOTS))
+    bounds = {
+        name: max(10, getattr(settings, name) // ONCE_SLOTS)
+        for name in ("consumer_receiver_queue_size", "consumer_max_in_flight", "consumer_max_in_flight_bytes")
+    }
+    return share, settings.model_copy(update=bounds)
 
 
 class Closing(Protocol):
@@ -183,8 +197,8 @@ class Worker:
         finally:
             for runner in self.runners:
                 runner.stop()
-                with anyio.CancelScope(shield=True):
-                    await runner.close()
+            with anyio.CancelScope(shield=True):  # at once: a group of effectively-once slots is 32 consumers
+                await asyncio.gather(*(runner.close() for runner in self.runners))
             if self._once is not None:
                 with anyio.CancelScope(shield=True):
                     await self._once.close()
