@@ -36,7 +36,7 @@ from pydantic import BaseModel
 
 from eventbus import Batch, CallNext, Depends, EventBus, Message, Router, Settings
 
-from . import defaults, plot, schemas
+from . import defaults, once, plot, schemas
 from .idle import idle_row, print_idle
 from .timing import worker_rate
 
@@ -622,6 +622,9 @@ async def one_run(args: argparse.Namespace, url: str, settings: Settings) -> lis
             raw_rates = {op: next(r["msg_s"] for r in rows if r["op"] == op and r["path"].startswith("raw ") and r["size"] == 100)
                          for op in ("publish", "consume")}
             rows += await schemas.schema_rows(url, settings, AUTH, args.messages, raw_rates, producer_options(settings))
+        if size == 100 and not settings.uses_embedded and not args.no_once:  # pulsar-lite does not deduplicate
+            raw_consume = next(r["msg_s"] for r in rows if r["path"].startswith("raw blocking") and r["size"] == 100)
+            rows += await once.once_rows(settings, args.messages, raw_consume)
     if args.latency_seconds:
         rows.append(await raw_latency_row(url, settings, 1000, args.latency_seconds))
         rows += await latency_rows(url, settings, 1000, args.latency_seconds)
@@ -648,6 +651,7 @@ def main() -> None:
     parser.add_argument("--no-workers", action="store_true", help="without the --workers rows")
     parser.add_argument("--no-service", action="store_true", help="without the service rows (dependency, middleware, batch, request)")
     parser.add_argument("--no-schemas", action="store_true", help="without the schema rows (Apache Pulsar: declared model, AVRO)")
+    parser.add_argument("--no-once", action="store_true", help="without the effectively-once rows (Apache Pulsar)")
     parser.add_argument(
         "--defaults", action="store_true",
         help="only the producer defaults grid: compression x batching delay, raw client (--sizes, --messages)",
