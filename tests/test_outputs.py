@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from eventbus.consuming.membership import Slot
 from eventbus.consuming.outputs import (
     BATCH_BITS, ENTRY_BITS, MAX_OUTPUTS, PublishedLate, TooManyOutputs, Turns, producer_name, sequence_id,
 )
@@ -101,3 +102,12 @@ def test_an_output_after_its_attempt_ended_is_refused() -> None:
             turns.turn("p", (1, 1, -1))
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("count", [1, 3, 16, 1000])
+def test_key_slots_cover_every_key_hash_once(count: int) -> None:
+    """A key_shared group's slots (sticky ranges, both ends included) leave no hash out and share none."""
+    ranges = [Slot(index, count).hashes for index in range(count)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == 65535
+    assert all(end + 1 == start for (_, end), (start, _) in zip(ranges, ranges[1:]))
+    assert all(start <= end for start, end in ranges)

@@ -160,7 +160,8 @@ class OrderedLanes(Lanes[M, I]):
     earlier message is done, so the earliest must never wait for a worker. With the lanes' own order it could: a
     key's next message becomes ready when its last finishes, behind a later key's that is taken first and waits for
     it (concurrency 1 stopped there for good). Taking the earliest ready one, the earliest unfinished message of a
-    topic partition is always running or next.
+    topic partition is always running or next. A stop leaves none of them (`stop(keep_queued=True)`): one left would
+    come back below the ids sent after it.
     """
 
     def __init__(self, batch_of: Callable[[I], Hashable], remember: int, place: Callable[[M], Any]) -> None:

@@ -60,8 +60,9 @@ class SubscriptionRunner:
         )
         self._turns = self._handling.turns
         self._counts = metrics.subscription(topic, sub.group) if metrics is not None else None
-        if self._counts is not None:
-            self._counts.in_flight = lambda: self.in_flight
+        if self._counts is not None:  # a group's key slots (effectively once) share its counts: their sum
+            others = self._counts.in_flight if slot is not None else lambda: 0
+            self._counts.in_flight = lambda: others() + self.in_flight
         self._lanes: Lanes[RawMessage, IdKey] = (
             Lanes(entry_of, _REMEMBER_ACKED) if self._turns is None else OrderedLanes(entry_of, _REMEMBER_ACKED, place)
         )
@@ -168,8 +169,7 @@ class SubscriptionRunner:
         if self._stopping.is_set():
             return
         self._stopping.set()
-        # Effectively once, nothing received is left: a message left would come back below the ids sent after it.
-        left = self._lanes.stop(keep_queued=self._turns is not None)
+        left = self._lanes.stop(keep_queued=self._turns is not None)  # effectively once: none left (OrderedLanes)
         self._not_handled("left_at_stop", left)
         if self._intake is not None:
             self._intake.finish(left)

@@ -32,7 +32,8 @@ class OnceProducers:
         self._closing: set[asyncio.Task[None]] = set()
 
     async def _get(self, topic: str, name: str) -> TopicProducer:
-        plain = await self._producers.get(topic)  # the full name, and a topic the bus cannot write refused
+        producers = self._producers
+        plain = producers.ready.get(topic) or await producers.get(topic)  # its full name; an unwritable topic refused
         key = (plain.topic, name)
         task = self._tasks.get(key)
         if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
