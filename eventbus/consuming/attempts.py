@@ -104,11 +104,17 @@ class Handling:
         # Log lines about a message carry these (JSON logs show them as fields).
         self._log_fields = {"topic": topic, "group": sub.group}
         self._once = once if sub.effectively_once else None
-        self._once_group = sub.group if slot is None else f"{sub.group}#{slot}"
+        #: The group as its outputs' producer names have it (a key slot's: with the slot).
+        self.once_group = sub.group if slot is None else f"{sub.group}#{slot}"
         #: The inputs not yet done, in the order received (the runner admits them): outputs go in that order.
         self.turns = Turns() if self._once is not None else None
         if self._once is not None:
             self.handle = self._handle_once  # type: ignore[method-assign]
+
+    async def release(self) -> None:
+        """Close this subscription's effectively-once producers, before its consumer: the next holder needs them."""
+        if self._once is not None:
+            await self._once.release(self.once_group, self._topic.split("://", 1)[-1])
 
     @property
     def dead_letter_failures(self) -> int:
@@ -190,7 +196,7 @@ class Handling:
     async def _handle_once(self, message: RawMessage) -> bool:
         """`handle`, with the message's outputs sent under ids derived from it, after every earlier message's."""
         assert self._once is not None and self.turns is not None
-        outputs = Outputs(self.turns, self._once, self._once_group, message)
+        outputs = Outputs(self.turns, self._once, self.once_group, message)
         current = self._context()
         current.outputs = outputs
         handled = False

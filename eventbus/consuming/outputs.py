@@ -136,6 +136,8 @@ class OnceSender(Protocol):
         self, topic: str, data: bytes, content_type: str | None, options: PublishOptions
     ) -> MessageId: ...
 
+    async def release(self, group: str, topic: str) -> None: ...
+
 
 class Outputs:
     """One input's outputs across its attempts: each attempt numbers them from 0, so a rerun sends the same ids."""

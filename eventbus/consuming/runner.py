@@ -192,6 +192,7 @@ class SubscriptionRunner:
             if self._intake is not None:
                 self._intake.send_acks()  # what came after the intake ended
             try:
+                await self._handling.release()
                 await consumer.close()
             except EventBusError as exc:
                 log.warning("closing consumer %s/%s: %s", self.topic, self.group, exc)

@@ -14,7 +14,7 @@ from ..errors import PublishError
 from ..registry import Subscription
 from ..service.handler import PublishOptions
 from ..settings import Settings, admin_urls
-from .producers import Producers, TopicProducer
+from .producers import Producers, TopicProducer, close_producers, failed
 
 log = logging.getLogger("eventbus")
 
@@ -36,7 +36,7 @@ class OnceProducers:
         plain = producers.ready.get(topic) or await producers.get(topic)  # its full name; an unwritable topic refused
         key = (plain.topic, name)
         task = self._tasks.get(key)
-        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+        if task is None or failed(task):
             if self._producers.closed:
                 raise PublishError(topic, "BusClosed", maybe_stored=False)
             task = asyncio.ensure_future(self._producers.create_named(plain.topic, name))
@@ -63,9 +63,7 @@ class OnceProducers:
         return await producer.send(message, options.get("key"), size, batchable=options.get("deliver_after") is None)
 
     def _close_if_idle(self, key: tuple[str, str], task: asyncio.Task[TopicProducer], seen: int) -> None:
-        if self._producers.closed or self._tasks.get(key) is not task or not task.done() or task.cancelled():
-            return
-        if task.exception() is not None:
+        if self._producers.closed or self._tasks.get(key) is not task or not task.done() or failed(task):
             return
         producer = task.result()
         if producer.sent != seen:
@@ -76,22 +74,20 @@ class OnceProducers:
         self._closing.add(closing)
         closing.add_done_callback(self._closing.discard)
 
+    async def release(self, group: str, topic: str) -> None:
+        """Close the producers of `group`'s outputs for messages of `topic` (or its partitions): the member taking its
+        messages over needs their names, which the broker lets one producer hold at a time."""
+        def theirs(name: str) -> bool:
+            held_by, partition, _ = name.split(":", 1)[1].rsplit(":", 2)
+            return held_by == group and (partition == topic or partition.startswith(f"{topic}-partition-"))
+
+        mine = [key for key in self._tasks if theirs(key[1])]
+        await close_producers([self._tasks.pop(key) for key in mine], set())
+
     async def close(self) -> None:
         """Settle every accepted output, then close each producer (before the client closes)."""
         tasks, self._tasks = list(self._tasks.values()), {}
-        if self._closing:
-            await asyncio.wait(self._closing)
-
-        async def close_one(task: asyncio.Task[TopicProducer]) -> None:
-            if task.done() and (task.cancelled() or task.exception() is not None):
-                return  # never made: the publish that wanted it failed with why
-            try:
-                producer = await task
-                await producer.close()
-            except Exception as exc:
-                log.warning("closing an effectively-once producer: %s", exc)
-
-        await asyncio.gather(*(close_one(task) for task in tasks))
+        await close_producers(tasks, self._closing)
 
 
 async def deduplicating(settings: Settings, lite: bool) -> tuple[bool, str]:

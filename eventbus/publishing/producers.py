@@ -7,7 +7,7 @@ import collections
 import functools
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from ..broker.bridge import LoopBridge
 from ..broker.client import OK, Client, MessageId, Producer, RawMessage, Result, build_message, sibling_ids
@@ -348,7 +348,9 @@ async def create_producer(
         try:
             return await _create_producer(client, topic, settings, bridge, metrics, schema, name)
         except BrokerUnavailable as exc:
-            if exc.result not in _FAILOVER or deadline is not None and time.monotonic() + pause > deadline:
+            # A named producer's name is held until its last holder closes it (a key slot moving between members).
+            again = exc.result in _FAILOVER or (name is not None and exc.result == "ProducerBusy")
+            if not again or deadline is not None and time.monotonic() + pause > deadline:
                 raise
             log.warning("creating the producer of %s: %s; trying again in %.1fs", topic, exc, pause)
             await asyncio.sleep(pause)
@@ -451,12 +453,12 @@ class Producers:
     async def get(self, topic: str) -> TopicProducer:
         """The producer of `topic` (short or full name), created on first use."""
         task = self._tasks.get(topic)
-        if task is None or _failed(task):
+        if task is None or failed(task):
             if self.closed:
                 raise PublishError(topic, "BusClosed", maybe_stored=False)
             full = self._settings.topic(topic)
             task = self._tasks.get(full)
-            if task is None or _failed(task):
+            if task is None or failed(task):
                 task = asyncio.ensure_future(self._create(full))
                 self._tasks[full] = task
                 if full.rsplit("/", 1)[-1].startswith(REPLY_TOPIC_PREFIX):
@@ -508,7 +510,7 @@ class Producers:
 
     def _close_if_idle(self, full: str, task: asyncio.Task[TopicProducer], seen: int) -> None:
         """A reply topic's producer: closed after one to two `IDLE_REPLY_SECONDS` without a reply, else looked at again."""
-        if self.closed or self._tasks.get(full) is not task or not task.done() or _failed(task):
+        if self.closed or self._tasks.get(full) is not task or not task.done() or failed(task):
             return
         producer = task.result()
         if producer.sent != seen:
@@ -527,20 +529,27 @@ class Producers:
         tasks = list({id(t): t for t in self._tasks.values()}.values())
         self._tasks = {}
         self.ready = {}
-        if self._closing:
-            await asyncio.wait(self._closing)
-
-        async def close_one(task: asyncio.Task[TopicProducer]) -> None:
-            if _failed(task):
-                return  # never created: its publish already raised why
-            try:
-                producer = await task
-                await producer.close()
-            except Exception as exc:
-                log.warning("closing producer: %s", exc)
-
-        await asyncio.gather(*(close_one(task) for task in tasks))
+        await close_producers(tasks, self._closing)
 
 
-def _failed(task: asyncio.Task[TopicProducer]) -> bool:
+async def close_producers(tasks: Iterable[asyncio.Task[TopicProducer]], closing: set[asyncio.Task[None]]) -> None:
+    """Wait for the idle producers being closed, then close each producer made; one never made already failed the
+    publish that wanted it, saying why."""
+    if closing:
+        await asyncio.wait(closing)
+
+    async def close_one(task: asyncio.Task[TopicProducer]) -> None:
+        if failed(task):
+            return
+        try:
+            producer = await task
+            await producer.close()
+        except Exception as exc:
+            log.warning("closing producer: %s", exc)
+
+    await asyncio.gather(*(close_one(task) for task in tasks))
+
+
+def failed(task: asyncio.Task[TopicProducer]) -> bool:
+    """Whether the producer's creation failed (or was cancelled)."""
     return task.done() and (task.cancelled() or task.exception() is not None)
