@@ -18,8 +18,11 @@ from .producers import Producers, TopicProducer, close_producers, failed
 
 log = logging.getLogger("eventbus")
 
-#: A derived producer unused this long is closed (a ledger's name is used until its topic rolls to the next).
-IDLE_SECONDS = 60.0
+#: A derived producer unused this long is closed: its name is then free for the member that holds its key slot now.
+#: A slot can move while its holder lives (a broker restart: another member subscribes before the holder's consumer
+#: reconnects), and a holder's idle producer kept the name from the new one: after 60 s idle, a slot stalled 70 s
+#: in a chaos run (ProducerBusy).
+IDLE_SECONDS = 5.0
 
 
 class OnceProducers:
