@@ -44,11 +44,10 @@ class SubscriptionRunner:
         observer: Observer | None = None, replays_for: str | None = None, app: AppScope | None = None,
         middleware: tuple[object, ...] = (), once: OnceSender | None = None, slot: Slot | None = None,
     ) -> None:
-        """`replays_for`: this runner consumes the retry topic of that main topic (dead letters sent back
-        by `eventbus dlq replay`): failures go to the main topic's dead-letter topic, and a retry topic
-        that cannot be subscribed (auto-creation off) is logged and left, not fatal. `once`: where an
-        effectively-once subscription's outputs go (None: the broker does not deduplicate; at least once); `slot`:
-        the part of a key_shared group's keys this runner takes, when the group's members each hold some."""
+        """`replays_for`: this runner consumes the retry topic of that main topic (dead letters sent back by `eventbus
+        dlq replay`): failures go to the main topic's dead-letter topic, and a retry topic that cannot be subscribed
+        (auto-creation off) is logged and left, not fatal. `once`: where an effectively-once subscription's outputs
+        go (None: at least once); `slot`: the part of a key_shared group's keys this runner takes (effectively once)."""
         self.sub, self.topic, self.replays_for = sub, topic, replays_for
         self._settings, self._connection = settings, connection
         self._stopping = asyncio.Event()
