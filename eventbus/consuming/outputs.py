@@ -72,9 +72,6 @@ class Turns:
         self._waiting: dict[tuple[str, Position], asyncio.Future[None]] = {}
         self._abandoned: set[tuple[str, Position]] = set()
 
-    def __len__(self) -> int:
-        return sum(map(len, self._pending.values()))
-
     def admit(self, partition: str, position: Position) -> None:
         """An input taken to be handled, in the order received (a redelivered earlier one goes in its place)."""
         bisect.insort(self._pending.setdefault(partition, []), position)
