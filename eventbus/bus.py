@@ -12,6 +12,7 @@ import anyio.abc
 
 from .broker.client import MessageId
 from .broker.connect import Connection, connect
+from .consuming.presence import Presence
 from .consuming.runner import RunningSubscription
 from .context import CURRENT, caller, tracked
 from .errors import ConfigError
@@ -101,7 +102,7 @@ class EventBus(Publisher):
     @property
     def running(self) -> tuple[RunningSubscription, ...]:
         """The subscriptions `run()` is running, with their state (empty when it is not running)."""
-        return self._worker.runners if self._worker is not None else ()
+        return self._worker.running if self._worker is not None else ()
 
     @property
     def probe_port(self) -> int | None:
@@ -273,15 +274,15 @@ class EventBus(Publisher):
         background = [func for router in self.routers for func in router.background]
         if not subs and not background:
             raise ConfigError("no handlers are registered: import a module that uses @subscribe")
-        if handle_signals is None:
-            handle_signals = threading.current_thread() is threading.main_thread()
         lifetime = Lifetime.of(self._lifespans, self.routers, subs, self.dependency_overrides)
         once = await once_sender(self.settings, [sub for _, sub in subs], producers, connection.profile.lite)
+        presence = Presence.in_namespace(connection.client, self.settings) if once is not None else None
         runners = runners_for(
-            subs, connection, self.settings, bus=self, dead_letters=producers, metrics=self.metrics,
-            tracing=self._tracing, observer=self._observer, app=lifetime.app, middleware=self._middleware, once=once,
+            subs, connection, self.settings, bus=self, dead_letters=producers, metrics=self.metrics, once=once,
+            tracing=self._tracing, observer=self._observer, app=lifetime.app, middleware=self._middleware, presence=presence,
         )
-        self._worker = Worker(runners, background, self, self._stop, self.settings, self.metrics, lifetime, requests, once)
+        parts = (self.settings, self.metrics, lifetime, requests, once, presence)
+        self._worker = Worker(runners, background, self, self._stop, *parts)
         self._run_done = asyncio.Event()
         try:
             await self._worker.run(handle_signals=handle_signals, task_status=task_status)

@@ -19,6 +19,7 @@ from pydantic import SecretStr
 
 from eventbus import Batch, EventBus, Reject, Router, Settings
 from eventbus.broker.client import stored
+from eventbus.consuming.presence import PRESENCE_TOPIC
 
 from .conftest import eventually, raw_client, read_stored, running
 from .test_worker_process import cli
@@ -228,11 +229,11 @@ async def test_a_replayed_dead_letter_stores_its_outputs_beside_the_originals(
     assert outputs(pulsar, out) == collections.Counter({str(n).encode(): 1 for n in range(10)})
 
 
-async def test_key_shared_members_each_hold_key_slots_and_one_leaving_mid_flight_hands_its_slots_over(
+async def test_key_shared_members_share_the_key_slots_and_one_leaving_mid_flight_hands_its_share_over(
     pulsar: dict, dedup: Settings, topic: str
 ) -> None:
-    """Two members of a key_shared group, 64 keys, concurrency 8; the first stops after a third: every output stored
-    once, each key's outputs in the order of its messages."""
+    """A group's first member holds all its slots; a second joins and each holds half; 64 keys, concurrency 8, the
+    first stops after a third of the messages: every output stored once, each key's in the order of its messages."""
     out = f"{topic}-out"
     handled: collections.Counter[str] = collections.Counter()
 
@@ -248,19 +249,26 @@ async def test_key_shared_members_each_hold_key_slots_and_one_leaving_mid_flight
 
         return router
 
+    def consuming(bus: EventBus) -> int:
+        return sum(r.state == "consuming" for r in bus.running)
+
     async with EventBus(dedup, routers=[member("a")]) as a, EventBus(dedup, routers=[member("b")]) as b:
         async with anyio.create_task_group() as tg:
             await tg.start(lambda task_status: a.run(handle_signals=False, task_status=task_status))
-            async with running(b):  # joins a group whose slots a holds: b stands by for each
-                await eventually(lambda: {r.state for r in b.running} == {"standby"}, what="b standing by")
+            await eventually(lambda: consuming(a) == 32, what="a alone holding every slot (16 of the topic, 16 of "
+                             "its retry topic)")
+            garble(pulsar)  # what no member said: ignored, and every member keeps listening
+            async with running(b):
+                await eventually(lambda: consuming(a) == consuming(b) == 16 and len(b.running) == 16, timeout=30,
+                                 what="a and b holding half the slots each")
                 for seq in range(640):
                     await a.publish(topic, {"key": f"k{seq % 64}", "seq": seq}, key=f"k{seq % 64}")
                 await eventually(lambda: handled["a"] >= 200, timeout=60)
+                assert handled["b"] > 0, "b took no messages while a ran"
                 a.stop()
                 await eventually(lambda: sum(handled.values()) >= 640, timeout=60, what="the rest, after a left")
-                await eventually(lambda: sum(r.state == "consuming" for r in b.running) == 32, timeout=30,
-                                 what="b holding every slot (16 of the topic, 16 of its retry topic) once a left")
-    assert handled["b"] > 0 and sum(handled.values()) == 640, handled
+                await eventually(lambda: consuming(b) == 32, timeout=30, what="b holding every slot once a left")
+    assert sum(handled.values()) == 640, handled
     found = read_stored(pulsar["service_url"], pulsar["admin_token"], f"persistent://public/dedup/{out}")
     assert len(found) == 1280 and all(len(places) == 1 for places in found.values()), f"{1280 - len(found)} missing"
     by_key: dict[str, list[tuple[tuple[int, ...], int, int]]] = collections.defaultdict(list)
@@ -269,6 +277,18 @@ async def test_key_shared_members_each_hold_key_slots_and_one_leaving_mid_flight
         by_key[event["key"]].append((places[0], event["seq"], event["part"]))
     for key, stored_ in by_key.items():
         assert [(seq, part) for _, seq, part in sorted(stored_)] == sorted((s, p) for _, s, p in stored_), key
+
+
+def garble(pulsar: dict) -> None:
+    """Send the presence topic what is not a heartbeat, from a client of the namespace (the app's own token)."""
+    client = raw_client(pulsar["service_url"], pulsar["client_token"])
+    try:
+        producer = client.create_producer(f"non-persistent://public/dedup/{PRESENCE_TOPIC}")
+        for junk in (b"\xff\xfe", b"[]", b'{"member": "x"}', b'{"member": "x", "groups": [["t"]]}',
+                     b'{"member": "x", "groups": [["t", "g", ["one"]]]}', b'{"member": "x", "groups": 7}'):
+            producer.send(junk)
+    finally:
+        client.close()
 
 
 async def test_a_keys_next_message_waiting_behind_a_later_keys_one_that_waits_to_send_is_taken_first(

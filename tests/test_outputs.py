@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eventbus.consuming.membership import Slot
+from eventbus.consuming.roster import EXPIRY, Roster, share
 from eventbus.consuming.outputs import (
     BATCH_BITS, ENTRY_BITS, MAX_OUTPUTS, PublishedLate, TooManyOutputs, Turns, producer_name, sequence_id,
 )
@@ -111,3 +112,54 @@ def test_key_slots_cover_every_key_hash_once(count: int) -> None:
     assert ranges[0][0] == 0 and ranges[-1][1] == 65535
     assert all(end + 1 == start for (_, end), (start, _) in zip(ranges, ranges[1:]))
     assert all(start <= end for start, end in ranges)
+
+
+members_ids = st.sets(st.text(st.characters(codec="utf-8"), min_size=1, max_size=12), min_size=1, max_size=24)
+
+
+@given(members_ids, st.integers(1, 32))
+def test_members_hearing_each_other_split_the_slots_between_them_each_slot_once_and_evenly(
+    members: set[str], count: int
+) -> None:
+    shares = [share(members, me, count) for me in members]
+    assert sorted(slot for mine in shares for slot in mine) == list(range(count))
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+heartbeats = st.lists(
+    st.tuples(st.sampled_from(["a", "b", "c", "me"]), st.sets(st.integers(0, 15), max_size=4), st.booleans(),
+              st.floats(0, 3 * EXPIRY)),
+    max_size=30,
+)
+
+
+@given(heartbeats)
+def test_a_roster_holds_the_members_heard_lately_that_did_not_say_they_leave(events: list) -> None:
+    """A model of the roster: each member's last heartbeat, unless it said it leaves or was unheard for `EXPIRY`;
+    this member is always one; a change to a group's members or held slots is reported."""
+    roster, key, now = Roster("me"), ("persistent://t/n/x", "g"), 0.0
+    last: dict[str, tuple[float, frozenset[int]]] = {}
+    for member, held, leaving, step in events:
+        now += step
+        expired = roster.expire(now)
+        gone = {m for m, (at, _) in last.items() if now - at > EXPIRY and m != "me"}
+        assert (key in expired) == bool(gone)
+        for m in gone:
+            del last[m]
+        changed = roster.heard(member, {key: held}, leaving, now)
+        before = last.get(member)
+        if leaving:
+            last.pop(member, None)
+            assert (key in changed) == (before is not None)
+        else:
+            last[member] = (now, frozenset(held))
+            assert (key in changed) == (before is None or before[1] != frozenset(held))
+        assert roster.members(key) == sorted({*last, "me"})
+        assert roster.share(key, 16) == share(last.keys() | {"me"}, "me", 16)
+
+
+def test_a_member_that_stops_running_a_group_leaves_it_but_not_the_others() -> None:
+    roster, one, two = Roster("me"), ("t", "g1"), ("t", "g2")
+    roster.heard("a", {one: [1], two: [2]}, False, 0.0)
+    assert roster.heard("a", {two: [2]}, False, 1.0) == {one}
+    assert roster.members(one) == ["me"] and roster.members(two) == ["a", "me"]

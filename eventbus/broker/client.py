@@ -559,6 +559,10 @@ class Producer:
         """The highest sequence id the broker stored for this producer's name (-1: none, or no deduplication)."""
         return int(self._raw.last_sequence_id())
 
+    def send_unconfirmed(self, data: bytes) -> None:
+        """Send `data` and never learn whether it was stored (a heartbeat: the next one says it again)."""
+        self.send(build_message(data, None)[0], _ignore)
+
     def flush_soon(self) -> None:
         """Ask the client to send what it holds in its batch container now."""
         self._flush_async(_ignore)

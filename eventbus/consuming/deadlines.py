@@ -93,3 +93,16 @@ async def sleep_unless(event: asyncio.Event, delay: float) -> bool:
         await event.wait()
         return True
     return False
+
+
+async def wait_any(*events: asyncio.Event, timeout: float | None = None) -> None:
+    """Return once any of `events` is set, or after `timeout` seconds."""
+    with anyio.move_on_after(timeout):
+        async with anyio.create_task_group() as tg:
+            for event in events:
+                tg.start_soon(_cancel_when_set, event, tg.cancel_scope)
+
+
+async def _cancel_when_set(event: asyncio.Event, scope: anyio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()

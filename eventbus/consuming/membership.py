@@ -15,7 +15,7 @@ from ..errors import EventBusError, Failure, classify
 from ..observing.metrics import SubscriptionCounts
 from ..registry import Subscription
 from ..settings import Settings
-from .deadlines import sleep_unless
+from .deadlines import sleep_unless, wait_any
 
 log = logging.getLogger("eventbus")
 
@@ -56,10 +56,12 @@ class Membership:
     def __init__(
         self, sub: Subscription, topic: str, connection: Connection, settings: Settings, stopping: asyncio.Event,
         counts: SubscriptionCounts | None, replays_for: str | None, slot: Slot | None = None,
+        nudge: asyncio.Event | None = None,
     ) -> None:
-        """`slot`: consume only the keys of that slot (a sticky key_shared range), held by one member at a time."""
+        """`slot`: consume only the keys of that slot (a sticky key_shared range), held by one member at a time;
+        standing by for it, ask again at `nudge` (its holder let it go) or the next poll, whichever comes first."""
         self.sub, self.topic, self.group, self.replays_for = sub, topic, sub.group, replays_for
-        self.slot = slot
+        self.slot, self._nudge = slot, nudge
         self._connection = connection
         self._settings = settings
         self._stopping = stopping
@@ -141,7 +143,7 @@ class Membership:
                     if not busy:
                         busy = True
                         self._held_elsewhere()
-                    if await sleep_unless(self._stopping, poll):
+                    if await self._standby(poll):
                         break
                     # Each refused subscribe is a ConsumerBusy line in the client's log: ask less often, and for a
                     # group held with another type (which someone must change) at most every 30 s.
@@ -152,6 +154,15 @@ class Membership:
                 break
             delay = min(delay * 2, _RETRY[1])
         return False
+
+    async def _standby(self, poll: float) -> bool:
+        """Wait `poll` seconds, or less when nudged; True once stopping."""
+        nudge = self._nudge
+        if nudge is None:
+            return await sleep_unless(self._stopping, poll)
+        await wait_any(nudge, self._stopping, timeout=poll)
+        nudge.clear()
+        return self._stopping.is_set()
 
     def _held_elsewhere(self) -> None:
         """A refused subscribe (ConsumerBusy): a standby member, or on Apache Pulsar a group held with another type.

@@ -43,11 +43,12 @@ class SubscriptionRunner:
         dead_letters: Sender, metrics: Metrics | None = None, tracing: Tracing | None = None,
         observer: Observer | None = None, replays_for: str | None = None, app: AppScope | None = None,
         middleware: tuple[object, ...] = (), once: OnceSender | None = None, slot: Slot | None = None,
+        nudge: asyncio.Event | None = None,
     ) -> None:
         """`replays_for`: this runner consumes the retry topic of that main topic (dead letters sent back by `eventbus
         dlq replay`): failures go to the main topic's dead-letter topic, and a retry topic that cannot be subscribed
         (auto-creation off) is logged and left, not fatal. `once`: where an effectively-once subscription's outputs
-        go (None: at least once); `slot`: the part of a key_shared group's keys this runner takes (effectively once)."""
+        go (None: at least once); `slot`: the part of a key_shared group's keys this runner takes (`KeySlots`; `nudge`)."""
         self.sub, self.topic, self.replays_for = sub, topic, replays_for
         self._settings, self._connection = settings, connection
         self._stopping = asyncio.Event()
@@ -59,9 +60,8 @@ class SubscriptionRunner:
         )
         self._turns = self._handling.turns
         self._counts = metrics.subscription(topic, sub.group) if metrics is not None else None
-        if self._counts is not None:  # a group's key slots (effectively once) share its counts: their sum
-            others = self._counts.in_flight if slot is not None else lambda: 0
-            self._counts.in_flight = lambda: others() + self.in_flight
+        if self._counts is not None and slot is None:  # a group's key slots share its counts (`KeySlots`)
+            self._counts.in_flight = lambda: self.in_flight
         self._lanes: Lanes[RawMessage, IdKey] = (
             Lanes(entry_of, _REMEMBER_ACKED) if self._turns is None else OrderedLanes(entry_of, _REMEMBER_ACKED, place)
         )
@@ -71,7 +71,7 @@ class SubscriptionRunner:
         self._unique = itertools.count()
         self._intake: Intake | None = None
         self._intake_done = False
-        self._membership = Membership(sub, topic, connection, settings, self._stopping, self._counts, replays_for, slot)
+        self._membership = Membership(sub, topic, connection, settings, self._stopping, self._counts, replays_for, slot, nudge)
         self._consuming = False
         #: Copies of messages already in flight or acknowledged, dropped unhandled.
         self.duplicates = 0

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import threading
 from collections.abc import Collection, Sequence
 from typing import Protocol
 
@@ -16,7 +17,9 @@ from ..broker.connect import Connection
 from ..consuming.attempts import Sender
 from ..consuming.outputs import OnceSender
 from ..consuming.membership import Slot
+from ..consuming.presence import Presence
 from ..consuming.runner import SubscriptionRunner
+from ..consuming.slots import KeySlots
 from ..errors import EventBusError
 from ..observing.events import Observer
 from ..observing.metrics import Metrics
@@ -41,24 +44,28 @@ def runners_for(
     subs: Sequence[tuple[str, Subscription]], connection: Connection, settings: Settings, *, bus: Publisher,
     dead_letters: Sender, metrics: Metrics | None, tracing: Tracing | None, observer: Observer | None,
     app: AppScope | None = None, middleware: tuple[object, ...] = (), once: OnceSender | None = None,
-) -> list[SubscriptionRunner]:
+    presence: Presence | None = None,
+) -> list[Runner]:
     """A runner per (full topic, subscription), and one per retry topic of each group that dead-letters
     (where `eventbus dlq replay` sends its dead letters back). `app`: the worker's app-scoped dependencies;
-    `middleware`: the bus's; `once`: the sender of effectively-once outputs (None: the broker does not deduplicate)."""
+    `middleware`: the bus's; `once`: the sender of effectively-once outputs (None: the broker does not deduplicate);
+    `presence`: how an effectively-once key_shared group's members share its key slots (`KeySlots`)."""
 
-    def runners(sub: Subscription, topic: str, replays_for: str | None = None) -> list[SubscriptionRunner]:
-        slots: list[Slot | None] = [None]
-        held = settings
+    def runner(sub: Subscription, topic: str, replays_for: str | None = None) -> Runner:
+        def make(slot: Slot | None = None, nudge: asyncio.Event | None = None) -> SubscriptionRunner:
+            return SubscriptionRunner(
+                sub, topic, connection, settings if slot is None else per_slot(settings), bus=bus,
+                dead_letters=dead_letters, metrics=metrics, tracing=tracing, observer=observer, replays_for=replays_for,
+                app=app, middleware=middleware, once=once, slot=slot, nudge=nudge,
+            )
+
         if once is not None and sub.effectively_once and sub.subscription_type == "key_shared":
-            slots = [Slot(index, ONCE_SLOTS) for index in range(ONCE_SLOTS)]
-            held = per_slot(settings)
-        return [SubscriptionRunner(
-            sub, topic, connection, held, bus=bus, dead_letters=dead_letters, metrics=metrics, tracing=tracing,
-            observer=observer, replays_for=replays_for, app=app, middleware=middleware, once=once, slot=slot,
-        ) for slot in slots]
+            counts = metrics.subscription(topic, sub.group) if metrics is not None else None
+            return KeySlots(sub, topic, make, presence, ONCE_SLOTS, counts)
+        return make()
 
-    return [r for topic, sub in subs for r in runners(sub, topic)] + [
-        r for topic, sub in subs if sub.dead_letter for r in runners(sub, sub.retry_topic(topic), topic)
+    return [runner(sub, topic) for topic, sub in subs] + [
+        runner(sub, sub.retry_topic(topic), topic) for topic, sub in subs if sub.dead_letter
     ]
 
 
@@ -71,6 +78,21 @@ def per_slot(settings: Settings) -> Settings:
         for name in ("consumer_receiver_queue_size", "consumer_max_in_flight", "consumer_max_in_flight_bytes")
     }
     return settings.model_copy(update=bounds)
+
+
+class Runner(Protocol):
+    """What the worker runs: a subscription's runner, or an effectively-once key_shared group's slots (`KeySlots`)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def ready(self) -> bool: ...
+    @property
+    def in_flight(self) -> int: ...
+    async def start(self) -> None: ...
+    async def run(self) -> None: ...
+    def stop(self) -> None: ...
+    async def close(self) -> None: ...
 
 
 class Closing(Protocol):
@@ -93,7 +115,7 @@ class Worker:
 
     def __init__(
         self,
-        runners: Sequence[SubscriptionRunner],
+        runners: Sequence[Runner],
         background: Sequence[Background],
         bus: Publisher,
         stop: asyncio.Event,
@@ -102,12 +124,13 @@ class Worker:
         lifetime: Lifetime | None = None,
         requests: Awaiting | None = None,
         once: Closing | None = None,
+        presence: Presence | None = None,
     ) -> None:
         """`/metrics`, `/livez` and `/readyz` are served when `settings.metrics_port` is set and there are metrics.
         `requests`: this process's requests waiting for replies: at a stop, the runners of the topics they wait on
         keep taking messages until nothing waits on them. `once`: the producers of the runners' effectively-once
-        outputs, closed once the runners are."""
-        self._once = once
+        outputs, closed once the runners are; `presence`: the runners' key slots' (started before them, closed after)."""
+        self._once, self._presence = once, presence
         self.runners = tuple(runners)
         self._awaited = requests.awaited if requests is not None else frozenset
         self._requests_changed = requests.changed if requests is not None else asyncio.Event()
@@ -123,6 +146,15 @@ class Worker:
                 metrics, self.ready, settings.metrics_host, settings.metrics_port, settings.liveness_stall_seconds
             )
         self._started = False
+
+    @property
+    def running(self) -> tuple[SubscriptionRunner, ...]:
+        """Every subscription's runner, each key slot's of an effectively-once key_shared group."""
+        return tuple(
+            one for runner in self.runners
+            for one in (runner.runners.values() if isinstance(runner, KeySlots) else (runner,))
+            if isinstance(one, SubscriptionRunner)
+        )
 
     def ready(self) -> bool:
         """Every subscription consuming (or standing by), and no stop begun: what `/readyz` answers."""
@@ -152,7 +184,10 @@ class Worker:
                 return
             await self._requests_changed.wait()
 
-    async def run(self, *, handle_signals: bool, task_status: anyio.abc.TaskStatus[None]) -> None:
+    async def run(self, *, handle_signals: bool | None, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """`handle_signals` None: when on the main thread (only there can a loop take signals)."""
+        if handle_signals is None:
+            handle_signals = threading.current_thread() is threading.main_thread()
         if self.probes is None:
             await self._run(handle_signals, task_status)
             return
@@ -185,6 +220,8 @@ class Worker:
         """Start the runners and the background tasks; after a stop, drain the runners, close them, then cancel
         the background tasks (a handler still running may need what one of them holds)."""
         try:
+            if self._presence is not None:
+                await self._presence.start()
             await self._start_runners()
             self._started = True
             task_status.started()
@@ -198,9 +235,11 @@ class Worker:
                 runner.stop()
             with anyio.CancelScope(shield=True):  # at once: a group of effectively-once slots is 32 consumers
                 await asyncio.gather(*(runner.close() for runner in self.runners))
-            if self._once is not None:
-                with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True):
+                if self._once is not None:
                     await self._once.close()
+                if self._presence is not None:
+                    await self._presence.close()
 
     async def _start_runners(self) -> None:
         """Subscribe every runner, `_SUBSCRIBING` at a time; raise the first failure (in the runners' order).
@@ -210,7 +249,7 @@ class Worker:
         """
         limit = asyncio.Semaphore(_SUBSCRIBING)
 
-        async def start(runner: SubscriptionRunner) -> None:
+        async def start(runner: Runner) -> None:
             async with limit:
                 await runner.start()
 
@@ -236,7 +275,7 @@ class Worker:
                 log.warning("drain timeout: cancelling handlers; up to %d message(s) will be redelivered", busy)
                 tg.cancel_scope.cancel()
 
-    async def _run_one(self, runner: SubscriptionRunner, finished: anyio.Event) -> None:
+    async def _run_one(self, runner: Runner, finished: anyio.Event) -> None:
         try:
             await runner.run()
         except EventBusError as exc:
