@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import random
@@ -277,6 +278,34 @@ async def test_key_shared_members_share_the_key_slots_and_one_leaving_mid_flight
         by_key[event["key"]].append((places[0], event["seq"], event["part"]))
     for key, stored_ in by_key.items():
         assert [(seq, part) for _, seq, part in sorted(stored_)] == sorted((s, p) for _, s, p in stored_), key
+
+
+async def test_a_members_key_slots_run_at_most_concurrency_handlers_between_them(
+    pulsar: dict, dedup: Settings, topic: str
+) -> None:
+    """One member holding all 16 slots, concurrency 2, 64 keys: at most 2 handlers run their code at once (one
+    waiting for its output's turn lends its place), and every message's output is stored once."""
+    out = f"{topic}-out"
+    now = peak = 0
+    handled: list[int] = []
+    router = Router()
+
+    @router.subscribe(topic, "g", effectively_once=True, concurrency=2, initial_position="earliest")
+    async def handle(n: int, bus: EventBus) -> None:
+        nonlocal now, peak
+        now += 1
+        peak = max(peak, now)
+        await anyio.sleep(0.005)  # work, long enough for other slots' handlers to start beside it
+        now -= 1
+        await bus.publish(out, n, key=str(n % 64))
+        handled.append(n)
+
+    async with EventBus(dedup, routers=[router]) as bus:
+        await asyncio.gather(*(bus.publish(topic, n, key=str(n % 64)) for n in range(256)))
+        async with running(bus):
+            await eventually(lambda: len(handled) == 256, timeout=60, what="every message handled")
+    assert peak == 2
+    assert outputs(pulsar, out) == collections.Counter({str(n).encode(): 1 for n in range(256)})
 
 
 def garble(pulsar: dict) -> None:

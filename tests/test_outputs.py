@@ -8,10 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eventbus.consuming.membership import Slot
 from eventbus.consuming.roster import EXPIRY, Roster, share
 from eventbus.consuming.outputs import (
-    BATCH_BITS, ENTRY_BITS, MAX_OUTPUTS, PublishedLate, TooManyOutputs, Turns, producer_name, sequence_id,
+    BATCH_BITS, ENTRY_BITS, MAX_OUTPUTS, PublishedLate, Slot, TooManyOutputs, Turns, producer_name, sequence_id,
 )
 
 places = st.tuples(

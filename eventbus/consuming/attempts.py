@@ -25,7 +25,7 @@ from ..service.returns import Answers
 from ..topics import dead_letter_properties
 from .dead_letterer import DeadLetterer, Sender
 from .deadlines import Deadlines, HandlerTimeout, sleep_unless
-from .outputs import OnceSender, Outputs, Turns
+from .outputs import OnceSender, Outputs, Permit, Slot, Turns
 from .payloads import TopicPayloads
 from .reporting import report_for
 
@@ -69,7 +69,7 @@ class Handling:
         app: AppScope | None = None,
         middleware: tuple[object, ...] = (),
         once: OnceSender | None = None,
-        slot: int | None = None,
+        slot: Slot | None = None,
     ) -> None:
         """`dead_letter_topic`: where this topic's dead letters go, if not its own (a retry topic's: its main topic's).
         `app`: the worker's app-scoped dependency values (and overrides), for a handler with dependencies.
@@ -105,7 +105,8 @@ class Handling:
         self._log_fields = {"topic": topic, "group": sub.group}
         self._once = once if sub.effectively_once else None
         #: The group as its outputs' producer names have it (a key slot's: with the slot).
-        self.once_group = sub.group if slot is None else f"{sub.group}#{slot}"
+        self.once_group = sub.group if slot is None else f"{sub.group}#{slot.index}"
+        self._limit = slot.limit if slot is not None else None
         #: The inputs not yet done, in the order received (the runner admits them): outputs go in that order.
         self.turns = Turns() if self._once is not None else None
         if self._once is not None:
@@ -196,14 +197,19 @@ class Handling:
     async def _handle_once(self, message: RawMessage) -> bool:
         """`handle`, with the message's outputs sent under ids derived from it, after every earlier message's."""
         assert self._once is not None and self.turns is not None
-        outputs = Outputs(self.turns, self._once, self.once_group, message)
+        permit = Permit(self._limit) if self._limit is not None else None
+        outputs = Outputs(self.turns, self._once, self.once_group, message, permit)
         current = self._context()
         current.outputs = outputs
         handled = False
         try:
+            if permit is not None:
+                await permit.take()
             handled = await Handling.handle(self, message)
             return handled
         finally:
+            if permit is not None:
+                permit.give()
             current.outputs = None
             outputs.finish(handled)
 

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import socket
-from dataclasses import dataclass
 from typing import Literal
 
 from ..broker.client import Consumer
@@ -16,6 +15,7 @@ from ..observing.metrics import SubscriptionCounts
 from ..registry import Subscription
 from ..settings import Settings
 from .deadlines import sleep_unless, wait_any
+from .outputs import Slot
 
 log = logging.getLogger("eventbus")
 
@@ -29,20 +29,6 @@ _RETRY = (1.0, 30.0)
 #: What a subscribe refused because another member holds it says: an exclusive or failover group, or a key_shared
 #: group held with another type (ConsumerBusy); a slot another member holds (ConsumerAssignError).
 _HELD = frozenset({"ConsumerBusy", "ConsumerAssignError"})
-
-
-@dataclass(frozen=True)
-class Slot:
-    """One of `count` equal parts of a key_shared group's key hashes (0-65535), consumed by one member at a time."""
-
-    index: int
-    count: int
-
-    @property
-    def hashes(self) -> tuple[int, int]:
-        """Its first and last hash, both included."""
-        width = 65536 // self.count
-        return self.index * width, 65535 if self.index == self.count - 1 else (self.index + 1) * width - 1
 
 
 class Membership:

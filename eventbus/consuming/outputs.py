@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 from collections.abc import Awaitable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..broker.client import MessageId, RawMessage, ident_of
@@ -18,6 +19,45 @@ ENTRY_BITS, BATCH_BITS, OUTPUT_BITS = 39, 12, 12
 MAX_OUTPUTS = 1 << OUTPUT_BITS
 #: An input's place in its topic partition: ledger, entry, index in its batch (-1: not batched).
 Position = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One of `count` equal parts of a key_shared group's key hashes (0-65535), consumed by one member at a time; the
+    runners of a member's slots share `limit`, the group's handlers at once (`Permit`)."""
+
+    index: int
+    count: int
+    limit: asyncio.Semaphore | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def hashes(self) -> tuple[int, int]:
+        """Its first and last hash, both included."""
+        width = 65536 // self.count
+        return self.index * width, 65535 if self.index == self.count - 1 else (self.index + 1) * width - 1
+
+
+class Permit:
+    """A handler's place in its group's limit: held while it runs, lent back while its outputs wait for their turn.
+
+    Held through that wait, the limit could be spent on handlers all waiting for an earlier message that waits for
+    a place: none would finish. Lent back, every place is held by a handler that can go on.
+    """
+
+    __slots__ = ("_limit", "held")
+
+    def __init__(self, limit: asyncio.Semaphore) -> None:
+        self._limit = limit
+        self.held = False
+
+    async def take(self) -> None:
+        await self._limit.acquire()
+        self.held = True
+
+    def give(self) -> None:
+        if self.held:
+            self.held = False
+            self._limit.release()
 
 
 class TooManyOutputs(EventBusError):
@@ -139,10 +179,13 @@ class OnceSender(Protocol):
 class Outputs:
     """One input's outputs across its attempts: each attempt numbers them from 0, so a rerun sends the same ids."""
 
-    __slots__ = ("_turns", "_sender", "_partition", "_position", "_name", "_lock", "count")
+    __slots__ = ("_turns", "_sender", "_partition", "_position", "_name", "_lock", "_permit", "count")
 
-    def __init__(self, turns: Turns, sender: OnceSender, group: str, message: RawMessage) -> None:
-        self._turns, self._sender = turns, sender
+    def __init__(
+        self, turns: Turns, sender: OnceSender, group: str, message: RawMessage, permit: Permit | None = None
+    ) -> None:
+        """`permit`: the handler's place in its group's limit, lent back while an output waits for its turn."""
+        self._turns, self._sender, self._permit = turns, sender, permit
         self._partition, self._position = place(message)
         self._name = producer_name(group, self._partition, self._position[0])
         self._lock: asyncio.Lock | None = None
@@ -165,7 +208,11 @@ class Outputs:
             return await self._sender.send_plain(topic, data, content_type, options)
         waiting = self._turns.turn(self._partition, self._position)
         if waiting is not None:
-            await waiting
+            if self._permit is not None:
+                self._permit.give()
+            await waiting  # cancelled: the handler ends without its place, and gives back none
+            if self._permit is not None:
+                await self._permit.take()
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:  # numbered and handed to the producer in call order, as the ids must grow

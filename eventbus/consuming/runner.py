@@ -26,8 +26,8 @@ from .payloads import payloads_for
 from .dispatch import Dispatch
 from .intake import Bounds, Intake
 from .lanes import Lanes, MixedKeys, OrderedLanes
-from .membership import Membership, Slot, State
-from .outputs import OnceSender, place
+from .membership import Membership, State
+from .outputs import OnceSender, Slot, place
 
 log = logging.getLogger("eventbus")
 
@@ -56,7 +56,7 @@ class SubscriptionRunner:
         self._handling = (BatchHandling if sub.batch is not None else Handling)(
             sub, topic, bus, dead_letters, self._finished_handling, metrics, tracing, observer,
             dead_letter_topic=sub.dead_letter_topic(replays_for) if replays_for else None, app=app,
-            middleware=middleware, once=once, slot=None if slot is None else slot.index,
+            middleware=middleware, once=once, slot=slot,
         )
         self._turns = self._handling.turns
         self._counts = metrics.subscription(topic, sub.group) if metrics is not None else None

@@ -12,8 +12,8 @@ from ..errors import SubscriptionFailed
 from ..observing.metrics import SubscriptionCounts
 from ..registry import Subscription
 from .deadlines import wait_any
-from .membership import Slot
 from .presence import Presence
+from .outputs import Slot
 from .runner import SubscriptionRunner
 
 log = logging.getLogger("eventbus")
@@ -37,6 +37,8 @@ class KeySlots:
         #: The runners of this member's slots, by slot index: consuming, standing by, or being let go.
         self.runners: dict[int, SubscriptionRunner] = {}
         self._nudges: dict[int, asyncio.Event] = {}
+        #: The group's handlers at once on this member, across its slots (else each slot would run `concurrency`).
+        self._limit = asyncio.Semaphore(sub.concurrency)
         self._stopping = asyncio.Event()
         self.failure: BaseException | None = None
         if counts is not None:  # the slots share the group's counts: their sum
@@ -64,7 +66,7 @@ class KeySlots:
 
     def _runner(self, slot: int) -> SubscriptionRunner:
         nudge = self._nudges[slot] = asyncio.Event()
-        runner = self.runners[slot] = self._make(Slot(slot, self._count), nudge)
+        runner = self.runners[slot] = self._make(Slot(slot, self._count, self._limit), nudge)
         return runner
 
     async def start(self) -> None:

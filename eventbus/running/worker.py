@@ -16,7 +16,7 @@ import anyio.abc
 from ..broker.connect import Connection
 from ..consuming.attempts import Sender
 from ..consuming.outputs import OnceSender
-from ..consuming.membership import Slot
+from ..consuming.outputs import Slot
 from ..consuming.presence import Presence
 from ..consuming.runner import SubscriptionRunner
 from ..consuming.slots import KeySlots
@@ -71,8 +71,9 @@ def runners_for(
 
 def per_slot(settings: Settings) -> Settings:
     """A key slot's share of a subscription's bounds: a worker holding every slot holds about what one runner would.
-    Each slot runs `concurrency` handlers (measured: one each kept a chaos run's group at 73 msg/s, its handler
-    waiting on a request between its outputs, behind the 134 msg/s published)."""
+    Each slot has `concurrency` worker tasks (measured: one each kept a chaos run's group at 73 msg/s, its handler
+    waiting on a request between its outputs, behind the 134 msg/s published); the group's handlers at once on a
+    member are `concurrency` across its slots (`outputs.Permit`)."""
     bounds = {
         name: max(10, getattr(settings, name) // ONCE_SLOTS)
         for name in ("consumer_receiver_queue_size", "consumer_max_in_flight", "consumer_max_in_flight_bytes")
