@@ -23,6 +23,7 @@ from eventbus.broker.client import stored
 from eventbus.consuming.presence import PRESENCE_TOPIC
 
 from .conftest import eventually, raw_client, read_stored, running
+from .pulsar_admin import admin
 from .test_worker_process import cli
 
 
@@ -151,6 +152,39 @@ async def test_a_broker_that_does_not_deduplicate_is_said_at_start_and_outputs_g
     assert pulsar is None or "EVENTBUS_DEDUPLICATION=true" in said[0]
     found = read_stored(url, settings.jwt(), settings.topic(out))
     assert len(found[b"1"]) == 2, "at least once: the rerun's output stored again, nothing dropped"
+
+
+async def test_an_output_topic_whose_policy_turns_deduplication_off_is_said_and_its_outputs_go_at_least_once(
+    pulsar: dict, dedup: Settings, topic: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`public/dedup` deduplicates, but a topic policy turns it off on one output topic: one WARNING names that
+    topic and the fix; its outputs go at least once (a rerun's stored again), the other topic's once."""
+    on, off = f"{topic}-on", f"{topic}-off"
+    policy = f"/admin/v2/persistent/public/dedup/{off}/deduplicationEnabled"
+    admin(pulsar, "PUT", f"/admin/v2/persistent/public/dedup/{off}")
+    admin(pulsar, "POST", policy, False)
+    await eventually(lambda: admin(pulsar, "GET", f"{policy}?applied=true") is False, what="the topic policy applied")
+    attempts: collections.Counter[int] = collections.Counter()
+    router = Router()
+
+    @router.subscribe(topic, "g", subscription_type="failover", effectively_once=True, initial_position="earliest",
+                      retry_backoff=0)
+    async def handle(n: int, bus: EventBus) -> None:
+        attempts[n] += 1
+        await bus.publish(on, n)
+        await bus.publish(off, n)
+        if attempts[n] == 1:
+            raise RuntimeError("failed after storing its outputs")
+
+    with caplog.at_level(logging.WARNING, logger="eventbus"):
+        async with EventBus(dedup, routers=[router]) as bus, running(bus):
+            for n in range(3):
+                await bus.publish(topic, n, key=str(n))
+            await eventually(lambda: all(attempts[n] == 2 for n in range(3)), what="every message rerun")
+    said = [r.getMessage() for r in caplog.records if "does not deduplicate" in r.getMessage()]
+    assert len(said) == 1 and f"persistent://public/dedup/{off} does not" in said[0], said
+    assert outputs(pulsar, on) == collections.Counter({b"0": 1, b"1": 1, b"2": 1})
+    assert outputs(pulsar, off) == collections.Counter({b"0": 2, b"1": 2, b"2": 2})
 
 
 @pytest.mark.parametrize(

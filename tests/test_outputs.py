@@ -134,8 +134,8 @@ heartbeats = st.lists(
 
 @given(heartbeats)
 def test_a_roster_holds_the_members_heard_lately_that_did_not_say_they_leave(events: list) -> None:
-    """A model of the roster: each member's last heartbeat, unless it said it leaves or was unheard for `EXPIRY`;
-    this member is always one; a change to a group's members or held slots is reported."""
+    """A model of the roster: each member's last heartbeat (and the slots it holds), unless it said it leaves or was
+    unheard for `EXPIRY`; this member is always one; a change to a group's members or held slots is reported."""
     roster, key, now = Roster("me"), ("persistent://t/n/x", "g"), 0.0
     last: dict[str, tuple[float, frozenset[int]]] = {}
     for member, held, leaving, step in events:
@@ -155,6 +155,7 @@ def test_a_roster_holds_the_members_heard_lately_that_did_not_say_they_leave(eve
             assert (key in changed) == (before is None or before[1] != frozenset(held))
         assert roster.members(key) == sorted({*last, "me"})
         assert roster.share(key, 16) == share(last.keys() | {"me"}, "me", 16)
+        assert roster.held_elsewhere(key) == {slot for m, (_, held) in last.items() if m != "me" for slot in held}
 
 
 def test_a_member_that_stops_running_a_group_leaves_it_but_not_the_others() -> None:

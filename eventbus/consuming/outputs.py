@@ -38,10 +38,12 @@ class Slot:
 
 
 class Permit:
-    """A handler's place in its group's limit: held while it runs, lent back while its outputs wait for their turn.
+    """A handler's place in its group's limit: held from its start until its first output must wait for its turn.
 
     Held through that wait, the limit could be spent on handlers all waiting for an earlier message that waits for
-    a place: none would finish. Lent back, every place is held by a handler that can go on.
+    a place: none would finish. Given back, every place is held by a handler that can go on. Not taken again once the
+    turn came: the partition's later outputs wait for this handler, and in line for a place behind handlers that will
+    wait for it, they stalled a chaos run's group (125 msg/s handled of 150 published; 7,283 left at the end).
     """
 
     __slots__ = ("_limit", "held")
@@ -167,7 +169,7 @@ class OnceSender(Protocol):
 
     async def enqueue_once(
         self, topic: str, name: str, sequence_id: int, data: bytes, content_type: str | None, options: PublishOptions
-    ) -> asyncio.Future[MessageId]: ...
+    ) -> asyncio.Future[MessageId] | None: ...
 
     async def send_plain(
         self, topic: str, data: bytes, content_type: str | None, options: PublishOptions
@@ -210,9 +212,7 @@ class Outputs:
         if waiting is not None:
             if self._permit is not None:
                 self._permit.give()
-            await waiting  # cancelled: the handler ends without its place, and gives back none
-            if self._permit is not None:
-                await self._permit.take()
+            await waiting
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:  # numbered and handed to the producer in call order, as the ids must grow

@@ -60,6 +60,10 @@ class Presence:
         """The slots of `key` this member should hold."""
         return self.roster.share(key, count) if self.working else frozenset(range(count))
 
+    def held_elsewhere(self, key: GroupKey) -> frozenset[int]:
+        """The slots of `key` other members said they hold (none known without the roster)."""
+        return self.roster.held_elsewhere(key) if self.working else frozenset()
+
     def beat_soon(self) -> None:
         """Say what this member holds now (a slot given up: its next holder need not wait for its poll)."""
         self._beat.set()

@@ -61,6 +61,10 @@ class Roster:
         """The members of the group heard lately, this one included, sorted."""
         return sorted({*self._heard.get(key, ()), self.me})
 
+    def held_elsewhere(self, key: GroupKey) -> frozenset[int]:
+        """The slots other members last said they hold."""
+        return frozenset(slot for member, held in self._held.get(key, {}).items() if member != self.me for slot in held)
+
     def share(self, key: GroupKey, count: int) -> frozenset[int]:
         """This member's share of the group's `count` slots."""
         return share(self.members(key), self.me, count)

@@ -28,8 +28,11 @@ IDLE_SECONDS = 5.0
 class OnceProducers:
     """Sends a handler's outputs under the producer name and sequence id its input gives them (`consuming.outputs`)."""
 
-    def __init__(self, producers: Producers, idle_seconds: float = IDLE_SECONDS) -> None:
-        self._producers = producers
+    def __init__(self, producers: Producers, settings: Settings | None = None, idle_seconds: float = IDLE_SECONDS) -> None:
+        """`settings`: where to ask whether an output topic deduplicates (its applied policy: the topic's own, else
+        its namespace's); None: every output topic does, as its namespace."""
+        self._producers, self._settings = producers, settings
+        self._deduplicates: dict[str, asyncio.Future[bool]] = {}
         self._idle = idle_seconds
         self._tasks: dict[tuple[str, str], asyncio.Task[TopicProducer]] = {}
         self._closing: set[asyncio.Task[None]] = set()
@@ -49,8 +52,12 @@ class OnceProducers:
 
     async def enqueue_once(
         self, topic: str, name: str, sequence_id: int, data: bytes, content_type: str | None, options: PublishOptions
-    ) -> asyncio.Future[MessageId]:
-        """Hand the output to its producer now (in call order); the future resolves with its receipt."""
+    ) -> asyncio.Future[MessageId] | None:
+        """Hand the output to its producer now (in call order); the future resolves with its receipt. None: `topic`
+        does not deduplicate (a topic policy), so the output goes at least once."""
+        plain = self._producers.ready.get(topic) or await self._producers.get(topic)  # its full name
+        if not await self._topic_deduplicates(plain.topic):
+            return None
         producer = await self._get(topic, name)
         numbered: PublishOptions = {**options, "sequence_id": sequence_id}
         message, size = build_message(data, content_type, **numbered)
@@ -64,6 +71,31 @@ class OnceProducers:
         producer = await self._producers.get(topic)
         # As any publish: the bus's own producers batch, and only the bus flushes their batches.
         return await producer.send(message, options.get("key"), size, batchable=options.get("deliver_after") is None)
+
+    async def _topic_deduplicates(self, topic: str) -> bool:
+        """Whether the broker deduplicates `topic` (a full name), asked once per topic; a topic policy may differ
+        from its namespace's. Unknown (no admin API, an error): as its namespace, which does."""
+        known = self._deduplicates.get(topic)
+        if known is None:
+            known = self._deduplicates[topic] = asyncio.ensure_future(self._ask(topic))
+        return await asyncio.shield(known)
+
+    async def _ask(self, topic: str) -> bool:
+        if self._settings is None or not topic.startswith("persistent://"):
+            return True
+        status, said, base = await ask_admin(
+            self._settings, f"/admin/v2/persistent/{topic.split('://', 1)[1]}/deduplicationEnabled?applied=true"
+        )
+        if status == 200 and said == "false":
+            log.warning(
+                "effectively_once: %s does not deduplicate (a topic policy turns it off), so the outputs sent there "
+                "are stored at least once (a rerun stores them again): pulsar-admin topics set-deduplication %s "
+                "--enable", topic, topic,
+            )
+            return False
+        if status != 200:
+            log.info("cannot ask the admin API at %s whether %s deduplicates (%s): taken as its namespace", base, topic, said)
+        return True
 
     def _close_if_idle(self, key: tuple[str, str], task: asyncio.Task[TopicProducer], seen: int) -> None:
         if self._producers.closed or self._tasks.get(key) is not task or not task.done() or failed(task):
@@ -100,24 +132,33 @@ async def deduplicating(settings: Settings, lite: bool) -> tuple[bool, str]:
     if settings.deduplication is not None:
         return settings.deduplication, f"EVENTBUS_DEDUPLICATION={str(settings.deduplication).lower()}"
     namespace = f"{settings.tenant}/{settings.namespace}"
-    base = admin_urls(settings)[0]
-    headers = settings.admin_headers()
-    verify: Any = str(settings.tls_trust_certs_file) if settings.tls_trust_certs_file else True
     fix = f"set EVENTBUS_DEDUPLICATION=true if {namespace} deduplicates"
-    try:
-        # No redirects: the token goes to the configured admin API only.
-        async with httpx.AsyncClient(headers=headers, timeout=10.0, verify=verify, follow_redirects=False) as http:
-            response = await http.get(f"{base}/admin/v2/namespaces/{namespace}/deduplication")
-    except httpx.HTTPError as exc:
-        return False, f"cannot ask the admin API at {base} ({type(exc).__name__}); {fix}"
-    if response.status_code != 200:
-        return False, f"the admin API at {base} answered {response.status_code}; {fix}"
-    said = response.text.strip()
+    status, said, base = await ask_admin(settings, f"/admin/v2/namespaces/{namespace}/deduplication")
+    if status is None:
+        return False, f"cannot ask the admin API at {base} ({said}); {fix}"
+    if status != 200:
+        return False, f"the admin API at {base} answered {status}; {fix}"
     if said == "true":
         return True, f"{namespace} deduplicates (its policy)"
     if said == "false":
         return False, f"{namespace} has deduplication off (pulsar-admin namespaces set-deduplication {namespace} --enable)"
     return False, f"{namespace} sets no deduplication policy (the broker's default, off unless brokerDeduplicationEnabled); {fix}"
+
+
+async def ask_admin(settings: Settings, path: str) -> tuple[int | None, str, str]:
+    """GET `path` of the admin API: its status (None: no answer), its text stripped (or the error's kind), and the
+    API's address."""
+    base = admin_urls(settings)[0]
+    verify: Any = str(settings.tls_trust_certs_file) if settings.tls_trust_certs_file else True
+    try:
+        # No redirects: the token goes to the configured admin API only.
+        async with httpx.AsyncClient(
+            headers=settings.admin_headers(), timeout=10.0, verify=verify, follow_redirects=False
+        ) as http:
+            response = await http.get(f"{base}{path}")
+    except httpx.HTTPError as exc:
+        return None, type(exc).__name__, base
+    return response.status_code, response.text.strip(), base
 
 
 async def once_sender(
@@ -136,4 +177,4 @@ async def once_sender(
         )
         return None
     log.info("effectively-once outputs for %s: %s", ", ".join(names), why)
-    return OnceProducers(producers)
+    return OnceProducers(producers, settings)
