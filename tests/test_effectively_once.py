@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import orjson
 import pytest
 from pydantic import SecretStr
@@ -267,8 +268,9 @@ async def test_a_replayed_dead_letter_stores_its_outputs_beside_the_originals(
 async def test_key_shared_members_share_the_key_slots_and_one_leaving_mid_flight_hands_its_share_over(
     pulsar: dict, dedup: Settings, topic: str
 ) -> None:
-    """A group's first member holds all its slots; a second joins and each holds half; 64 keys, concurrency 8, the
-    first stops after a third of the messages: every output stored once, each key's in the order of its messages."""
+    """A group's first member holds all its slots; a second joins, and once it settled each holds half; 64 keys,
+    concurrency 8, the first stops after a third of the messages: every output stored once, each key's in the order
+    of its messages."""
     out = f"{topic}-out"
     handled: collections.Counter[str] = collections.Counter()
 
@@ -294,8 +296,8 @@ async def test_key_shared_members_share_the_key_slots_and_one_leaving_mid_flight
                              "its retry topic)")
             garble(pulsar)  # what no member said: ignored, and every member keeps listening
             async with running(b):
-                await eventually(lambda: consuming(a) == consuming(b) == 16 and len(b.running) == 16, timeout=30,
-                                 what="a and b holding half the slots each")
+                await eventually(lambda: consuming(a) == consuming(b) == 16 and len(b.running) == 16, timeout=45,
+                                 what="a and b holding half the slots each, once b settled (15 s)")
                 for seq in range(640):
                     await a.publish(topic, {"key": f"k{seq % 64}", "seq": seq}, key=f"k{seq % 64}")
                 await eventually(lambda: handled["a"] >= 200, timeout=60)
@@ -340,6 +342,43 @@ async def test_a_members_key_slots_run_at_most_concurrency_handlers_between_them
             await eventually(lambda: len(handled) == 256, timeout=60, what="every message handled")
     assert peak == 2
     assert outputs(pulsar, out) == collections.Counter({str(n).encode(): 1 for n in range(256)})
+
+
+async def test_a_member_that_cannot_join_the_presence_topic_says_so_once_and_takes_the_slots_first_come(
+    pulsar: dict, dedup: Settings, topic: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A namespace that deduplicates but creates no topic by itself: the presence topic cannot be made. One WARNING
+    names it and the fix; the worker holds every slot (first come) and stores each output once."""
+    namespace = "/admin/v2/namespaces/public/closed"
+    try:
+        admin(pulsar, "PUT", namespace)
+    except httpx.HTTPStatusError as exc:
+        assert exc.response.status_code == 409  # made by an earlier test run on this broker
+    admin(pulsar, "POST", f"{namespace}/deduplication", True)
+    admin(pulsar, "POST", f"{namespace}/autoTopicCreation", {"allowAutoTopicCreation": False})
+    for name in (topic, f"{topic}-out", f"{topic}-g-RETRY", f"{topic}-g-DLQ"):
+        admin(pulsar, "PUT", f"/admin/v2/persistent/public/closed/{name}")
+    closed = dedup.model_copy(update={"namespace": "closed"})
+    router = Router()
+
+    @router.subscribe(topic, "g", effectively_once=True, returns_to=f"{topic}-out", initial_position="earliest")
+    async def handle(n: int) -> int:
+        return n
+
+    with caplog.at_level(logging.WARNING, logger="eventbus"):
+        async with EventBus(closed, routers=[router]) as bus, running(bus):
+            await eventually(lambda: sum(r.state == "consuming" for r in bus.running) == 32, what="every slot held")
+            for n in range(5):
+                await bus.publish(topic, n, key=str(n))
+            found: dict = {}
+            def stored_all() -> bool:
+                found.update(read_stored(pulsar["service_url"], pulsar["admin_token"],
+                                         f"persistent://public/closed/{topic}-out"))
+                return len(found) == 5
+            await eventually(stored_all, what="five outputs")
+    said = [r.getMessage() for r in caplog.records if "cannot learn the other members" in r.getMessage()]
+    assert len(said) == 1 and "eventbus-members" in said[0] and "allow this worker" in said[0], said
+    assert all(len(places) == 1 for places in found.values())
 
 
 def garble(pulsar: dict) -> None:
