@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eventbus.consuming.roster import EXPIRY, SETTLED, Roster, share
+from eventbus.consuming.roster import EXPIRY, Roster, share
 from eventbus.consuming.outputs import (
     BATCH_BITS, ENTRY_BITS, MAX_OUTPUTS, PublishedLate, Slot, TooManyOutputs, Turns, producer_name, sequence_id,
 )
@@ -133,33 +133,29 @@ heartbeats = st.lists(
 
 
 @given(heartbeats)
-def test_a_roster_splits_the_slots_among_the_members_heard_lately_that_settled_or_hold_some(events: list) -> None:
-    """A model of the roster: each member's first and last heartbeat and the slots it holds, unless it said it leaves
-    or was unheard for `EXPIRY` (this member is always one); the slots are split among those heard for `SETTLED` or
-    holding some, else among all; a change to a group's members, held slots or settled ones is reported."""
+def test_a_roster_holds_the_members_heard_lately_that_did_not_say_they_leave(events: list) -> None:
+    """A model of the roster: each member's last heartbeat (and the slots it holds), unless it said it leaves or was
+    unheard for `EXPIRY`; this member is always one; a change to a group's members or held slots is reported."""
     roster, key, now = Roster("me"), ("persistent://t/n/x", "g"), 0.0
-    known: dict[str, tuple[float, float, frozenset[int]]] = {}
+    last: dict[str, tuple[float, frozenset[int]]] = {}
     for member, held, leaving, step in events:
-        before_tick, now = now, now + step
-        ticked = roster.tick(now)
-        gone = {m for m, (_, last, _) in known.items() if now - last > EXPIRY and m != "me"}
-        settled_now = any(before_tick - first < SETTLED <= now - first for m, (first, _, _) in known.items() if m not in gone)
-        assert (key in ticked) == bool(gone or settled_now)
+        now += step
+        expired = roster.expire(now)
+        gone = {m for m, (at, _) in last.items() if now - at > EXPIRY and m != "me"}
+        assert (key in expired) == bool(gone)
         for m in gone:
-            del known[m]
+            del last[m]
         changed = roster.heard(member, {key: held}, leaving, now)
-        before = known.get(member)
+        before = last.get(member)
         if leaving:
-            known.pop(member, None)
+            last.pop(member, None)
             assert (key in changed) == (before is not None)
         else:
-            known[member] = (before[0] if before else now, now, frozenset(held))
-            assert (key in changed) == (before is None or before[2] != frozenset(held))
-        assert roster.members(key) == sorted({*known, "me"})
-        counted = sorted([m for m, (first, _, h) in known.items() if h or now - first >= SETTLED] or {*known, "me"})
-        assert roster.counted(key, now) == counted
-        assert roster.share(key, 16, now) == (share(counted, "me", 16) if "me" in counted else frozenset())
-        assert roster.held_elsewhere(key) == {slot for m, (_, _, h) in known.items() if m != "me" for slot in h}
+            last[member] = (now, frozenset(held))
+            assert (key in changed) == (before is None or before[1] != frozenset(held))
+        assert roster.members(key) == sorted({*last, "me"})
+        assert roster.share(key, 16) == share(last.keys() | {"me"}, "me", 16)
+        assert roster.held_elsewhere(key) == {slot for m, (_, held) in last.items() if m != "me" for slot in held}
 
 
 def test_a_member_that_stops_running_a_group_leaves_it_but_not_the_others() -> None:

@@ -58,7 +58,7 @@ class Presence:
 
     def share(self, key: GroupKey, count: int) -> frozenset[int]:
         """The slots of `key` this member should hold."""
-        return self.roster.share(key, count, time.monotonic()) if self.working else frozenset(range(count))
+        return self.roster.share(key, count) if self.working else frozenset(range(count))
 
     def held_elsewhere(self, key: GroupKey) -> frozenset[int]:
         """The slots of `key` other members said they hold (none known without the roster)."""
@@ -130,7 +130,7 @@ class Presence:
                 await self._beat.wait()
             self._beat.clear()
             self._send()
-            self._changed(self.roster.tick(time.monotonic()))
+            self._changed(self.roster.expire(time.monotonic()))
 
     async def _listen(self) -> None:
         assert self._reader is not None

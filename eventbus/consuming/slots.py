@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 
 import anyio
@@ -12,11 +11,9 @@ from ..errors import SubscriptionFailed
 from ..observing.metrics import SubscriptionCounts
 from ..registry import Subscription
 from .deadlines import wait_any
-from .presence import Presence
 from .outputs import Slot
+from .presence import Presence
 from .runner import SubscriptionRunner
-
-log = logging.getLogger("eventbus")
 
 #: Makes the runner of a slot; the event wakes it from standing by (the slot's holder said it let it go).
 MakeRunner = Callable[[Slot, asyncio.Event], SubscriptionRunner]
@@ -24,8 +21,8 @@ MakeRunner = Callable[[Slot, asyncio.Event], SubscriptionRunner]
 
 class KeySlots:
     """Runs the slots of its share (`Presence.share`): a slot that leaves the share is stopped gracefully (its
-    handlers finish, its outputs' producers close, then its consumer), and one that joins it is subscribed, standing
-    by until its last holder lets it go. Each slot keeps its own order of outputs (`consuming.outputs`)."""
+    handlers finish, its outputs' producers close, then its consumer), and one that joins it is subscribed once no
+    other member says it holds it. Each slot keeps its own order of outputs (`consuming.outputs`)."""
 
     def __init__(
         self, sub: Subscription, topic: str, make: MakeRunner, presence: Presence | None, count: int,
@@ -43,10 +40,6 @@ class KeySlots:
         self.failure: BaseException | None = None
         if counts is not None:  # the slots share the group's counts: their sum
             counts.in_flight = lambda: self.in_flight
-
-    @property
-    def group(self) -> str:
-        return self.sub.group
 
     @property
     def in_flight(self) -> int:
