@@ -28,42 +28,41 @@ class Roster:
 
     def __init__(self, me: str) -> None:
         self.me = me
-        self._heard: dict[GroupKey, dict[str, float]] = {}
-        self._held: dict[GroupKey, dict[str, frozenset[int]]] = {}
+        #: Per group, each member heard: when last, and the slots it said it holds.
+        self._members: dict[GroupKey, dict[str, tuple[float, frozenset[int]]]] = {}
 
     def heard(self, member: str, groups: Mapping[GroupKey, Iterable[int]], leaving: bool, now: float) -> set[GroupKey]:
         """A member's heartbeat (`leaving`: its last); returns the groups whose members or held slots it changed."""
         changed: set[GroupKey] = set()
-        for key in set(self._heard) | set(groups):
-            times, held = self._heard.setdefault(key, {}), self._held.setdefault(key, {})
+        for key in set(self._members) | set(groups):
+            members = self._members.setdefault(key, {})
             if leaving or key not in groups:
-                if times.pop(member, None) is not None:
+                if members.pop(member, None) is not None:
                     changed.add(key)
-                held.pop(member, None)
                 continue
-            slots = frozenset(groups[key])
-            if member not in times or held.get(member) != slots:
+            slots, before = frozenset(groups[key]), members.get(member)
+            if before is None or before[1] != slots:
                 changed.add(key)
-            times[member], held[member] = now, slots
+            members[member] = (now, slots)
         return changed
 
     def expire(self, now: float) -> set[GroupKey]:
         """Forget the members unheard for `EXPIRY` (never this one); returns the groups that lost one."""
         changed: set[GroupKey] = set()
-        for key, times in self._heard.items():
-            for member in [m for m, at in times.items() if now - at > EXPIRY and m != self.me]:
-                del times[member]
-                self._held[key].pop(member, None)
+        for key, members in self._members.items():
+            for member in [m for m, (at, _) in members.items() if now - at > EXPIRY and m != self.me]:
+                del members[member]
                 changed.add(key)
         return changed
 
     def members(self, key: GroupKey) -> list[str]:
         """The members of the group heard lately, this one included, sorted."""
-        return sorted({*self._heard.get(key, ()), self.me})
+        return sorted({*self._members.get(key, ()), self.me})
 
     def held_elsewhere(self, key: GroupKey) -> frozenset[int]:
         """The slots other members last said they hold."""
-        return frozenset(slot for member, held in self._held.get(key, {}).items() if member != self.me for slot in held)
+        members = self._members.get(key, {})
+        return frozenset(slot for member, (_, held) in members.items() if member != self.me for slot in held)
 
     def share(self, key: GroupKey, count: int) -> frozenset[int]:
         """This member's share of the group's `count` slots."""

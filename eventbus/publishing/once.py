@@ -37,15 +37,13 @@ class OnceProducers:
         self._tasks: dict[tuple[str, str], asyncio.Task[TopicProducer]] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
-    async def _get(self, topic: str, name: str) -> TopicProducer:
-        producers = self._producers
-        plain = producers.ready.get(topic) or await producers.get(topic)  # its full name; an unwritable topic refused
-        key = (plain.topic, name)
+    async def _get(self, full: str, name: str) -> TopicProducer:
+        key = (full, name)
         task = self._tasks.get(key)
         if task is None or failed(task):
             if self._producers.closed:
-                raise PublishError(topic, "BusClosed", maybe_stored=False)
-            task = asyncio.ensure_future(self._producers.create_named(plain.topic, name))
+                raise PublishError(full, "BusClosed", maybe_stored=False)
+            task = asyncio.ensure_future(self._producers.create_named(full, name))
             self._tasks[key] = task
             asyncio.get_running_loop().call_later(self._idle, self._close_if_idle, key, task, -1)
         return await asyncio.shield(task)
@@ -55,10 +53,11 @@ class OnceProducers:
     ) -> asyncio.Future[MessageId] | None:
         """Hand the output to its producer now (in call order); the future resolves with its receipt. None: `topic`
         does not deduplicate (a topic policy), so the output goes at least once."""
-        plain = self._producers.ready.get(topic) or await self._producers.get(topic)  # its full name
-        if not await self._topic_deduplicates(plain.topic):
+        # Its full name; an unwritable topic refused.
+        full = (self._producers.ready.get(topic) or await self._producers.get(topic)).topic
+        if not await self._topic_deduplicates(full):
             return None
-        producer = await self._get(topic, name)
+        producer = await self._get(full, name)
         numbered: PublishOptions = {**options, "sequence_id": sequence_id}
         message, size = build_message(data, content_type, **numbered)
         if not producer.reserve_nowait():
@@ -78,7 +77,7 @@ class OnceProducers:
         known = self._deduplicates.get(topic)
         if known is None:
             known = self._deduplicates[topic] = asyncio.ensure_future(self._ask(topic))
-        return await asyncio.shield(known)
+        return known.result() if known.done() else await asyncio.shield(known)
 
     async def _ask(self, topic: str) -> bool:
         if self._settings is None or not topic.startswith("persistent://"):
